@@ -1,0 +1,132 @@
+//! The agent's lifecycle: learn the node, open state, load eBPF, bind the CNI socket,
+//! keep peer routes current, and stop cleanly on SIGTERM.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use futures::TryStreamExt;
+use rtnetlink::packet_route::address::AddressAttribute;
+use rtnetlink::packet_route::link::LinkAttribute;
+use tokio::sync::watch;
+
+use crate::config::Config;
+use crate::ipam::Ipam;
+use crate::k8s::{self, NodeInfo};
+use crate::netns;
+use crate::pod_counters::PodCounters;
+use crate::routes;
+use crate::server::{self, PodService};
+
+/// Errors that stop the agent from starting.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// Talking to Kubernetes failed.
+    #[error(transparent)]
+    K8s(#[from] k8s::K8sError),
+    /// Address state could not be opened.
+    #[error(transparent)]
+    Ipam(#[from] crate::ipam::IpamError),
+    /// eBPF could not be loaded.
+    #[error(transparent)]
+    Counters(#[from] crate::pod_counters::CountersError),
+    /// Netlink could not be opened or answered.
+    #[error("{0}")]
+    Network(String),
+    /// The CNI socket could not be bound.
+    #[error("bind CNI socket {path}: {source}")]
+    Bind {
+        /// The socket path.
+        path: PathBuf,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+}
+
+/// A started agent.
+pub struct Agent {
+    /// What the agent learned of its own node.
+    pub node: NodeInfo,
+    /// The MTU pods get.
+    pub pod_mtu: u32,
+    service: Arc<PodService>,
+    listener: Option<tokio::net::UnixListener>,
+    client: kube::Client,
+    config: Config,
+}
+
+/// The MTU of the interface that holds `ip`.
+async fn underlay_mtu(handle: &rtnetlink::Handle, ip: Ipv4Addr) -> Result<u32, StartError> {
+    let net_err = |e: rtnetlink::Error| StartError::Network(format!("find underlay interface of {ip}: {e}"));
+    let mut addresses = handle.address().get().execute();
+    let mut index = None;
+    while let Some(msg) = addresses.try_next().await.map_err(net_err)? {
+        if msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip)) {
+            index = Some(msg.header.index);
+        }
+    }
+    let index = index.ok_or_else(|| {
+        StartError::Network(format!("no interface in this namespace holds the node's InternalIP {ip}"))
+    })?;
+    let link = handle.link().get().match_index(index).execute().try_next().await.map_err(net_err)?;
+    link.and_then(|l| {
+        l.attributes.iter().find_map(|a| match a {
+            LinkAttribute::Mtu(m) => Some(*m),
+            _ => None,
+        })
+    })
+    .ok_or_else(|| StartError::Network(format!("interface {index} reports no MTU")))
+}
+
+fn enable_forwarding() -> Result<(), StartError> {
+    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
+        .map_err(|e| StartError::Network(format!("enable net.ipv4.ip_forward: {e}")))
+}
+
+impl Agent {
+    /// Does everything that can fail before serving, so failures surface at start.
+    pub async fn build(config: Config) -> Result<Self, StartError> {
+        let client = k8s::client(config.kubeconfig.as_deref()).await?;
+        let node = k8s::wait_for_own_node(&client, &config.node_name).await;
+        tracing::info!(node = node.name, pod_cidr = %node.pod_cidr, internal_ip = %node.internal_ip, "own node");
+        let netlink = netns::netlink_here().map_err(|e| StartError::Network(e.to_string()))?;
+        let pod_mtu = config.pod_mtu_for(underlay_mtu(&netlink, node.internal_ip).await?);
+        enable_forwarding()?;
+        let ipam = Ipam::open(node.pod_cidr, &config.state_dir.join("ipam"))?;
+        let counters = PodCounters::load()?;
+        let service = Arc::new(PodService { ipam, netlink, counters, pod_mtu });
+        service.restore().await;
+        let listener = server::bind(&config.cni_socket)
+            .map_err(|source| StartError::Bind { path: config.cni_socket.clone(), source })?;
+        tracing::info!(socket = %config.cni_socket.display(), pod_mtu, "serving CNI");
+        Ok(Agent { node, pod_mtu, service, listener: Some(listener), client, config })
+    }
+
+    /// Serves until SIGTERM or SIGINT, then removes the socket. Pods keep their network:
+    /// veths, addresses and routes live in the kernel, and the next agent adopts them.
+    pub async fn run(mut self) -> anyhow::Result<()> {
+        let listener = self.listener.take().expect("run is called once");
+        let (peers_tx, mut peers_rx) = watch::channel(Vec::new());
+        let watch = tokio::spawn(k8s::watch_peers(self.client.clone(), self.config.node_name.clone(), peers_tx));
+        let netlink = self.service.netlink.clone();
+        let routes = tokio::spawn(async move {
+            while peers_rx.changed().await.is_ok() {
+                let peers = peers_rx.borrow_and_update().clone();
+                if let Err(e) = routes::reconcile(&netlink, &peers).await {
+                    tracing::warn!(error = %e, "peer routes not fully reconciled");
+                }
+            }
+        });
+        let serve = tokio::spawn(server::serve(listener, self.service.clone()));
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
+            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
+        }
+        serve.abort();
+        watch.abort();
+        routes.abort();
+        let _ = std::fs::remove_file(&self.config.cni_socket);
+        Ok(())
+    }
+}

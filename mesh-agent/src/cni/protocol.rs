@@ -1,0 +1,157 @@
+//! The messages `mesh-cni` and `meshctl` exchange with the agent over its unix socket:
+//! one JSON request line, one JSON response line, per connection.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::spec::{CniError, CniResult, ErrorCode};
+
+/// How long the plugin waits for the agent: netlink work on a busy node takes well under
+/// a second, and the runtime's own CNI timeout is minutes, so 30 s flags a stuck agent.
+pub const DEFAULT_AGENT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// One pod interface, as the runtime names it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct AttachmentKey {
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+}
+
+/// What ADD, CHECK and DEL tell the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Attachment {
+    /// Which container and interface.
+    #[serde(flatten)]
+    pub key: AttachmentKey,
+    /// `CNI_NETNS`: path of the pod's network namespace (may be absent on DEL).
+    pub netns: Option<String>,
+    /// Version the runtime wants the result in.
+    pub cni_version: String,
+    /// `K8S_POD_NAMESPACE` from `CNI_ARGS`, when the runtime passes it.
+    pub pod_namespace: Option<String>,
+    /// `K8S_POD_NAME` from `CNI_ARGS`, when the runtime passes it.
+    pub pod_name: Option<String>,
+}
+
+/// A request to the agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum AgentRequest {
+    /// CNI ADD.
+    Add(Attachment),
+    /// CNI DEL.
+    Del(Attachment),
+    /// CNI CHECK.
+    Check(Attachment),
+    /// CNI STATUS: can the agent serve ADD now?
+    Status,
+    /// CNI GC: release every attachment not in `valid`.
+    Gc {
+        /// Attachments the runtime still uses.
+        valid: Vec<AttachmentKey>,
+    },
+    /// `meshctl pods`: the attachments on this node with their counters.
+    ListPods,
+}
+
+/// One attachment as `meshctl pods` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodInfo {
+    /// Container and interface.
+    #[serde(flatten)]
+    pub key: AttachmentKey,
+    /// Pod namespace and name when known.
+    pub pod: Option<String>,
+    /// The pod's address.
+    pub ip: std::net::Ipv4Addr,
+    /// The host-side interface.
+    pub host_ifname: String,
+    /// Packets the pod sent, counted by the eBPF program on its host-side interface.
+    pub tx_packets: u64,
+    /// Bytes the pod sent.
+    pub tx_bytes: u64,
+}
+
+/// The agent's answer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "response", rename_all = "snake_case")]
+pub enum AgentResponse {
+    /// ADD succeeded.
+    Added(CniResult),
+    /// DEL, CHECK, STATUS or GC succeeded.
+    Done,
+    /// The request failed; the error is what the plugin prints.
+    Failed(CniError),
+    /// Answer to `ListPods`.
+    Pods(Vec<PodInfo>),
+}
+
+/// Sends one request and reads the answer. A socket that cannot be reached is a
+/// `TryAgainLater` error naming the path, since an agent that is starting will be back.
+pub fn call(socket: &Path, request: &AgentRequest, timeout: Duration) -> Result<AgentResponse, CniError> {
+    let unreachable = |what: &str, e: std::io::Error| {
+        CniError::new(
+            ErrorCode::TryAgainLater,
+            format!("mesh-agent is unreachable at {}", socket.display()),
+            format!("{what}: {e}; is the mesh-agent running on this node, and is agentSocket in the network configuration right?"),
+        )
+    };
+    let mut stream = UnixStream::connect(socket).map_err(|e| unreachable("connect", e))?;
+    stream.set_read_timeout(Some(timeout)).map_err(|e| unreachable("set timeout", e))?;
+    stream.set_write_timeout(Some(timeout)).map_err(|e| unreachable("set timeout", e))?;
+    let mut line = serde_json::to_vec(request).expect("requests always serialise");
+    line.push(b'\n');
+    stream.write_all(&line).map_err(|e| unreachable("send request", e))?;
+    let mut answer = String::new();
+    BufReader::new(&stream)
+        .read_line(&mut answer)
+        .map_err(|e| unreachable("read answer", e))?;
+    if answer.is_empty() {
+        return Err(CniError::new(
+            ErrorCode::TryAgainLater,
+            format!("mesh-agent at {} closed the connection without answering", socket.display()),
+            "the agent may be restarting; try again",
+        ));
+    }
+    serde_json::from_str(&answer).map_err(|e| {
+        CniError::new(
+            ErrorCode::DecodingFailure,
+            "mesh-agent's answer could not be decoded",
+            format!("{e}: {answer}"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cni_protocol_round_trips_requests() {
+        let req = AgentRequest::Del(Attachment {
+            key: AttachmentKey { container_id: "c1".into(), ifname: "eth0".into() },
+            netns: None,
+            cni_version: "1.0.0".into(),
+            pod_namespace: Some("default".into()),
+            pod_name: Some("web".into()),
+        });
+        let line = serde_json::to_string(&req).unwrap();
+        assert!(line.contains(r#""request":"del""#), "{line}");
+        assert_eq!(serde_json::from_str::<AgentRequest>(&line).unwrap(), req);
+    }
+
+    #[test]
+    fn cni_protocol_unreachable_agent_names_the_socket() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("absent.sock");
+        let err = call(&path, &AgentRequest::Status, Duration::from_secs(1)).unwrap_err();
+        assert_eq!(err.code, ErrorCode::TryAgainLater);
+        assert!(err.msg.contains("absent.sock"), "{}", err.msg);
+    }
+}

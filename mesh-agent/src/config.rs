@@ -1,0 +1,103 @@
+//! The agent's settings: one documented field each, from flags or environment, checked
+//! before anything starts.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// Where agent state (IPAM records, keys) lives; survives agent restarts, like kubelet's.
+pub const DEFAULT_STATE_DIR: &str = "/var/lib/veil";
+/// Where the CNI plugin finds the agent; `/run` so a node reboot clears stale sockets.
+pub const DEFAULT_CNI_SOCKET: &str = crate::cni::spec::DEFAULT_AGENT_SOCKET;
+/// WireGuard over IPv4 adds 60 bytes (20 IP + 8 UDP + 32 WireGuard); pods get an MTU that
+/// leaves room for it now so enabling encryption never changes a running pod's MTU.
+pub const DEFAULT_ENCAP_OVERHEAD: u32 = 60;
+/// The smallest MTU IPv4 guarantees; below it a setting is a mistake.
+pub const MIN_MTU: u32 = 576;
+
+/// The agent's configuration.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "mesh-agent", version, about = "Veil's per-node agent")]
+pub struct Config {
+    /// Name of the Node object this agent serves (the chart passes spec.nodeName).
+    #[arg(long, env = "VEIL_NODE_NAME")]
+    pub node_name: String,
+    /// Kubeconfig to reach the API server; in-cluster credentials when unset.
+    #[arg(long, env = "VEIL_KUBECONFIG")]
+    pub kubeconfig: Option<PathBuf>,
+    /// Directory for state that must survive restarts.
+    #[arg(long, env = "VEIL_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
+    pub state_dir: PathBuf,
+    /// Unix socket the CNI plugin and meshctl connect to.
+    #[arg(long, env = "VEIL_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
+    pub cni_socket: PathBuf,
+    /// Pod interface MTU; by default the underlay MTU minus `encap_overhead`.
+    #[arg(long, env = "VEIL_POD_MTU")]
+    pub pod_mtu: Option<u32>,
+    /// Bytes reserved for encapsulation when deriving the pod MTU.
+    #[arg(long, env = "VEIL_ENCAP_OVERHEAD", default_value_t = DEFAULT_ENCAP_OVERHEAD)]
+    pub encap_overhead: u32,
+}
+
+/// A setting that cannot work, named.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid setting {setting}: {reason}")]
+pub struct ConfigError {
+    /// The flag (and environment variable) at fault.
+    pub setting: &'static str,
+    /// Why.
+    pub reason: String,
+}
+
+impl Config {
+    /// Checks rules no single flag parser can.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.node_name.trim().is_empty() {
+            return Err(ConfigError { setting: "--node-name (VEIL_NODE_NAME)", reason: "must not be empty".into() });
+        }
+        if let Some(mtu) = self.pod_mtu {
+            if !(MIN_MTU..=65535).contains(&mtu) {
+                return Err(ConfigError {
+                    setting: "--pod-mtu (VEIL_POD_MTU)",
+                    reason: format!("{mtu} is outside {MIN_MTU}..=65535"),
+                });
+            }
+        }
+        if self.encap_overhead > 1000 {
+            return Err(ConfigError {
+                setting: "--encap-overhead (VEIL_ENCAP_OVERHEAD)",
+                reason: format!("{} bytes leaves no room for packets", self.encap_overhead),
+            });
+        }
+        Ok(())
+    }
+
+    /// The pod MTU for an underlay of `underlay_mtu` bytes.
+    pub fn pod_mtu_for(&self, underlay_mtu: u32) -> u32 {
+        self.pod_mtu.unwrap_or(underlay_mtu.saturating_sub(self.encap_overhead).max(MIN_MTU))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("mesh-agent").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn config_defaults_and_mtu() {
+        let config = parse(&["--node-name", "n1"]);
+        config.validate().unwrap();
+        assert_eq!(config.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
+        assert_eq!(config.pod_mtu_for(1500), 1440);
+        assert_eq!(parse(&["--node-name", "n1", "--pod-mtu", "1400"]).pod_mtu_for(9000), 1400);
+    }
+
+    #[test]
+    fn config_rejects_tiny_mtu_naming_the_setting() {
+        let err = parse(&["--node-name", "n1", "--pod-mtu", "100"]).validate().unwrap_err();
+        assert!(err.to_string().contains("--pod-mtu"), "{err}");
+    }
+}

@@ -1,0 +1,158 @@
+//! The agent's view of the Kubernetes API: its own Node, and the other nodes as peers.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::Duration;
+
+use futures::StreamExt;
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node;
+use kube::runtime::{reflector, watcher, WatchStreamExt};
+use kube::{Api, Client};
+use tokio::sync::watch;
+
+/// Errors of talking to the API server or reading a Node.
+#[derive(Debug, thiserror::Error)]
+pub enum K8sError {
+    /// The kubeconfig or in-cluster configuration could not be used.
+    #[error("kubernetes client configuration: {0}")]
+    Config(String),
+    /// A request failed.
+    #[error("{what}: {source}")]
+    Api {
+        /// What was requested.
+        what: String,
+        /// The client's error.
+        source: kube::Error,
+    },
+    /// A Node lacks what the agent needs.
+    #[error("node {node}: {reason}")]
+    Node {
+        /// The Node's name.
+        node: String,
+        /// What is missing or wrong.
+        reason: String,
+    },
+}
+
+/// What the agent needs to know of a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeInfo {
+    /// The Node's name.
+    pub name: String,
+    /// Its IPv4 pod CIDR.
+    pub pod_cidr: Ipv4Net,
+    /// Its InternalIP, where other nodes reach it.
+    pub internal_ip: Ipv4Addr,
+}
+
+/// Builds a client from a kubeconfig file, or from the environment when `None`.
+pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
+    let config = match kubeconfig {
+        Some(path) => {
+            let raw = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| K8sError::Config(format!("read {}: {e}", path.display())))?;
+            kube::Config::from_custom_kubeconfig(raw, &Default::default())
+                .await
+                .map_err(|e| K8sError::Config(format!("{}: {e}", path.display())))?
+        }
+        None => kube::Config::infer().await.map_err(|e| K8sError::Config(e.to_string()))?,
+    };
+    Client::try_from(config).map_err(|e| K8sError::Config(e.to_string()))
+}
+
+/// Reads pod CIDR and InternalIP from a Node.
+pub fn node_info(node: &Node) -> Result<NodeInfo, K8sError> {
+    let name = node.metadata.name.clone().unwrap_or_default();
+    let bad = |reason: String| K8sError::Node { node: name.clone(), reason };
+    let spec = node.spec.as_ref().ok_or_else(|| bad("has no spec".into()))?;
+    let cidrs = spec
+        .pod_cidrs
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .chain(spec.pod_cidr.clone());
+    let mut pod_cidr = None;
+    for cidr in cidrs {
+        if let Ok(net) = cidr.parse::<Ipv4Net>() {
+            pod_cidr = Some(net.trunc());
+            break;
+        }
+    }
+    let pod_cidr = pod_cidr.ok_or_else(|| bad("spec.podCIDR has no IPv4 CIDR (is the controller-manager allocating node CIDRs?)".into()))?;
+    let internal_ip = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .and_then(|addrs| {
+            addrs
+                .iter()
+                .filter(|a| a.type_ == "InternalIP")
+                .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
+        })
+        .ok_or_else(|| bad("status.addresses has no IPv4 InternalIP".into()))?;
+    Ok(NodeInfo { name, pod_cidr, internal_ip })
+}
+
+/// Waits until the agent's own Node exists with a pod CIDR and an InternalIP, saying why
+/// it waits; an agent cannot hand out addresses before it knows its pool.
+pub async fn wait_for_own_node(client: &Client, name: &str) -> NodeInfo {
+    let nodes: Api<Node> = Api::all(client.clone());
+    let mut delay = Duration::from_millis(200);
+    loop {
+        let reason = match nodes.get_opt(name).await {
+            Ok(Some(node)) => match node_info(&node) {
+                Ok(info) => return info,
+                Err(e) => e.to_string(),
+            },
+            Ok(None) => format!("node {name} does not exist yet"),
+            Err(e) => format!("get node {name}: {e}"),
+        };
+        tracing::info!(node = name, reason, retry_in_ms = delay.as_millis() as u64, "waiting for own node");
+        tokio::time::sleep(delay).await;
+        delay = (delay * 2).min(Duration::from_secs(5));
+    }
+}
+
+/// The other nodes that can be routed to, sorted by name.
+pub fn peers(nodes: &[std::sync::Arc<Node>], own: &str) -> Vec<NodeInfo> {
+    let mut peers: Vec<NodeInfo> = nodes
+        .iter()
+        .filter(|n| n.metadata.name.as_deref() != Some(own))
+        .filter_map(|n| match node_info(n) {
+            Ok(info) => Some(info),
+            Err(e) => {
+                tracing::debug!(error = %e, "node not routable yet");
+                None
+            }
+        })
+        .collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    peers
+}
+
+/// Watches Nodes and publishes the peer set whenever it changes. When the API server is
+/// unreachable the watcher retries with backoff and the last published set stays.
+pub async fn watch_peers(client: Client, own: String, tx: watch::Sender<Vec<NodeInfo>>) {
+    let (reader, writer) = reflector::store::<Node>();
+    let nodes: Api<Node> = Api::all(client);
+    let stream = watcher(nodes, watcher::Config::default())
+        .default_backoff()
+        .reflect(writer)
+        .touched_objects();
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        if let Err(e) = event {
+            tracing::warn!(error = %e, "node watch interrupted; keeping last known peers");
+            continue;
+        }
+        let peers = peers(&reader.state(), &own);
+        tx.send_if_modified(|current| {
+            let changed = *current != peers;
+            if changed {
+                *current = peers.clone();
+            }
+            changed
+        });
+    }
+}

@@ -1,0 +1,13 @@
+//! Veil's per-node agent as a library: the binaries `mesh-agent`, `mesh-cni` and
+//! `meshctl` are thin wrappers around these modules.
+
+pub mod agent;
+pub mod cni;
+pub mod config;
+pub mod ipam;
+pub mod k8s;
+pub mod netns;
+pub mod pod_counters;
+pub mod podnet;
+pub mod routes;
+pub mod server;

@@ -1,0 +1,233 @@
+//! The agent's unix socket: one JSON request per connection from `mesh-cni` or `meshctl`,
+//! dispatched to address management, pod networking and the eBPF counters.
+
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+
+use ipnet::Ipv4Net;
+use rtnetlink::Handle;
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::{UnixListener, UnixStream};
+
+use crate::cni::protocol::{AgentRequest, AgentResponse, Attachment, AttachmentKey, PodInfo};
+use crate::cni::spec::{CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
+use crate::ipam::{Ipam, IpamError};
+use crate::pod_counters::PodCounters;
+use crate::podnet::{self, format_mac, PodNetError, POD_GATEWAY};
+
+/// A request line larger than this is not a CNI request; the cap keeps a broken client
+/// from growing the agent's memory.
+const MAX_REQUEST_BYTES: u64 = 1 << 20;
+
+/// Everything a request handler needs.
+pub struct PodService {
+    /// The node's address pool.
+    pub ipam: Ipam,
+    /// Netlink in the node's namespace.
+    pub netlink: Handle,
+    /// The eBPF counters.
+    pub counters: PodCounters,
+    /// MTU for pod interfaces.
+    pub pod_mtu: u32,
+}
+
+impl From<IpamError> for CniError {
+    fn from(e: IpamError) -> Self {
+        let code = match e {
+            IpamError::Exhausted { .. } => ErrorCode::AddressPoolExhausted,
+            _ => ErrorCode::IoFailure,
+        };
+        CniError::new(code, e.to_string(), "")
+    }
+}
+
+impl From<PodNetError> for CniError {
+    fn from(e: PodNetError) -> Self {
+        let code = match e {
+            PodNetError::Mismatch(_) => ErrorCode::CheckFailed,
+            PodNetError::Netns(_) => ErrorCode::InvalidEnvironment,
+            PodNetError::Netlink { .. } => ErrorCode::IoFailure,
+        };
+        CniError::new(code, e.to_string(), "")
+    }
+}
+
+impl PodService {
+    /// Re-attaches counters to the pods that survived an agent restart.
+    pub async fn restore(&self) {
+        for (ip, allocation) in self.ipam.allocations() {
+            let ifname = podnet::host_ifname(&allocation.key);
+            match podnet::link_by_name(&self.netlink, &ifname).await {
+                Ok(Some(link)) => match self.counters.attach(&ifname, link.header.index) {
+                    Ok(()) => tracing::info!(%ip, ifname, "restored pod"),
+                    Err(e) => tracing::error!(%ip, ifname, error = %e, "could not re-attach counter"),
+                },
+                Ok(None) => tracing::warn!(%ip, ifname, container = allocation.key.container_id, "allocated pod has no veth; waiting for the runtime's DEL"),
+                Err(e) => tracing::error!(%ip, ifname, error = %e, "look up pod veth"),
+            }
+        }
+    }
+
+    /// Answers one request.
+    pub async fn handle(&self, request: AgentRequest) -> AgentResponse {
+        let outcome = match request {
+            AgentRequest::Add(a) => self.add(&a).await.map(AgentResponse::Added),
+            AgentRequest::Del(a) => self.del(&a.key).await.map(|()| AgentResponse::Done),
+            AgentRequest::Check(a) => self.check(&a).await.map(|()| AgentResponse::Done),
+            AgentRequest::Status => Ok(AgentResponse::Done),
+            AgentRequest::Gc { valid } => self.gc(&valid).await.map(|()| AgentResponse::Done),
+            AgentRequest::ListPods => Ok(AgentResponse::Pods(self.list())),
+        };
+        outcome.unwrap_or_else(AgentResponse::Failed)
+    }
+
+    async fn add(&self, a: &Attachment) -> Result<CniResult, CniError> {
+        let netns = a.netns.as_deref().ok_or_else(|| {
+            CniError::new(ErrorCode::InvalidEnvironment, "CNI_NETNS is not set", "ADD needs the pod's namespace")
+        })?;
+        let pod = match (&a.pod_namespace, &a.pod_name) {
+            (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
+            _ => None,
+        };
+        let ip = self.ipam.allocate(&a.key, pod.as_deref())?;
+        let attached = match self.attach(a, Path::new(netns), ip).await {
+            Ok(attached) => attached,
+            Err(e) => {
+                // Nothing leaks: the veth is gone (attach cleans up), so free the address.
+                if let Err(release) = self.ipam.release(&a.key) {
+                    tracing::error!(%ip, error = %release, "release address after failed ADD");
+                }
+                tracing::warn!(container = a.key.container_id, error = %e, "ADD failed");
+                return Err(e);
+            }
+        };
+        tracing::info!(container = a.key.container_id, pod, %ip, host_ifname = attached.host_ifname, "pod attached");
+        Ok(CniResult {
+            cni_version: a.cni_version.clone(),
+            interfaces: vec![
+                Interface { name: attached.host_ifname.clone(), mac: format_mac(&attached.host_mac), sandbox: None },
+                Interface { name: a.key.ifname.clone(), mac: format_mac(&attached.pod_mac), sandbox: Some(netns.to_string()) },
+            ],
+            ips: vec![IpConfig {
+                address: Ipv4Net::new(ip, 32).expect("/32 is valid"),
+                gateway: Some(POD_GATEWAY),
+                interface: 1,
+                version: None,
+            }],
+            routes: vec![Route { dst: Ipv4Net::default(), gw: Some(POD_GATEWAY) }],
+            dns: Default::default(),
+        })
+    }
+
+    async fn attach(&self, a: &Attachment, netns: &Path, ip: Ipv4Addr) -> Result<podnet::Attached, CniError> {
+        let attached = podnet::add(&self.netlink, &a.key, netns, ip, self.pod_mtu).await?;
+        if let Err(e) = self.counters.attach(&attached.host_ifname, attached.host_index) {
+            let _ = podnet::remove_link(&self.netlink, &attached.host_ifname).await;
+            return Err(CniError::new(ErrorCode::IoFailure, e.to_string(), ""));
+        }
+        Ok(attached)
+    }
+
+    async fn del(&self, key: &AttachmentKey) -> Result<(), CniError> {
+        let ifname = podnet::host_ifname(key);
+        self.counters.detach(&ifname);
+        podnet::del(&self.netlink, key).await?;
+        if let Some(ip) = self.ipam.release(key)? {
+            tracing::info!(container = key.container_id, %ip, "pod detached");
+        }
+        Ok(())
+    }
+
+    async fn check(&self, a: &Attachment) -> Result<(), CniError> {
+        let ip = self.ipam.lookup(&a.key).ok_or_else(|| {
+            CniError::new(
+                ErrorCode::UnknownContainer,
+                format!("container {} interface {} has no address on this node", a.key.container_id, a.key.ifname),
+                "",
+            )
+        })?;
+        let netns = a.netns.as_deref().unwrap_or_default();
+        Ok(podnet::check(&self.netlink, &a.key, Path::new(netns), ip).await?)
+    }
+
+    async fn gc(&self, valid: &[AttachmentKey]) -> Result<(), CniError> {
+        for (ip, allocation) in self.ipam.allocations() {
+            if !valid.contains(&allocation.key) {
+                tracing::info!(%ip, container = allocation.key.container_id, "garbage-collecting attachment");
+                self.del(&allocation.key).await?;
+            }
+        }
+        Ok(())
+    }
+
+    fn list(&self) -> Vec<PodInfo> {
+        self.ipam
+            .allocations()
+            .into_iter()
+            .map(|(ip, allocation)| {
+                let host_ifname = podnet::host_ifname(&allocation.key);
+                let counts = self.counters.read(&host_ifname).unwrap_or_default();
+                PodInfo {
+                    key: allocation.key,
+                    pod: allocation.pod,
+                    ip,
+                    host_ifname,
+                    tx_packets: counts.packets,
+                    tx_bytes: counts.bytes,
+                }
+            })
+            .collect()
+    }
+}
+
+/// Binds the socket, replacing a stale one from an earlier run.
+pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+    }
+    match std::fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    UnixListener::bind(path)
+}
+
+/// Serves connections until the listener fails.
+pub async fn serve(listener: UnixListener, service: Arc<PodService>) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                let service = service.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_one(stream, &service).await {
+                        tracing::warn!(error = %e, "CNI connection failed");
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "accept on CNI socket");
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn serve_one(stream: UnixStream, service: &PodService) -> std::io::Result<()> {
+    let (read, mut write) = stream.into_split();
+    let mut line = String::new();
+    BufReader::new(read.take(MAX_REQUEST_BYTES)).read_line(&mut line).await?;
+    let response = match serde_json::from_str::<AgentRequest>(&line) {
+        Ok(request) => service.handle(request).await,
+        Err(e) => AgentResponse::Failed(CniError::new(
+            ErrorCode::DecodingFailure,
+            "mesh-agent could not decode the request",
+            e.to_string(),
+        )),
+    };
+    let mut out = serde_json::to_vec(&response).expect("responses serialise");
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
