@@ -7,12 +7,16 @@ use std::process::Command;
 const PROGRAMS: &[&str] = &["from_pod"];
 
 fn main() {
-    let dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let dir =
+        PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
     println!("cargo:rerun-if-env-changed=CLANG");
     for header in std::fs::read_dir(dir.join("lib")).expect("bpf/lib exists") {
-        println!("cargo:rerun-if-changed={}", header.expect("readable bpf/lib").path().display());
+        println!(
+            "cargo:rerun-if-changed={}",
+            header.expect("readable bpf/lib").path().display()
+        );
     }
     // Debian keeps asm/ under the multiarch directory, which -target bpf does not search.
     let multiarch = format!("/usr/include/{}-linux-gnu", std::env::consts::ARCH);

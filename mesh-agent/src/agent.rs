@@ -57,18 +57,32 @@ pub struct Agent {
 
 /// The MTU of the interface that holds `ip`.
 async fn underlay_mtu(handle: &rtnetlink::Handle, ip: Ipv4Addr) -> Result<u32, StartError> {
-    let net_err = |e: rtnetlink::Error| StartError::Network(format!("find underlay interface of {ip}: {e}"));
+    let net_err =
+        |e: rtnetlink::Error| StartError::Network(format!("find underlay interface of {ip}: {e}"));
     let mut addresses = handle.address().get().execute();
     let mut index = None;
     while let Some(msg) = addresses.try_next().await.map_err(net_err)? {
-        if msg.attributes.iter().any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip)) {
+        if msg
+            .attributes
+            .iter()
+            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip))
+        {
             index = Some(msg.header.index);
         }
     }
     let index = index.ok_or_else(|| {
-        StartError::Network(format!("no interface in this namespace holds the node's InternalIP {ip}"))
+        StartError::Network(format!(
+            "no interface in this namespace holds the node's InternalIP {ip}"
+        ))
     })?;
-    let link = handle.link().get().match_index(index).execute().try_next().await.map_err(net_err)?;
+    let link = handle
+        .link()
+        .get()
+        .match_index(index)
+        .execute()
+        .try_next()
+        .await
+        .map_err(net_err)?;
     link.and_then(|l| {
         l.attributes.iter().find_map(|a| match a {
             LinkAttribute::Mtu(m) => Some(*m),
@@ -94,12 +108,26 @@ impl Agent {
         enable_forwarding()?;
         let ipam = Ipam::open(node.pod_cidr, &config.state_dir.join("ipam"))?;
         let counters = PodCounters::load()?;
-        let service = Arc::new(PodService { ipam, netlink, counters, pod_mtu });
+        let service = Arc::new(PodService {
+            ipam,
+            netlink,
+            counters,
+            pod_mtu,
+        });
         service.restore().await;
-        let listener = server::bind(&config.cni_socket)
-            .map_err(|source| StartError::Bind { path: config.cni_socket.clone(), source })?;
+        let listener = server::bind(&config.cni_socket).map_err(|source| StartError::Bind {
+            path: config.cni_socket.clone(),
+            source,
+        })?;
         tracing::info!(socket = %config.cni_socket.display(), pod_mtu, "serving CNI");
-        Ok(Agent { node, pod_mtu, service, listener: Some(listener), client, config })
+        Ok(Agent {
+            node,
+            pod_mtu,
+            service,
+            listener: Some(listener),
+            client,
+            config,
+        })
     }
 
     /// Serves until SIGTERM or SIGINT, then removes the socket. Pods keep their network:
@@ -107,7 +135,11 @@ impl Agent {
     pub async fn run(mut self) -> anyhow::Result<()> {
         let listener = self.listener.take().expect("run is called once");
         let (peers_tx, mut peers_rx) = watch::channel(Vec::new());
-        let watch = tokio::spawn(k8s::watch_peers(self.client.clone(), self.config.node_name.clone(), peers_tx));
+        let watch = tokio::spawn(k8s::watch_peers(
+            self.client.clone(),
+            self.config.node_name.clone(),
+            peers_tx,
+        ));
         let netlink = self.service.netlink.clone();
         let routes = tokio::spawn(async move {
             while peers_rx.changed().await.is_ok() {

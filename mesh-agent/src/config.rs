@@ -53,7 +53,10 @@ impl Config {
     /// Checks rules no single flag parser can.
     pub fn validate(&self) -> Result<(), ConfigError> {
         if self.node_name.trim().is_empty() {
-            return Err(ConfigError { setting: "--node-name (VEIL_NODE_NAME)", reason: "must not be empty".into() });
+            return Err(ConfigError {
+                setting: "--node-name (VEIL_NODE_NAME)",
+                reason: "must not be empty".into(),
+            });
         }
         if let Some(mtu) = self.pod_mtu {
             if !(MIN_MTU..=65535).contains(&mtu) {
@@ -74,7 +77,11 @@ impl Config {
 
     /// The pod MTU for an underlay of `underlay_mtu` bytes.
     pub fn pod_mtu_for(&self, underlay_mtu: u32) -> u32 {
-        self.pod_mtu.unwrap_or(underlay_mtu.saturating_sub(self.encap_overhead).max(MIN_MTU))
+        self.pod_mtu.unwrap_or(
+            underlay_mtu
+                .saturating_sub(self.encap_overhead)
+                .max(MIN_MTU),
+        )
     }
 }
 
@@ -92,12 +99,17 @@ mod tests {
         config.validate().unwrap();
         assert_eq!(config.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
         assert_eq!(config.pod_mtu_for(1500), 1440);
-        assert_eq!(parse(&["--node-name", "n1", "--pod-mtu", "1400"]).pod_mtu_for(9000), 1400);
+        assert_eq!(
+            parse(&["--node-name", "n1", "--pod-mtu", "1400"]).pod_mtu_for(9000),
+            1400
+        );
     }
 
     #[test]
     fn config_rejects_tiny_mtu_naming_the_setting() {
-        let err = parse(&["--node-name", "n1", "--pod-mtu", "100"]).validate().unwrap_err();
+        let err = parse(&["--node-name", "n1", "--pod-mtu", "100"])
+            .validate()
+            .unwrap_err();
         assert!(err.to_string().contains("--pod-mtu"), "{err}");
     }
 }

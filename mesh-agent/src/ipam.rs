@@ -17,7 +17,9 @@ use crate::cni::protocol::AttachmentKey;
 #[derive(Debug, thiserror::Error)]
 pub enum IpamError {
     /// Every usable address of the pool is allocated.
-    #[error("no free address in pod CIDR {pool} ({allocated} of {usable} usable addresses allocated)")]
+    #[error(
+        "no free address in pod CIDR {pool} ({allocated} of {usable} usable addresses allocated)"
+    )]
     Exhausted {
         /// The node's pool.
         pool: Ipv4Net,
@@ -89,11 +91,23 @@ impl Ipam {
         if pool.prefix_len() > 29 {
             return Err(IpamError::PoolTooSmall(pool));
         }
-        fs::create_dir_all(dir).map_err(|source| IpamError::Io { action: "create", path: dir.into(), source })?;
+        fs::create_dir_all(dir).map_err(|source| IpamError::Io {
+            action: "create",
+            path: dir.into(),
+            source,
+        })?;
         let mut by_ip = BTreeMap::new();
-        let entries = fs::read_dir(dir).map_err(|source| IpamError::Io { action: "read", path: dir.into(), source })?;
+        let entries = fs::read_dir(dir).map_err(|source| IpamError::Io {
+            action: "read",
+            path: dir.into(),
+            source,
+        })?;
         for entry in entries {
-            let entry = entry.map_err(|source| IpamError::Io { action: "read", path: dir.into(), source })?;
+            let entry = entry.map_err(|source| IpamError::Io {
+                action: "read",
+                path: dir.into(),
+                source,
+            })?;
             let path = entry.path();
             let name = entry.file_name();
             let name = name.to_string_lossy();
@@ -106,9 +120,16 @@ impl Ipam {
                 path: path.clone(),
                 reason: "file name is not an IPv4 address".into(),
             })?;
-            let bytes = fs::read(&path).map_err(|source| IpamError::Io { action: "read", path: path.clone(), source })?;
-            let record: Record = serde_json::from_slice(&bytes)
-                .map_err(|e| IpamError::Corrupt { path: path.clone(), reason: e.to_string() })?;
+            let bytes = fs::read(&path).map_err(|source| IpamError::Io {
+                action: "read",
+                path: path.clone(),
+                source,
+            })?;
+            let record: Record =
+                serde_json::from_slice(&bytes).map_err(|e| IpamError::Corrupt {
+                    path: path.clone(),
+                    reason: e.to_string(),
+                })?;
             if !pool.contains(&ip) {
                 return Err(IpamError::Corrupt {
                     path,
@@ -118,13 +139,24 @@ impl Ipam {
             by_ip.insert(
                 ip,
                 Allocation {
-                    key: AttachmentKey { container_id: record.container_id, ifname: record.ifname },
+                    key: AttachmentKey {
+                        container_id: record.container_id,
+                        ifname: record.ifname,
+                    },
                     pod: record.pod,
                 },
             );
         }
-        let last = by_ip.keys().next_back().copied().unwrap_or_else(|| pool.network());
-        Ok(Ipam { pool, dir: dir.to_path_buf(), state: Mutex::new(State { by_ip, last }) })
+        let last = by_ip
+            .keys()
+            .next_back()
+            .copied()
+            .unwrap_or_else(|| pool.network());
+        Ok(Ipam {
+            pool,
+            dir: dir.to_path_buf(),
+            state: Mutex::new(State { by_ip, last }),
+        })
     }
 
     /// The pool this node hands addresses out of.
@@ -158,8 +190,15 @@ impl Ipam {
             .chain(&usable[..start])
             .find(|ip| !state.by_ip.contains_key(ip))
             .copied()
-            .ok_or(IpamError::Exhausted { pool: self.pool, allocated: state.by_ip.len(), usable: usable.len() })?;
-        let allocation = Allocation { key: key.clone(), pod: pod.map(str::to_string) };
+            .ok_or(IpamError::Exhausted {
+                pool: self.pool,
+                allocated: state.by_ip.len(),
+                usable: usable.len(),
+            })?;
+        let allocation = Allocation {
+            key: key.clone(),
+            pod: pod.map(str::to_string),
+        };
         self.write_record(free, &allocation)?;
         state.by_ip.insert(free, allocation);
         state.last = free;
@@ -169,14 +208,25 @@ impl Ipam {
     /// Frees the address of `key`; `None` when it had none (DEL must be idempotent).
     pub fn release(&self, key: &AttachmentKey) -> Result<Option<Ipv4Addr>, IpamError> {
         let mut state = self.state.lock().expect("ipam lock poisoned");
-        let Some(ip) = state.by_ip.iter().find(|(_, a)| a.key == *key).map(|(ip, _)| *ip) else {
+        let Some(ip) = state
+            .by_ip
+            .iter()
+            .find(|(_, a)| a.key == *key)
+            .map(|(ip, _)| *ip)
+        else {
             return Ok(None);
         };
         let path = self.dir.join(ip.to_string());
         match fs::remove_file(&path) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(source) => return Err(IpamError::Io { action: "remove", path, source }),
+            Err(source) => {
+                return Err(IpamError::Io {
+                    action: "remove",
+                    path,
+                    source,
+                })
+            }
         }
         state.by_ip.remove(&ip);
         Ok(Some(ip))
@@ -185,7 +235,11 @@ impl Ipam {
     /// The address `key` holds, if any.
     pub fn lookup(&self, key: &AttachmentKey) -> Option<Ipv4Addr> {
         let state = self.state.lock().expect("ipam lock poisoned");
-        state.by_ip.iter().find(|(_, a)| a.key == *key).map(|(ip, _)| *ip)
+        state
+            .by_ip
+            .iter()
+            .find(|(_, a)| a.key == *key)
+            .map(|(ip, _)| *ip)
     }
 
     /// Every allocation, in address order.
@@ -206,13 +260,20 @@ impl Ipam {
         let path = self.dir.join(ip.to_string());
         fn io(action: &'static str, path: &Path) -> impl FnOnce(std::io::Error) -> IpamError {
             let path = path.to_path_buf();
-            move |source| IpamError::Io { action, path, source }
+            move |source| IpamError::Io {
+                action,
+                path,
+                source,
+            }
         }
         let mut file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        file.write_all(&serde_json::to_vec(&record).expect("records serialise")).map_err(io("write", &tmp))?;
+        file.write_all(&serde_json::to_vec(&record).expect("records serialise"))
+            .map_err(io("write", &tmp))?;
         file.sync_all().map_err(io("sync", &tmp))?;
         fs::rename(&tmp, &path).map_err(io("rename", &path))?;
-        fs::File::open(&self.dir).and_then(|d| d.sync_all()).map_err(io("sync", &self.dir))?;
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(io("sync", &self.dir))?;
         Ok(())
     }
 }
@@ -222,29 +283,55 @@ mod tests {
     use super::*;
 
     fn key(id: &str) -> AttachmentKey {
-        AttachmentKey { container_id: id.into(), ifname: "eth0".into() }
+        AttachmentKey {
+            container_id: id.into(),
+            ifname: "eth0".into(),
+        }
     }
 
     #[test]
     fn cni_ipam_skips_reserved_and_exhausts_a_28() {
         let dir = tempfile::tempdir().unwrap();
         let ipam = Ipam::open("198.19.0.0/28".parse().unwrap(), dir.path()).unwrap();
-        let ips: Vec<_> = (0..13).map(|i| ipam.allocate(&key(&format!("c{i}")), None).unwrap()).collect();
+        let ips: Vec<_> = (0..13)
+            .map(|i| ipam.allocate(&key(&format!("c{i}")), None).unwrap())
+            .collect();
         assert_eq!(ips[0], "198.19.0.2".parse::<Ipv4Addr>().unwrap());
         assert_eq!(ips[12], "198.19.0.14".parse::<Ipv4Addr>().unwrap());
         let err = ipam.allocate(&key("c13"), None).unwrap_err();
-        assert!(matches!(err, IpamError::Exhausted { allocated: 13, usable: 13, .. }), "{err}");
-        assert_eq!(fs::read_dir(dir.path()).unwrap().count(), 13, "a failed allocation leaves no file");
+        assert!(
+            matches!(
+                err,
+                IpamError::Exhausted {
+                    allocated: 13,
+                    usable: 13,
+                    ..
+                }
+            ),
+            "{err}"
+        );
+        assert_eq!(
+            fs::read_dir(dir.path()).unwrap().count(),
+            13,
+            "a failed allocation leaves no file"
+        );
     }
 
     #[test]
     fn cni_ipam_survives_reopen_and_is_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let pool = "198.19.1.0/24".parse().unwrap();
-        let first = Ipam::open(pool, dir.path()).unwrap().allocate(&key("a"), None).unwrap();
+        let first = Ipam::open(pool, dir.path())
+            .unwrap()
+            .allocate(&key("a"), None)
+            .unwrap();
         let ipam = Ipam::open(pool, dir.path()).unwrap();
         assert_eq!(ipam.lookup(&key("a")), Some(first));
-        assert_eq!(ipam.allocate(&key("a"), None).unwrap(), first, "a retried ADD keeps its address");
+        assert_eq!(
+            ipam.allocate(&key("a"), None).unwrap(),
+            first,
+            "a retried ADD keeps its address"
+        );
         assert_ne!(ipam.allocate(&key("b"), None).unwrap(), first);
     }
 
@@ -262,14 +349,17 @@ mod tests {
     fn cni_ipam_corrupt_file_is_named() {
         let dir = tempfile::tempdir().unwrap();
         fs::write(dir.path().join("198.19.3.9"), b"{oops").unwrap();
-        let err = Ipam::open("198.19.3.0/24".parse().unwrap(), dir.path()).err().unwrap();
+        let err = Ipam::open("198.19.3.0/24".parse().unwrap(), dir.path())
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("198.19.3.9"), "{err}");
     }
 
     #[test]
     fn cni_ipam_concurrent_allocations_are_distinct() {
         let dir = tempfile::tempdir().unwrap();
-        let ipam = std::sync::Arc::new(Ipam::open("198.19.4.0/24".parse().unwrap(), dir.path()).unwrap());
+        let ipam =
+            std::sync::Arc::new(Ipam::open("198.19.4.0/24".parse().unwrap(), dir.path()).unwrap());
         let handles: Vec<_> = (0..50)
             .map(|i| {
                 let ipam = ipam.clone();

@@ -56,7 +56,9 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
                 .await
                 .map_err(|e| K8sError::Config(format!("{}: {e}", path.display())))?
         }
-        None => kube::Config::infer().await.map_err(|e| K8sError::Config(e.to_string()))?,
+        None => kube::Config::infer()
+            .await
+            .map_err(|e| K8sError::Config(e.to_string()))?,
     };
     Client::try_from(config).map_err(|e| K8sError::Config(e.to_string()))
 }
@@ -64,8 +66,14 @@ pub async fn client(kubeconfig: Option<&Path>) -> Result<Client, K8sError> {
 /// Reads pod CIDR and InternalIP from a Node.
 pub fn node_info(node: &Node) -> Result<NodeInfo, K8sError> {
     let name = node.metadata.name.clone().unwrap_or_default();
-    let bad = |reason: String| K8sError::Node { node: name.clone(), reason };
-    let spec = node.spec.as_ref().ok_or_else(|| bad("has no spec".into()))?;
+    let bad = |reason: String| K8sError::Node {
+        node: name.clone(),
+        reason,
+    };
+    let spec = node
+        .spec
+        .as_ref()
+        .ok_or_else(|| bad("has no spec".into()))?;
     let cidrs = spec
         .pod_cidrs
         .clone()
@@ -79,7 +87,12 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, K8sError> {
             break;
         }
     }
-    let pod_cidr = pod_cidr.ok_or_else(|| bad("spec.podCIDR has no IPv4 CIDR (is the controller-manager allocating node CIDRs?)".into()))?;
+    let pod_cidr = pod_cidr.ok_or_else(|| {
+        bad(
+            "spec.podCIDR has no IPv4 CIDR (is the controller-manager allocating node CIDRs?)"
+                .into(),
+        )
+    })?;
     let internal_ip = node
         .status
         .as_ref()
@@ -91,7 +104,11 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, K8sError> {
                 .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
         })
         .ok_or_else(|| bad("status.addresses has no IPv4 InternalIP".into()))?;
-    Ok(NodeInfo { name, pod_cidr, internal_ip })
+    Ok(NodeInfo {
+        name,
+        pod_cidr,
+        internal_ip,
+    })
 }
 
 /// Waits until the agent's own Node exists with a pod CIDR and an InternalIP, saying why
@@ -108,7 +125,12 @@ pub async fn wait_for_own_node(client: &Client, name: &str) -> NodeInfo {
             Ok(None) => format!("node {name} does not exist yet"),
             Err(e) => format!("get node {name}: {e}"),
         };
-        tracing::info!(node = name, reason, retry_in_ms = delay.as_millis() as u64, "waiting for own node");
+        tracing::info!(
+            node = name,
+            reason,
+            retry_in_ms = delay.as_millis() as u64,
+            "waiting for own node"
+        );
         tokio::time::sleep(delay).await;
         delay = (delay * 2).min(Duration::from_secs(5));
     }
@@ -136,10 +158,11 @@ pub fn peers(nodes: &[std::sync::Arc<Node>], own: &str) -> Vec<NodeInfo> {
 pub async fn watch_peers(client: Client, own: String, tx: watch::Sender<Vec<NodeInfo>>) {
     let (reader, writer) = reflector::store::<Node>();
     let nodes: Api<Node> = Api::all(client);
+    // Recompute on every event, not only on touched objects: the store swaps in the
+    // initial list only at `InitDone`, which touches no object.
     let stream = watcher(nodes, watcher::Config::default())
         .default_backoff()
-        .reflect(writer)
-        .touched_objects();
+        .reflect(writer);
     futures::pin_mut!(stream);
     while let Some(event) = stream.next().await {
         if let Err(e) = event {

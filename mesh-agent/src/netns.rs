@@ -41,7 +41,10 @@ pub enum NetnsError {
 
 /// Opens a namespace file, naming it in the error.
 pub fn open(path: &Path) -> Result<File, NetnsError> {
-    File::open(path).map_err(|source| NetnsError::Open { path: path.to_path_buf(), source })
+    File::open(path).map_err(|source| NetnsError::Open {
+        path: path.to_path_buf(),
+        source,
+    })
 }
 
 /// Runs `work` on a fresh OS thread inside the network namespace at `path`.
@@ -52,7 +55,10 @@ pub fn run_in<T: Send + 'static>(
     let ns = open(path)?;
     let owned = path.to_path_buf();
     std::thread::spawn(move || {
-        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter { path: owned.clone(), source })?;
+        setns(&ns, CloneFlags::CLONE_NEWNET).map_err(|source| NetnsError::Enter {
+            path: owned.clone(),
+            source,
+        })?;
         Ok(work())
     })
     .join()
@@ -70,15 +76,21 @@ pub async fn netlink_in(path: &Path) -> Result<rtnetlink::Handle, NetnsError> {
         let _guard = runtime.enter();
         rtnetlink::new_connection().map(|(connection, handle, _)| (connection, handle))
     })?
-    .map_err(|source| NetnsError::Socket { path: owned, source })?;
+    .map_err(|source| NetnsError::Socket {
+        path: owned,
+        source,
+    })?;
     tokio::spawn(connection);
     Ok(handle)
 }
 
 /// A netlink handle in the calling process's own namespace.
 pub fn netlink_here() -> Result<rtnetlink::Handle, NetnsError> {
-    let (connection, handle, _) = rtnetlink::new_connection()
-        .map_err(|source| NetnsError::Socket { path: PathBuf::from("/proc/self/ns/net"), source })?;
+    let (connection, handle, _) =
+        rtnetlink::new_connection().map_err(|source| NetnsError::Socket {
+            path: PathBuf::from("/proc/self/ns/net"),
+            source,
+        })?;
     tokio::spawn(connection);
     Ok(handle)
 }

@@ -65,7 +65,10 @@ pub struct PodCounters {
 impl PodCounters {
     /// Loads the program into the kernel (once per agent).
     pub fn load() -> Result<Self, CountersError> {
-        let load_err = |message: String| CountersError::Load { program: FROM_POD_PROGRAM, message };
+        let load_err = |message: String| CountersError::Load {
+            program: FROM_POD_PROGRAM,
+            message,
+        };
         let mut ebpf = Ebpf::load(FROM_POD).map_err(|e| load_err(e.to_string()))?;
         let program: &mut SchedClassifier = ebpf
             .program_mut(FROM_POD_PROGRAM)
@@ -75,7 +78,13 @@ impl PodCounters {
         // `{:?}` keeps the verifier's log, which Display drops.
         program.load().map_err(|e| load_err(format!("{e:?}")))?;
         let nr_cpus = aya::util::nr_cpus().map_err(|(what, e)| load_err(format!("{what}: {e}")))?;
-        Ok(PodCounters { inner: Mutex::new(Loaded { ebpf, links: HashMap::new() }), nr_cpus })
+        Ok(PodCounters {
+            inner: Mutex::new(Loaded {
+                ebpf,
+                links: HashMap::new(),
+            }),
+            nr_cpus,
+        })
     }
 
     fn map(ebpf: &mut Ebpf) -> PerCpuHashMap<&mut MapData, u32, RawCounters> {
@@ -98,7 +107,11 @@ impl PodCounters {
             .map_err(|e| attach_err(e.to_string()))?;
         Self::map(&mut inner.ebpf)
             .insert(ifindex, zero, 0)
-            .map_err(|source| CountersError::Map { map: POD_TX_MAP, ifname: ifname.into(), source })?;
+            .map_err(|source| CountersError::Map {
+                map: POD_TX_MAP,
+                ifname: ifname.into(),
+                source,
+            })?;
         // Kernels before 6.6 attach through a clsact qdisc; on TCX kernels it is harmless.
         let _ = tc::qdisc_add_clsact(ifname);
         let program: &mut SchedClassifier = inner

@@ -51,7 +51,10 @@ pub enum PodNetError {
 }
 
 impl PodNetError {
-    fn netlink(op: &'static str, target: impl Into<String>) -> impl FnOnce(rtnetlink::Error) -> Self {
+    fn netlink(
+        op: &'static str,
+        target: impl Into<String>,
+    ) -> impl FnOnce(rtnetlink::Error) -> Self {
         let target = target.into();
         move |source| PodNetError::Netlink { op, target, source }
     }
@@ -82,7 +85,12 @@ pub fn errno(err: &rtnetlink::Error) -> Option<i32> {
 /// container ID and interface), and 15 characters, the kernel's limit.
 pub fn host_ifname(key: &AttachmentKey) -> String {
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in key.container_id.bytes().chain([b'/']).chain(key.ifname.bytes()) {
+    for byte in key
+        .container_id
+        .bytes()
+        .chain([b'/'])
+        .chain(key.ifname.bytes())
+    {
         hash ^= u64::from(byte);
         hash = hash.wrapping_mul(0x0100_0000_01b3);
     }
@@ -91,7 +99,10 @@ pub fn host_ifname(key: &AttachmentKey) -> String {
 
 /// Formats a MAC the way CNI results print it.
 pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
 }
 
 fn link_mac(link: &LinkMessage) -> [u8; 6] {
@@ -110,7 +121,14 @@ fn link_mac(link: &LinkMessage) -> [u8; 6] {
 
 /// Looks a link up by name; `Ok(None)` when it does not exist.
 pub async fn link_by_name(handle: &Handle, name: &str) -> Result<Option<LinkMessage>, PodNetError> {
-    match handle.link().get().match_name(name.to_string()).execute().try_next().await {
+    match handle
+        .link()
+        .get()
+        .match_name(name.to_string())
+        .execute()
+        .try_next()
+        .await
+    {
         Ok(link) => Ok(link),
         Err(e) if errno(&e) == Some(ENODEV) => Ok(None),
         Err(e) => Err(PodNetError::netlink("look up link", name)(e)),
@@ -152,7 +170,10 @@ pub async fn add(
         .add(veth)
         .execute()
         .await
-        .map_err(PodNetError::netlink("create veth", format!("{host_ifname} <-> {}", key.ifname)))?;
+        .map_err(PodNetError::netlink(
+            "create veth",
+            format!("{host_ifname} <-> {}", key.ifname),
+        ))?;
     match configure(node, key, pod_netns, ip, &host_ifname).await {
         Ok(attached) => Ok(attached),
         Err(e) => {
@@ -171,9 +192,9 @@ async fn configure(
     ip: Ipv4Addr,
     host_ifname: &str,
 ) -> Result<Attached, PodNetError> {
-    let host = link_by_name(node, host_ifname)
-        .await?
-        .ok_or_else(|| PodNetError::Mismatch(format!("veth {host_ifname} vanished after creation")))?;
+    let host = link_by_name(node, host_ifname).await?.ok_or_else(|| {
+        PodNetError::Mismatch(format!("veth {host_ifname} vanished after creation"))
+    })?;
     let host_index = host.header.index;
     let host_mac = link_mac(&host);
     set_up(node, host_index, host_ifname).await?;
@@ -183,9 +204,9 @@ async fn configure(
     if let Some(lo) = link_by_name(&pod, "lo").await? {
         set_up(&pod, lo.header.index, "lo").await?;
     }
-    let eth = link_by_name(&pod, &key.ifname)
-        .await?
-        .ok_or_else(|| PodNetError::Mismatch(format!("{} missing in {ns} after creation", key.ifname)))?;
+    let eth = link_by_name(&pod, &key.ifname).await?.ok_or_else(|| {
+        PodNetError::Mismatch(format!("{} missing in {ns} after creation", key.ifname))
+    })?;
     let pod_index = eth.header.index;
     let pod_mac = link_mac(&eth);
     set_up(&pod, pod_index, &key.ifname).await?;
@@ -193,7 +214,10 @@ async fn configure(
         .add(pod_index, IpAddr::V4(ip), 32)
         .execute()
         .await
-        .map_err(PodNetError::netlink("add address", format!("{ip}/32 on {} in {ns}", key.ifname)))?;
+        .map_err(PodNetError::netlink(
+            "add address",
+            format!("{ip}/32 on {} in {ns}", key.ifname),
+        ))?;
     pod.route()
         .add(
             RouteMessageBuilder::<Ipv4Addr>::new()
@@ -204,14 +228,20 @@ async fn configure(
         )
         .execute()
         .await
-        .map_err(PodNetError::netlink("add route", format!("{POD_GATEWAY}/32 dev {} in {ns}", key.ifname)))?;
+        .map_err(PodNetError::netlink(
+            "add route",
+            format!("{POD_GATEWAY}/32 dev {} in {ns}", key.ifname),
+        ))?;
     pod.neighbours()
         .add(pod_index, IpAddr::V4(POD_GATEWAY))
         .link_layer_address(&host_mac)
         .state(NeighbourState::Permanent)
         .execute()
         .await
-        .map_err(PodNetError::netlink("add neighbour", format!("{POD_GATEWAY} in {ns}")))?;
+        .map_err(PodNetError::netlink(
+            "add neighbour",
+            format!("{POD_GATEWAY} in {ns}"),
+        ))?;
     pod.route()
         .add(
             RouteMessageBuilder::<Ipv4Addr>::new()
@@ -221,7 +251,10 @@ async fn configure(
         )
         .execute()
         .await
-        .map_err(PodNetError::netlink("add route", format!("default via {POD_GATEWAY} in {ns}")))?;
+        .map_err(PodNetError::netlink(
+            "add route",
+            format!("default via {POD_GATEWAY} in {ns}"),
+        ))?;
 
     node.route()
         .add(
@@ -235,8 +268,16 @@ async fn configure(
         .replace()
         .execute()
         .await
-        .map_err(PodNetError::netlink("add route", format!("{ip}/32 dev {host_ifname}")))?;
-    Ok(Attached { host_ifname: host_ifname.to_string(), host_index, host_mac, pod_mac })
+        .map_err(PodNetError::netlink(
+            "add route",
+            format!("{ip}/32 dev {host_ifname}"),
+        ))?;
+    Ok(Attached {
+        host_ifname: host_ifname.to_string(),
+        host_index,
+        host_mac,
+        pod_mac,
+    })
 }
 
 /// Deletes a link by name; a link that is already gone is success.
@@ -257,7 +298,12 @@ pub async fn del(node: &Handle, key: &AttachmentKey) -> Result<(), PodNetError> 
 }
 
 /// Checks that the attachment is as ADD left it.
-pub async fn check(node: &Handle, key: &AttachmentKey, pod_netns: &Path, ip: Ipv4Addr) -> Result<(), PodNetError> {
+pub async fn check(
+    node: &Handle,
+    key: &AttachmentKey,
+    pod_netns: &Path,
+    ip: Ipv4Addr,
+) -> Result<(), PodNetError> {
     let host_ifname = host_ifname(key);
     if link_by_name(node, &host_ifname).await?.is_none() {
         return Err(PodNetError::Mismatch(format!(
@@ -267,19 +313,34 @@ pub async fn check(node: &Handle, key: &AttachmentKey, pod_netns: &Path, ip: Ipv
     }
     let pod = netns::netlink_in(pod_netns).await?;
     let ns = pod_netns.display();
-    let eth = link_by_name(&pod, &key.ifname)
-        .await?
-        .ok_or_else(|| PodNetError::Mismatch(format!("interface {} is missing in {ns}", key.ifname)))?;
-    let mut addresses = pod.address().get().set_link_index_filter(eth.header.index).execute();
+    let eth = link_by_name(&pod, &key.ifname).await?.ok_or_else(|| {
+        PodNetError::Mismatch(format!("interface {} is missing in {ns}", key.ifname))
+    })?;
+    let mut addresses = pod
+        .address()
+        .get()
+        .set_link_index_filter(eth.header.index)
+        .execute();
     let mut found = false;
-    while let Some(msg) = addresses.try_next().await.map_err(PodNetError::netlink("list addresses", ns.to_string()))? {
+    while let Some(msg) = addresses
+        .try_next()
+        .await
+        .map_err(PodNetError::netlink("list addresses", ns.to_string()))?
+    {
         use rtnetlink::packet_route::address::{AddressAttribute, AddressMessage};
-        let AddressMessage { header, attributes, .. } = msg;
+        let AddressMessage {
+            header, attributes, ..
+        } = msg;
         found |= header.prefix_len == 32
-            && attributes.iter().any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip));
+            && attributes
+                .iter()
+                .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip));
     }
     if !found {
-        return Err(PodNetError::Mismatch(format!("address {ip}/32 is missing on {} in {ns}", key.ifname)));
+        return Err(PodNetError::Mismatch(format!(
+            "address {ip}/32 is missing on {} in {ns}",
+            key.ifname
+        )));
     }
     Ok(())
 }
@@ -295,11 +356,17 @@ mod tests {
 
     #[test]
     fn cni_host_ifname_is_stable_and_short() {
-        let key = AttachmentKey { container_id: "abc".into(), ifname: "eth0".into() };
+        let key = AttachmentKey {
+            container_id: "abc".into(),
+            ifname: "eth0".into(),
+        };
         let name = host_ifname(&key);
         assert_eq!(name.len(), 15);
         assert_eq!(name, host_ifname(&key.clone()));
-        let other = AttachmentKey { container_id: "abc".into(), ifname: "eth1".into() };
+        let other = AttachmentKey {
+            container_id: "abc".into(),
+            ifname: "eth1".into(),
+        };
         assert_ne!(name, host_ifname(&other));
     }
 

@@ -34,17 +34,27 @@ fn peer_route(msg: &RouteMessage) -> Option<PeerRoute> {
         }
     }
     // Pod routes carry our protocol too, but have no gateway.
-    Some(PeerRoute { dst: Ipv4Net::new(dst?, msg.header.destination_prefix_length).ok()?, via: via? })
+    Some(PeerRoute {
+        dst: Ipv4Net::new(dst?, msg.header.destination_prefix_length).ok()?,
+        via: via?,
+    })
 }
 
 /// The peer routes the kernel holds now.
 pub async fn installed(handle: &Handle) -> Result<BTreeSet<PeerRoute>, PodNetError> {
-    let mut routes = handle.route().get(RouteMessageBuilder::<Ipv4Addr>::new().build()).execute();
+    let mut routes = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
     let mut found = BTreeSet::new();
     while let Some(msg) = routes
         .try_next()
         .await
-        .map_err(|source| PodNetError::Netlink { op: "list routes", target: "main table".into(), source })?
+        .map_err(|source| PodNetError::Netlink {
+            op: "list routes",
+            target: "main table".into(),
+            source,
+        })?
     {
         found.extend(peer_route(&msg));
     }
@@ -62,7 +72,13 @@ fn message(route: &PeerRoute) -> RouteMessage {
 /// Makes the kernel's peer routes equal to `peers`: adds the missing, replaces changed
 /// ones, deletes the stale. Failures for one peer do not stop the others.
 pub async fn reconcile(handle: &Handle, peers: &[NodeInfo]) -> Result<(), PodNetError> {
-    let want: BTreeSet<PeerRoute> = peers.iter().map(|p| PeerRoute { dst: p.pod_cidr, via: p.internal_ip }).collect();
+    let want: BTreeSet<PeerRoute> = peers
+        .iter()
+        .map(|p| PeerRoute {
+            dst: p.pod_cidr,
+            via: p.internal_ip,
+        })
+        .collect();
     let have = installed(handle).await?;
     let mut first_error = None;
     for stale in have.difference(&want) {
@@ -70,7 +86,11 @@ pub async fn reconcile(handle: &Handle, peers: &[NodeInfo]) -> Result<(), PodNet
             Ok(()) => tracing::info!(dst = %stale.dst, via = %stale.via, "removed peer route"),
             Err(source) => {
                 tracing::warn!(dst = %stale.dst, error = %source, "remove peer route");
-                first_error.get_or_insert(PodNetError::Netlink { op: "delete route", target: stale.dst.to_string(), source });
+                first_error.get_or_insert(PodNetError::Netlink {
+                    op: "delete route",
+                    target: stale.dst.to_string(),
+                    source,
+                });
             }
         }
     }
@@ -79,7 +99,11 @@ pub async fn reconcile(handle: &Handle, peers: &[NodeInfo]) -> Result<(), PodNet
             Ok(()) => tracing::info!(dst = %route.dst, via = %route.via, "added peer route"),
             Err(source) => {
                 tracing::warn!(dst = %route.dst, error = %source, "add peer route");
-                first_error.get_or_insert(PodNetError::Netlink { op: "add route", target: route.dst.to_string(), source });
+                first_error.get_or_insert(PodNetError::Netlink {
+                    op: "add route",
+                    target: route.dst.to_string(),
+                    source,
+                });
             }
         }
     }

@@ -61,9 +61,13 @@ impl PodService {
             match podnet::link_by_name(&self.netlink, &ifname).await {
                 Ok(Some(link)) => match self.counters.attach(&ifname, link.header.index) {
                     Ok(()) => tracing::info!(%ip, ifname, "restored pod"),
-                    Err(e) => tracing::error!(%ip, ifname, error = %e, "could not re-attach counter"),
+                    Err(e) => {
+                        tracing::error!(%ip, ifname, error = %e, "could not re-attach counter")
+                    }
                 },
-                Ok(None) => tracing::warn!(%ip, ifname, container = allocation.key.container_id, "allocated pod has no veth; waiting for the runtime's DEL"),
+                Ok(None) => {
+                    tracing::warn!(%ip, ifname, container = allocation.key.container_id, "allocated pod has no veth; waiting for the runtime's DEL")
+                }
                 Err(e) => tracing::error!(%ip, ifname, error = %e, "look up pod veth"),
             }
         }
@@ -77,14 +81,18 @@ impl PodService {
             AgentRequest::Check(a) => self.check(&a).await.map(|()| AgentResponse::Done),
             AgentRequest::Status => Ok(AgentResponse::Done),
             AgentRequest::Gc { valid } => self.gc(&valid).await.map(|()| AgentResponse::Done),
-            AgentRequest::ListPods => Ok(AgentResponse::Pods(self.list())),
+            AgentRequest::ListPods => Ok(AgentResponse::Pods { pods: self.list() }),
         };
         outcome.unwrap_or_else(AgentResponse::Failed)
     }
 
     async fn add(&self, a: &Attachment) -> Result<CniResult, CniError> {
         let netns = a.netns.as_deref().ok_or_else(|| {
-            CniError::new(ErrorCode::InvalidEnvironment, "CNI_NETNS is not set", "ADD needs the pod's namespace")
+            CniError::new(
+                ErrorCode::InvalidEnvironment,
+                "CNI_NETNS is not set",
+                "ADD needs the pod's namespace",
+            )
         })?;
         let pod = match (&a.pod_namespace, &a.pod_name) {
             (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
@@ -106,8 +114,16 @@ impl PodService {
         Ok(CniResult {
             cni_version: a.cni_version.clone(),
             interfaces: vec![
-                Interface { name: attached.host_ifname.clone(), mac: format_mac(&attached.host_mac), sandbox: None },
-                Interface { name: a.key.ifname.clone(), mac: format_mac(&attached.pod_mac), sandbox: Some(netns.to_string()) },
+                Interface {
+                    name: attached.host_ifname.clone(),
+                    mac: format_mac(&attached.host_mac),
+                    sandbox: None,
+                },
+                Interface {
+                    name: a.key.ifname.clone(),
+                    mac: format_mac(&attached.pod_mac),
+                    sandbox: Some(netns.to_string()),
+                },
             ],
             ips: vec![IpConfig {
                 address: Ipv4Net::new(ip, 32).expect("/32 is valid"),
@@ -115,14 +131,25 @@ impl PodService {
                 interface: 1,
                 version: None,
             }],
-            routes: vec![Route { dst: Ipv4Net::default(), gw: Some(POD_GATEWAY) }],
+            routes: vec![Route {
+                dst: Ipv4Net::default(),
+                gw: Some(POD_GATEWAY),
+            }],
             dns: Default::default(),
         })
     }
 
-    async fn attach(&self, a: &Attachment, netns: &Path, ip: Ipv4Addr) -> Result<podnet::Attached, CniError> {
+    async fn attach(
+        &self,
+        a: &Attachment,
+        netns: &Path,
+        ip: Ipv4Addr,
+    ) -> Result<podnet::Attached, CniError> {
         let attached = podnet::add(&self.netlink, &a.key, netns, ip, self.pod_mtu).await?;
-        if let Err(e) = self.counters.attach(&attached.host_ifname, attached.host_index) {
+        if let Err(e) = self
+            .counters
+            .attach(&attached.host_ifname, attached.host_index)
+        {
             let _ = podnet::remove_link(&self.netlink, &attached.host_ifname).await;
             return Err(CniError::new(ErrorCode::IoFailure, e.to_string(), ""));
         }
@@ -143,7 +170,10 @@ impl PodService {
         let ip = self.ipam.lookup(&a.key).ok_or_else(|| {
             CniError::new(
                 ErrorCode::UnknownContainer,
-                format!("container {} interface {} has no address on this node", a.key.container_id, a.key.ifname),
+                format!(
+                    "container {} interface {} has no address on this node",
+                    a.key.container_id, a.key.ifname
+                ),
                 "",
             )
         })?;
@@ -217,7 +247,9 @@ pub async fn serve(listener: UnixListener, service: Arc<PodService>) {
 async fn serve_one(stream: UnixStream, service: &PodService) -> std::io::Result<()> {
     let (read, mut write) = stream.into_split();
     let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST_BYTES)).read_line(&mut line).await?;
+    BufReader::new(read.take(MAX_REQUEST_BYTES))
+        .read_line(&mut line)
+        .await?;
     let response = match serde_json::from_str::<AgentRequest>(&line) {
         Ok(request) => service.handle(request).await,
         Err(e) => AgentResponse::Failed(CniError::new(

@@ -13,7 +13,7 @@ VEIL_CACHE="${VEIL_CACHE:-/var/cache/veil}"
 KUBE_BIN="$VEIL_CACHE/kubernetes-$KUBE_VERSION/bin"
 TOOLS_BIN="$VEIL_CACHE/tools/bin"
 DEB_PACKAGES=(clang llvm libbpf-dev iproute2 etcd-server containerd runc buildah iperf3
-  tcpdump wrk wireguard-tools bpftool jq curl ca-certificates kmod)
+  tcpdump wrk wireguard-tools bpftool jq curl ca-certificates kmod iputils-ping procps)
 
 say() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
 

@@ -13,7 +13,11 @@ fn main() -> ExitCode {
     let mut stdin = Vec::new();
     let outcome = match std::io::stdin().read_to_end(&mut stdin) {
         Ok(_) => plugin::run(&env, &stdin),
-        Err(e) => Err(CniError::new(ErrorCode::IoFailure, "could not read stdin", e.to_string())),
+        Err(e) => Err(CniError::new(
+            ErrorCode::IoFailure,
+            "could not read stdin",
+            e.to_string(),
+        )),
     };
     let mut stdout = std::io::stdout().lock();
     match outcome {
@@ -24,7 +28,11 @@ fn main() -> ExitCode {
         Ok(None) => ExitCode::SUCCESS,
         Err(err) => {
             // The spec wants the error object on stdout and a non-zero exit.
-            let _ = writeln!(stdout, "{}", serde_json::to_string(&err).expect("errors serialise"));
+            let _ = writeln!(
+                stdout,
+                "{}",
+                serde_json::to_string(&err).expect("errors serialise")
+            );
             ExitCode::FAILURE
         }
     }

@@ -31,16 +31,31 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Pods { json } => {
-            match protocol::call(&cli.socket, &AgentRequest::ListPods, protocol::DEFAULT_AGENT_TIMEOUT) {
-                Ok(AgentResponse::Pods(pods)) if json => {
-                    println!("{}", serde_json::to_string_pretty(&pods).expect("pods serialise"));
+            match protocol::call(
+                &cli.socket,
+                &AgentRequest::ListPods,
+                protocol::DEFAULT_AGENT_TIMEOUT,
+            ) {
+                Ok(AgentResponse::Pods { pods }) if json => {
+                    println!(
+                        "{}",
+                        serde_json::to_string_pretty(&pods).expect("pods serialise")
+                    );
                     ExitCode::SUCCESS
                 }
-                Ok(AgentResponse::Pods(pods)) => {
-                    println!("{:<16} {:<24} {:<16} {:>10} {:>12}", "IP", "POD", "HOST-IF", "TX-PKTS", "TX-BYTES");
+                Ok(AgentResponse::Pods { pods }) => {
+                    println!(
+                        "{:<16} {:<24} {:<16} {:>10} {:>12}",
+                        "IP", "POD", "HOST-IF", "TX-PKTS", "TX-BYTES"
+                    );
                     for p in pods {
-                        let pod = p.pod.unwrap_or_else(|| p.key.container_id.chars().take(12).collect());
-                        println!("{:<16} {:<24} {:<16} {:>10} {:>12}", p.ip, pod, p.host_ifname, p.tx_packets, p.tx_bytes);
+                        let pod = p
+                            .pod
+                            .unwrap_or_else(|| p.key.container_id.chars().take(12).collect());
+                        println!(
+                            "{:<16} {:<24} {:<16} {:>10} {:>12}",
+                            p.ip, pod, p.host_ifname, p.tx_packets, p.tx_bytes
+                        );
                     }
                     ExitCode::SUCCESS
                 }

@@ -35,7 +35,9 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Output, CniErr
         "DEL" => call(AgentRequest::Del(attachment(env, &version, false)?))?,
         "CHECK" => call(AgentRequest::Check(attachment(env, &version, true)?))?,
         "STATUS" => call(AgentRequest::Status)?,
-        "GC" => call(AgentRequest::Gc { valid: valid_attachments(stdin, &version)? })?,
+        "GC" => call(AgentRequest::Gc {
+            valid: valid_attachments(stdin, &version)?,
+        })?,
         other => {
             return Err(CniError::new(
                 ErrorCode::InvalidEnvironment,
@@ -49,7 +51,7 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Output, CniErr
         AgentResponse::Added(result) => Ok(Some(to_json(&result.for_version(&version)))),
         AgentResponse::Done => Ok(None),
         AgentResponse::Failed(err) => Err(err.in_version(&version)),
-        AgentResponse::Pods(_) => Err(CniError::new(
+        AgentResponse::Pods { .. } => Err(CniError::new(
             ErrorCode::DecodingFailure,
             "mesh-agent answered a CNI request with a pod list",
             "agent and plugin versions may differ",
@@ -64,15 +66,25 @@ fn to_json<T: serde::Serialize>(value: &T) -> String {
 
 /// Reads the attachment from the environment; `needs_netns` is false for DEL, which the
 /// spec allows without a namespace (the runtime may have removed it already).
-fn attachment(env: &HashMap<String, String>, version: &str, needs_netns: bool) -> Result<Attachment, CniError> {
+fn attachment(
+    env: &HashMap<String, String>,
+    version: &str,
+    needs_netns: bool,
+) -> Result<Attachment, CniError> {
     let invalid = |msg: String, details: &str| {
         CniError::new(ErrorCode::InvalidEnvironment, msg, details).in_version(version)
     };
     let container_id = env.get("CNI_CONTAINERID").cloned().unwrap_or_default();
     if container_id.is_empty() {
-        return Err(invalid("CNI_CONTAINERID is not set".into(), "the runtime must name the container"));
+        return Err(invalid(
+            "CNI_CONTAINERID is not set".into(),
+            "the runtime must name the container",
+        ));
     }
-    if !container_id.chars().all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c)) {
+    if !container_id
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+    {
         return Err(invalid(
             format!("CNI_CONTAINERID {container_id:?} has characters the spec does not allow"),
             "allowed: letters, digits, underscore, period, hyphen",
@@ -83,7 +95,9 @@ fn attachment(env: &HashMap<String, String>, version: &str, needs_netns: bool) -
         || ifname.len() > 15
         || ifname == "."
         || ifname == ".."
-        || ifname.chars().any(|c| c == '/' || c == ':' || c.is_whitespace())
+        || ifname
+            .chars()
+            .any(|c| c == '/' || c == ':' || c.is_whitespace())
     {
         return Err(invalid(
             format!("CNI_IFNAME {ifname:?} is not a valid interface name"),
@@ -99,7 +113,10 @@ fn attachment(env: &HashMap<String, String>, version: &str, needs_netns: bool) -
     }
     let args = parse_cni_args(env.get("CNI_ARGS").map(String::as_str).unwrap_or(""));
     Ok(Attachment {
-        key: AttachmentKey { container_id, ifname },
+        key: AttachmentKey {
+            container_id,
+            ifname,
+        },
         netns,
         cni_version: version.to_string(),
         pod_namespace: args.get("K8S_POD_NAMESPACE").map(|s| s.to_string()),
@@ -109,7 +126,9 @@ fn attachment(env: &HashMap<String, String>, version: &str, needs_netns: bool) -
 
 /// `CNI_ARGS` is `K=V;K=V`; entries without `=` are ignored, as the reference plugins do.
 fn parse_cni_args(args: &str) -> HashMap<&str, &str> {
-    args.split(';').filter_map(|kv| kv.split_once('=')).collect()
+    args.split(';')
+        .filter_map(|kv| kv.split_once('='))
+        .collect()
 }
 
 /// GC (CNI 1.1) lists the attachments still in use in `cni.dev/valid-attachments`.
@@ -126,13 +145,20 @@ fn valid_attachments(stdin: &[u8], version: &str) -> Result<Vec<AttachmentKey>, 
         ifname: String,
     }
     let gc: Gc = serde_json::from_slice(stdin).map_err(|e| {
-        CniError::new(ErrorCode::DecodingFailure, "cni.dev/valid-attachments could not be decoded", e.to_string())
-            .in_version(version)
+        CniError::new(
+            ErrorCode::DecodingFailure,
+            "cni.dev/valid-attachments could not be decoded",
+            e.to_string(),
+        )
+        .in_version(version)
     })?;
     Ok(gc
         .valid
         .into_iter()
-        .map(|v| AttachmentKey { container_id: v.container_id, ifname: v.ifname })
+        .map(|v| AttachmentKey {
+            container_id: v.container_id,
+            ifname: v.ifname,
+        })
         .collect())
 }
 
@@ -141,21 +167,36 @@ mod tests {
     use super::*;
 
     fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
+        pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
     }
 
     const CONF: &[u8] = br#"{"cniVersion":"1.0.0","name":"veil","type":"mesh-cni","agentSocket":"/nonexistent/veil.sock"}"#;
 
     #[test]
     fn cni_version_needs_no_agent() {
-        let out = run(&env(&[("CNI_COMMAND", "VERSION")]), b"{}").unwrap().unwrap();
-        assert!(out.contains(r#""supportedVersions":["0.4.0","1.0.0","1.1.0"]"#), "{out}");
+        let out = run(&env(&[("CNI_COMMAND", "VERSION")]), b"{}")
+            .unwrap()
+            .unwrap();
+        assert!(
+            out.contains(r#""supportedVersions":["0.4.0","1.0.0","1.1.0"]"#),
+            "{out}"
+        );
     }
 
     #[test]
     fn cni_add_without_netns_is_an_environment_error() {
-        let err = run(&env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")]), CONF)
-            .unwrap_err();
+        let err = run(
+            &env(&[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "eth0"),
+            ]),
+            CONF,
+        )
+        .unwrap_err();
         assert_eq!(err.code, ErrorCode::InvalidEnvironment);
         assert!(err.msg.contains("CNI_NETNS"), "{}", err.msg);
     }
@@ -163,7 +204,12 @@ mod tests {
     #[test]
     fn cni_bad_ifname_is_refused() {
         let err = run(
-            &env(&[("CNI_COMMAND", "ADD"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "a/b"), ("CNI_NETNS", "/x")]),
+            &env(&[
+                ("CNI_COMMAND", "ADD"),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "a/b"),
+                ("CNI_NETNS", "/x"),
+            ]),
             CONF,
         )
         .unwrap_err();
@@ -172,8 +218,15 @@ mod tests {
 
     #[test]
     fn cni_del_without_netns_reaches_for_the_agent() {
-        let err = run(&env(&[("CNI_COMMAND", "DEL"), ("CNI_CONTAINERID", "c1"), ("CNI_IFNAME", "eth0")]), CONF)
-            .unwrap_err();
+        let err = run(
+            &env(&[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "eth0"),
+            ]),
+            CONF,
+        )
+        .unwrap_err();
         assert_eq!(err.code, ErrorCode::TryAgainLater);
         assert!(err.msg.contains("/nonexistent/veil.sock"), "{}", err.msg);
     }

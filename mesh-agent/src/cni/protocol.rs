@@ -89,12 +89,19 @@ pub enum AgentResponse {
     /// The request failed; the error is what the plugin prints.
     Failed(CniError),
     /// Answer to `ListPods`.
-    Pods(Vec<PodInfo>),
+    Pods {
+        /// The attachments, in address order.
+        pods: Vec<PodInfo>,
+    },
 }
 
 /// Sends one request and reads the answer. A socket that cannot be reached is a
 /// `TryAgainLater` error naming the path, since an agent that is starting will be back.
-pub fn call(socket: &Path, request: &AgentRequest, timeout: Duration) -> Result<AgentResponse, CniError> {
+pub fn call(
+    socket: &Path,
+    request: &AgentRequest,
+    timeout: Duration,
+) -> Result<AgentResponse, CniError> {
     let unreachable = |what: &str, e: std::io::Error| {
         CniError::new(
             ErrorCode::TryAgainLater,
@@ -103,11 +110,17 @@ pub fn call(socket: &Path, request: &AgentRequest, timeout: Duration) -> Result<
         )
     };
     let mut stream = UnixStream::connect(socket).map_err(|e| unreachable("connect", e))?;
-    stream.set_read_timeout(Some(timeout)).map_err(|e| unreachable("set timeout", e))?;
-    stream.set_write_timeout(Some(timeout)).map_err(|e| unreachable("set timeout", e))?;
+    stream
+        .set_read_timeout(Some(timeout))
+        .map_err(|e| unreachable("set timeout", e))?;
+    stream
+        .set_write_timeout(Some(timeout))
+        .map_err(|e| unreachable("set timeout", e))?;
     let mut line = serde_json::to_vec(request).expect("requests always serialise");
     line.push(b'\n');
-    stream.write_all(&line).map_err(|e| unreachable("send request", e))?;
+    stream
+        .write_all(&line)
+        .map_err(|e| unreachable("send request", e))?;
     let mut answer = String::new();
     BufReader::new(&stream)
         .read_line(&mut answer)
@@ -115,7 +128,10 @@ pub fn call(socket: &Path, request: &AgentRequest, timeout: Duration) -> Result<
     if answer.is_empty() {
         return Err(CniError::new(
             ErrorCode::TryAgainLater,
-            format!("mesh-agent at {} closed the connection without answering", socket.display()),
+            format!(
+                "mesh-agent at {} closed the connection without answering",
+                socket.display()
+            ),
             "the agent may be restarting; try again",
         ));
     }
@@ -135,7 +151,10 @@ mod tests {
     #[test]
     fn cni_protocol_round_trips_requests() {
         let req = AgentRequest::Del(Attachment {
-            key: AttachmentKey { container_id: "c1".into(), ifname: "eth0".into() },
+            key: AttachmentKey {
+                container_id: "c1".into(),
+                ifname: "eth0".into(),
+            },
             netns: None,
             cni_version: "1.0.0".into(),
             pod_namespace: Some("default".into()),
@@ -144,6 +163,19 @@ mod tests {
         let line = serde_json::to_string(&req).unwrap();
         assert!(line.contains(r#""request":"del""#), "{line}");
         assert_eq!(serde_json::from_str::<AgentRequest>(&line).unwrap(), req);
+    }
+
+    #[test]
+    fn cni_protocol_round_trips_every_response() {
+        let pods = AgentResponse::Pods { pods: vec![] };
+        let line = serde_json::to_string(&pods).unwrap();
+        assert_eq!(serde_json::from_str::<AgentResponse>(&line).unwrap(), pods);
+        let failed = AgentResponse::Failed(CniError::new(ErrorCode::IoFailure, "x", ""));
+        let line = serde_json::to_string(&failed).unwrap();
+        assert_eq!(
+            serde_json::from_str::<AgentResponse>(&line).unwrap(),
+            failed
+        );
     }
 
     #[test]

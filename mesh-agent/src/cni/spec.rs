@@ -262,7 +262,10 @@ pub fn parse_netconf(stdin: &[u8]) -> Result<NetConf, CniError> {
     if conf.plugin_type != "mesh-cni" {
         return Err(CniError::new(
             ErrorCode::InvalidNetworkConfig,
-            format!("network configuration type is {:?}, expected \"mesh-cni\"", conf.plugin_type),
+            format!(
+                "network configuration type is {:?}, expected \"mesh-cni\"",
+                conf.plugin_type
+            ),
             "",
         )
         .in_version(&version));
@@ -282,16 +285,16 @@ mod tests {
 
     #[test]
     fn cni_netconf_rejects_unknown_version() {
-        let err = parse_netconf(br#"{"cniVersion":"9.9.9","name":"n","type":"mesh-cni"}"#)
-            .unwrap_err();
+        let err =
+            parse_netconf(br#"{"cniVersion":"9.9.9","name":"n","type":"mesh-cni"}"#).unwrap_err();
         assert_eq!(err.code, ErrorCode::IncompatibleVersion);
         assert!(err.msg.contains("9.9.9"), "{}", err.msg);
     }
 
     #[test]
     fn cni_netconf_defaults_agent_socket() {
-        let conf = parse_netconf(br#"{"cniVersion":"1.0.0","name":"veil","type":"mesh-cni"}"#)
-            .unwrap();
+        let conf =
+            parse_netconf(br#"{"cniVersion":"1.0.0","name":"veil","type":"mesh-cni"}"#).unwrap();
         assert_eq!(conf.agent_socket, DEFAULT_AGENT_SOCKET);
     }
 

@@ -1,0 +1,35 @@
+//! Veil's `L7Policy`: the CRD types, validation, the compiled per-(pod, port) matcher and
+//! its verdicts. No I/O: the agent feeds it objects and requests, it answers.
+//!
+//! Flow: [`CompiledPolicy::compile`] once per policy generation (its [`CompiledPolicy::errors`]
+//! go to `status` via [`accepted_status`]), then [`PortMatcher::new`] per (pod, port), then
+//! [`PortMatcher::evaluate`] per request. See `l7-policy/README.md` for the semantics and the
+//! path normalisation rules.
+
+pub mod compile;
+pub mod crd;
+pub mod error;
+pub mod labels;
+pub mod matcher;
+pub mod normalize;
+#[cfg(any(test, feature = "testing"))]
+pub mod reference;
+pub mod request;
+pub mod select;
+pub mod status;
+pub mod verdict;
+
+pub use compile::{validate, CompiledPolicy};
+pub use crd::*;
+pub use error::FieldError;
+pub use matcher::{PortMatcher, Settings, DEFAULT_ALLOW_LOCAL_NODE_PROBES};
+pub use normalize::{normalize_path, PathError};
+pub use request::{HeaderLookup, Pod, Request, Source};
+pub use select::{policies_selecting, policy_selects};
+pub use status::accepted_status;
+pub use verdict::{Decision, Reason, Verdict};
+
+#[cfg(test)]
+mod proptests;
+#[cfg(test)]
+mod tests;

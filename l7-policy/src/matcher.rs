@@ -1,0 +1,387 @@
+//! The per-(pod, port) matcher: the rules of every policy selecting a pod that apply to one
+//! port, indexed so that a request looks at only a few candidate rules.
+//!
+//! Each rule is split into "alternatives" (one per `http` entry, or one if it has none),
+//! numbered in decision order: policies by name, then rule index, then `http` index. The
+//! verdict names the rule of the lowest-numbered alternative that matches. Alternatives
+//! are indexed twice, by path (exact map, element-prefix map, the rest) and by source
+//! identity (SPIFFE ID, SPIFFE prefix, ServiceAccount, namespace name, the rest); a request
+//! scans whichever dimension yields fewer candidates. Candidate lists are sorted, so each
+//! list stops at its first match. Nothing on this path allocates unless the request path
+//! needs rewriting to be normal.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::compile::{method_bit, CompiledPeer, CompiledPolicy, NamespaceCond, PathCond};
+use crate::request::host_of;
+use crate::{normalize_path, Decision, Mode, Pod, Port, Reason, Request, Source, Verdict};
+
+/// Setting: allow kubelet probes from the pod's own node.
+pub const ALLOW_LOCAL_NODE_PROBES: &str = "allow_local_node_probes";
+/// Default on: kubelet probes come from the node, and a policy that forgot them would have
+/// the kubelet restart the pod (Kubernetes NetworkPolicy implementations let them through too).
+pub const DEFAULT_ALLOW_LOCAL_NODE_PROBES: bool = true;
+
+/// Engine settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// Allow requests marked `source_is_local_node_probe` whatever the policies say.
+    pub allow_local_node_probes: bool,
+}
+
+impl Default for Settings {
+    fn default() -> Settings {
+        Settings {
+            allow_local_node_probes: DEFAULT_ALLOW_LOCAL_NODE_PROBES,
+        }
+    }
+}
+
+type Map<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
+/// At most this many candidate lists are gathered per request; deeper paths or SPIFFE IDs
+/// fall back to a scan of every alternative (still correct, just slower).
+const MAX_LISTS: usize = 40;
+
+/// One alternative: rule `rule` of policy `policy`, `http` entry `http` (`u32::MAX`: none).
+#[derive(Debug, Clone, Copy)]
+struct Alt {
+    policy: u32,
+    rule: u32,
+    http: u32,
+}
+
+/// Compiled matcher for one pod and one port.
+#[derive(Debug)]
+pub struct PortMatcher {
+    port: u16,
+    settings: Settings,
+    /// Selecting policies, sorted by name.
+    policies: Vec<Arc<CompiledPolicy>>,
+    /// The policy named by denials: first enforce policy, else first audit policy.
+    default_policy: Option<(u32, Decision)>,
+    alts: Vec<Alt>,
+    path_exact: Map<Box<str>, Vec<u32>>,
+    path_prefix: Map<Box<str>, Vec<u32>>,
+    path_other: Vec<u32>,
+    id_spiffe: Map<Box<str>, Vec<u32>>,
+    id_spiffe_prefix: Map<Box<str>, Vec<u32>>,
+    id_service_account: Map<Box<str>, Map<Box<str>, Vec<u32>>>,
+    id_namespace: Map<Box<str>, Vec<u32>>,
+    id_other: Vec<u32>,
+}
+
+fn push(list: &mut Vec<u32>, id: u32) {
+    if list.last() != Some(&id) {
+        list.push(id);
+    }
+}
+
+impl PortMatcher {
+    /// Builds the matcher for `pod` and `port` from the policies that select the pod
+    /// (others in `policies` are ignored).
+    pub fn new<'p>(
+        pod: &Pod<'_>,
+        port: u16,
+        policies: impl IntoIterator<Item = &'p Arc<CompiledPolicy>>,
+        settings: Settings,
+    ) -> PortMatcher {
+        let mut selected: Vec<Arc<CompiledPolicy>> = policies
+            .into_iter()
+            .filter(|p| p.selects(pod.namespace, pod.labels))
+            .cloned()
+            .collect();
+        selected.sort_by(|a, b| a.name.cmp(&b.name));
+        let default_policy = selected
+            .iter()
+            .position(|p| p.mode == Mode::Enforce)
+            .map(|i| (i as u32, Decision::Deny))
+            .or_else(|| (!selected.is_empty()).then_some((0, Decision::AuditDeny)));
+        let mut m = PortMatcher {
+            port,
+            settings,
+            policies: Vec::new(),
+            default_policy,
+            alts: Vec::new(),
+            path_exact: Map::default(),
+            path_prefix: Map::default(),
+            path_other: Vec::new(),
+            id_spiffe: Map::default(),
+            id_spiffe_prefix: Map::default(),
+            id_service_account: Map::default(),
+            id_namespace: Map::default(),
+            id_other: Vec::new(),
+        };
+        for (pi, policy) in selected.iter().enumerate() {
+            for (ri, rule) in policy.rules.iter().enumerate() {
+                let Some(rule) = rule else { continue };
+                if !port_applies(rule.ports.as_deref(), pod, port) {
+                    continue;
+                }
+                let https: Vec<(u32, Option<&PathCond>)> = match &rule.http {
+                    None => vec![(u32::MAX, None)],
+                    Some(h) => h
+                        .iter()
+                        .enumerate()
+                        .map(|(i, h)| (i as u32, Some(&h.path)))
+                        .collect(),
+                };
+                for (hi, path) in https {
+                    let id = m.alts.len() as u32;
+                    m.alts.push(Alt {
+                        policy: pi as u32,
+                        rule: ri as u32,
+                        http: hi,
+                    });
+                    match path {
+                        Some(PathCond::Exact(p)) => {
+                            push(m.path_exact.entry(p.clone()).or_default(), id)
+                        }
+                        Some(PathCond::Prefix(p)) => {
+                            push(m.path_prefix.entry(p.clone()).or_default(), id)
+                        }
+                        _ => push(&mut m.path_other, id),
+                    }
+                    match &rule.peers {
+                        None => push(&mut m.id_other, id),
+                        Some(peers) => {
+                            for peer in peers {
+                                let list = match peer {
+                                    CompiledPeer::SpiffeExact(s) => {
+                                        m.id_spiffe.entry(s.clone()).or_default()
+                                    }
+                                    CompiledPeer::SpiffePrefix(s) => {
+                                        m.id_spiffe_prefix.entry(s.clone()).or_default()
+                                    }
+                                    CompiledPeer::ServiceAccount { namespace, name } => m
+                                        .id_service_account
+                                        .entry(namespace.clone())
+                                        .or_default()
+                                        .entry(name.clone())
+                                        .or_default(),
+                                    CompiledPeer::Workload {
+                                        namespaces: NamespaceCond::Names(names),
+                                        ..
+                                    } => {
+                                        for n in names {
+                                            push(m.id_namespace.entry(n.clone()).or_default(), id);
+                                        }
+                                        continue;
+                                    }
+                                    CompiledPeer::Workload { .. } => &mut m.id_other,
+                                };
+                                push(list, id);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        m.policies = selected;
+        m
+    }
+
+    /// The port this matcher is for.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether any policy selects the pod (if not, every request is allowed).
+    pub fn is_selected(&self) -> bool {
+        !self.policies.is_empty()
+    }
+
+    /// Number of alternatives (rule × `http` entry) in the index.
+    pub fn alternatives(&self) -> usize {
+        self.alts.len()
+    }
+
+    /// Judges one request from `source`.
+    pub fn evaluate(&self, source: &Source<'_>, request: &Request<'_>) -> Verdict<'_> {
+        let Some((default_idx, default_decision)) = self.default_policy else {
+            return Verdict {
+                decision: Decision::Allow,
+                reason: Reason::NotSelected,
+            };
+        };
+        if request.source_is_local_node_probe && self.settings.allow_local_node_probes {
+            return Verdict {
+                decision: Decision::Allow,
+                reason: Reason::LocalNodeProbe,
+            };
+        }
+        let default_name = self.policies[default_idx as usize].name.as_str();
+        let path = match normalize_path(request.path) {
+            Ok(p) => p,
+            Err(error) => {
+                return Verdict {
+                    decision: default_decision,
+                    reason: Reason::InvalidPath {
+                        policy: default_name,
+                        error,
+                    },
+                };
+            }
+        };
+        match self.best_match(source, request, &path) {
+            Some(alt) => Verdict {
+                decision: Decision::Allow,
+                reason: Reason::Rule {
+                    policy: self.policies[alt.policy as usize].name.as_str(),
+                    rule: alt.rule as usize,
+                },
+            },
+            None => Verdict {
+                decision: default_decision,
+                reason: Reason::NoRuleMatched {
+                    policy: default_name,
+                },
+            },
+        }
+    }
+
+    /// The lowest-numbered alternative that matches, if any.
+    fn best_match(&self, source: &Source<'_>, request: &Request<'_>, path: &str) -> Option<Alt> {
+        let method = method_bit(request.method);
+        let host = request.authority.and_then(host_of);
+        let matches = |id: u32| {
+            let alt = self.alts[id as usize];
+            let Some(rule) = &self.policies[alt.policy as usize].rules[alt.rule as usize] else {
+                return false;
+            };
+            let peers_ok = rule
+                .peers
+                .as_ref()
+                .is_none_or(|ps| ps.iter().any(|p| p.matches(source)));
+            peers_ok
+                && (alt.http == u32::MAX
+                    || rule.http.as_ref().is_some_and(|h| {
+                        h[alt.http as usize].matches(method, host, path, request.headers)
+                    }))
+        };
+
+        let empty: &[u32] = &[];
+        let mut by_path = [empty; MAX_LISTS];
+        let mut by_id = [empty; MAX_LISTS];
+        let path_lists = self.path_candidates(path, &mut by_path);
+        let id_lists = self.identity_candidates(source, &mut by_id);
+        let lists = match (path_lists, id_lists) {
+            (Some(p), Some(i)) => {
+                let count = |l: &[&[u32]]| l.iter().map(|x| x.len()).sum::<usize>();
+                if count(&by_path[..p]) <= count(&by_id[..i]) {
+                    &by_path[..p]
+                } else {
+                    &by_id[..i]
+                }
+            }
+            (Some(p), None) => &by_path[..p],
+            (None, Some(i)) => &by_id[..i],
+            (None, None) => {
+                return (0..self.alts.len() as u32)
+                    .find(|&id| matches(id))
+                    .map(|id| self.alts[id as usize]);
+            }
+        };
+        let mut best = u32::MAX;
+        for list in lists {
+            for &id in *list {
+                if id >= best {
+                    break;
+                }
+                if matches(id) {
+                    best = id;
+                    break;
+                }
+            }
+        }
+        (best != u32::MAX).then(|| self.alts[best as usize])
+    }
+
+    /// Fills `out` with the lists of alternatives whose path condition may match; `None` if
+    /// there are too many.
+    fn path_candidates<'s>(
+        &'s self,
+        path: &str,
+        out: &mut [&'s [u32]; MAX_LISTS],
+    ) -> Option<usize> {
+        let mut n = 0;
+        let mut add = |l: &'s [u32]| {
+            if l.is_empty() {
+                return true;
+            }
+            if n == MAX_LISTS {
+                return false;
+            }
+            out[n] = l;
+            n += 1;
+            true
+        };
+        let get = |m: &'s Map<Box<str>, Vec<u32>>, k: &str| m.get(k).map_or(&[][..], Vec::as_slice);
+        let mut ok = add(&self.path_other) && add(get(&self.path_exact, path));
+        if !self.path_prefix.is_empty() {
+            ok &= add(get(&self.path_prefix, "/"));
+            for (i, b) in path.bytes().enumerate().skip(1) {
+                if b == b'/' {
+                    ok &= add(get(&self.path_prefix, &path[..i]));
+                }
+            }
+            if path.len() > 1 && !path.ends_with('/') {
+                ok &= add(get(&self.path_prefix, path));
+            }
+        }
+        ok.then_some(n)
+    }
+
+    /// Fills `out` with the lists of alternatives whose `from` may match the source; `None`
+    /// if there are too many.
+    fn identity_candidates<'s>(
+        &'s self,
+        src: &Source<'_>,
+        out: &mut [&'s [u32]; MAX_LISTS],
+    ) -> Option<usize> {
+        let mut n = 0;
+        let mut add = |l: &'s [u32]| {
+            if l.is_empty() {
+                return true;
+            }
+            if n == MAX_LISTS {
+                return false;
+            }
+            out[n] = l;
+            n += 1;
+            true
+        };
+        let get = |m: &'s Map<Box<str>, Vec<u32>>, k: &str| m.get(k).map_or(&[][..], Vec::as_slice);
+        let mut ok = add(&self.id_other);
+        if let Some(ns) = src.namespace {
+            ok &= add(get(&self.id_namespace, ns));
+            if let (Some(sa), Some(names)) = (src.service_account, self.id_service_account.get(ns))
+            {
+                ok &= add(names.get(sa).map_or(&[][..], Vec::as_slice));
+            }
+        }
+        if let Some(id) = src.spiffe_id {
+            ok &= add(get(&self.id_spiffe, id));
+            if !self.id_spiffe_prefix.is_empty() {
+                let start = "spiffe://".len().min(id.len());
+                for (i, b) in id.bytes().enumerate().skip(start) {
+                    if b == b'/' {
+                        ok &= add(get(&self.id_spiffe_prefix, &id[..i]));
+                    }
+                }
+            }
+        }
+        ok.then_some(n)
+    }
+}
+
+/// Whether a rule's `ports` cover `port` of `pod` (named ports resolve through the pod).
+pub(crate) fn port_applies(ports: Option<&[Port]>, pod: &Pod<'_>, port: u16) -> bool {
+    ports.is_none_or(|ports| {
+        ports.iter().any(|p| match p {
+            Port::Number(n) => *n == i64::from(port),
+            Port::Name(name) => pod.named_ports.iter().any(|(n, p)| n == name && *p == port),
+        })
+    })
+}

@@ -1,0 +1,674 @@
+//! The test bed: control plane, underlay, nodes with agents, and pods made through CNI.
+
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context, Result};
+use ipnet::Ipv4Net;
+use k8s_openapi::api::core::v1::Node as KubeNode;
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
+use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::Api;
+use mesh_agent::cni::protocol::{self, AgentRequest, AgentResponse, PodInfo};
+use serde_json::json;
+
+use crate::bins;
+use crate::control_plane::{random_token, ControlPlane, Token};
+use crate::net::{ip, Bridge, Netns};
+use crate::process::{eventually, Proc};
+
+/// Nodes a bed can hold: each has an API token made before the API server starts.
+pub const MAX_NODES: usize = 8;
+/// Beds at once on one machine: each takes one /24 of the underlay range and eight /24s
+/// of the pod range, below the Service range at 198.19.240.0/24.
+const MAX_BEDS: u32 = 30;
+/// How long an agent may take to serve after it starts (it waits for its Node first).
+const AGENT_READY: Duration = Duration::from_secs(60);
+
+/// The shape of a bed.
+#[derive(Debug, Clone)]
+pub struct BedConfig {
+    /// Nodes to start with.
+    pub nodes: usize,
+    /// Prefix length of each node's pod CIDR (24 by default; 28 for pool exhaustion).
+    pub pod_prefix_len: u8,
+}
+
+impl Default for BedConfig {
+    fn default() -> Self {
+        BedConfig {
+            nodes: 2,
+            pod_prefix_len: 24,
+        }
+    }
+}
+
+/// A node: a network namespace on the underlay, a Node object, and a `mesh-agent`.
+pub struct Node {
+    /// The Node's name.
+    pub name: String,
+    /// Its underlay address (the Node's InternalIP).
+    pub ip: Ipv4Addr,
+    /// Its pod CIDR.
+    pub pod_cidr: Ipv4Net,
+    /// Directory with its kubeconfig, agent state, socket and logs.
+    pub dir: PathBuf,
+    // Drop order: the agent stops before its namespace goes.
+    agent: Option<Proc>,
+    /// The node's namespace.
+    pub netns: Netns,
+}
+
+impl Node {
+    /// The agent's CNI socket.
+    pub fn socket(&self) -> PathBuf {
+        self.dir.join("cni.sock")
+    }
+
+    /// The agent's state directory.
+    pub fn state_dir(&self) -> PathBuf {
+        self.dir.join("state")
+    }
+
+    /// The network configuration a runtime on this node hands `mesh-cni`.
+    pub fn netconf(&self) -> String {
+        json!({
+            "cniVersion": "1.0.0",
+            "name": "veil",
+            "type": "mesh-cni",
+            "agentSocket": self.socket(),
+        })
+        .to_string()
+    }
+}
+
+/// One invocation of `mesh-cni`, as a runtime makes it.
+#[derive(Debug, Clone, Default)]
+pub struct CniCall {
+    /// `CNI_COMMAND`.
+    pub command: String,
+    /// `CNI_CONTAINERID`.
+    pub container_id: String,
+    /// `CNI_NETNS`; `None` leaves it unset.
+    pub netns: Option<PathBuf>,
+    /// `CNI_IFNAME`.
+    pub ifname: String,
+    /// `CNI_ARGS`.
+    pub args: String,
+    /// stdin; the node's network configuration when `None`.
+    pub stdin: Option<Vec<u8>>,
+}
+
+/// What `mesh-cni` did.
+#[derive(Debug, Clone)]
+pub struct CniOutput {
+    /// Exit status was zero.
+    pub success: bool,
+    /// stdout.
+    pub stdout: String,
+    /// stdout parsed, when it was JSON.
+    pub json: Option<serde_json::Value>,
+}
+
+impl CniOutput {
+    /// The error code of a failed call.
+    pub fn error_code(&self) -> Option<u64> {
+        self.json.as_ref()?.get("code")?.as_u64()
+    }
+
+    /// The error message of a failed call.
+    pub fn error_msg(&self) -> String {
+        self.json
+            .as_ref()
+            .and_then(|j| j.get("msg"))
+            .and_then(|m| m.as_str())
+            .unwrap_or_default()
+            .to_string()
+    }
+}
+
+/// A pod: a network namespace given its interface by `mesh-cni` on one node.
+pub struct Pod {
+    /// Pod name.
+    pub name: String,
+    /// Index of the node it runs on.
+    pub node: usize,
+    /// `CNI_CONTAINERID` it was added with.
+    pub container_id: String,
+    /// Its address, from the ADD result.
+    pub ip: Ipv4Addr,
+    /// The ADD result.
+    pub result: serde_json::Value,
+    /// Its namespace.
+    pub netns: Netns,
+}
+
+impl Pod {
+    /// Pings `dst` from the pod (3 tries, 1 s apart at most).
+    pub fn ping(&self, dst: Ipv4Addr) -> Result<()> {
+        let out = self
+            .netns
+            .exec(&["ping", "-c", "1", "-W", "1", "-w", "3", &dst.to_string()])?;
+        if !out.status.success() {
+            bail!(
+                "ping {dst} from {} ({}): {} {}",
+                self.name,
+                self.ip,
+                String::from_utf8_lossy(&out.stdout).trim(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(())
+    }
+
+    /// Listens on `port` and returns, once bound, a handle that yields all bytes of the
+    /// first connection.
+    pub fn tcp_receive_once(&self, port: u16) -> Result<JoinHandle<Result<Vec<u8>>>> {
+        let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+        let handle = self.netns.spawn(move || {
+            let listener = TcpListener::bind(("0.0.0.0", port))?;
+            bound_tx.send(()).ok();
+            let (mut stream, _) = listener.accept()?;
+            stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+            let mut data = Vec::new();
+            stream.read_to_end(&mut data)?;
+            Ok(data)
+        });
+        bound_rx
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| anyhow!("listener in {} did not bind port {port}", self.name))?;
+        Ok(handle)
+    }
+
+    /// Connects to `dst` and sends `payload`.
+    pub fn tcp_send(&self, dst: SocketAddr, payload: Vec<u8>) -> Result<()> {
+        self.netns
+            .spawn(move || {
+                let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
+                    .with_context(|| format!("connect {dst}"))?;
+                stream.write_all(&payload)?;
+                stream.shutdown(std::net::Shutdown::Write)?;
+                Ok(())
+            })
+            .join()
+            .map_err(|_| anyhow!("sender thread panicked"))?
+    }
+}
+
+static BEDS_IN_PROCESS: AtomicU32 = AtomicU32::new(0);
+
+/// A running test cluster.
+pub struct TestBed {
+    /// This bed's number: its underlay is `198.18.<index>.0/24`.
+    pub index: u32,
+    // Drop order: nodes, then the underlay, then the control plane, then the files.
+    nodes: Vec<Node>,
+    underlay: Bridge,
+    control_plane: ControlPlane,
+    /// An admin client for the bed's API server.
+    pub client: kube::Client,
+    rt: tokio::runtime::Runtime,
+    agent_tokens: Vec<Token>,
+    config: BedConfig,
+    _data: tempfile::TempDir,
+    dir: tempfile::TempDir,
+}
+
+impl Drop for TestBed {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            // Keep the logs of a failed test; the directory holds no processes or devices.
+            let kept =
+                std::mem::replace(&mut self.dir, tempfile::TempDir::new().expect("temp dir"))
+                    .keep();
+            eprintln!("test bed {}: logs kept in {}", self.index, kept.display());
+        }
+    }
+}
+
+impl TestBed {
+    /// Starts a bed with `config.nodes` nodes, each with a running agent.
+    pub fn start(config: BedConfig) -> Result<TestBed> {
+        crate::require_root();
+        assert!(
+            config.nodes <= MAX_NODES,
+            "a bed holds at most {MAX_NODES} nodes"
+        );
+        let (index, underlay) = claim_index()?;
+        let gateway = Ipv4Addr::new(198, 18, index as u8, 1);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{gateway}/24"),
+            "dev",
+            underlay.name(),
+        ])?;
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("veil-bed{index}-"))
+            .tempdir()?;
+        // etcd syncs every write; on tmpfs that costs nothing.
+        let data = tempfile::Builder::new()
+            .prefix("veil-etcd-")
+            .tempdir_in(shm_or_tmp())?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let agent_tokens: Vec<Token> = (0..MAX_NODES)
+            .map(|i| Token {
+                token: random_token("agent"),
+                user: format!("veil-agent:{}", node_name(i)),
+                groups: vec!["veil:agents".into()],
+            })
+            .collect();
+        let control_plane =
+            ControlPlane::start(dir.path(), data.path(), gateway, &agent_tokens, &rt)?;
+        let client = control_plane.client(&rt, &control_plane.admin.token)?;
+        let mut bed = TestBed {
+            index,
+            nodes: Vec::new(),
+            underlay,
+            control_plane,
+            client,
+            rt,
+            agent_tokens,
+            config: config.clone(),
+            _data: data,
+            dir,
+        };
+        bed.grant_agents()?;
+        for _ in 0..config.nodes {
+            bed.add_node()?;
+        }
+        Ok(bed)
+    }
+
+    /// Runs a future on the bed's runtime.
+    pub fn block_on<F: std::future::Future>(&self, f: F) -> F::Output {
+        self.rt.block_on(f)
+    }
+
+    /// The bed's control plane.
+    pub fn control_plane(&self) -> &ControlPlane {
+        &self.control_plane
+    }
+
+    /// The bed's directory (logs, kubeconfigs, agent state).
+    pub fn dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Node `i`.
+    pub fn node(&self, i: usize) -> &Node {
+        &self.nodes[i]
+    }
+
+    /// The agents' permissions, as the chart grants them: read Nodes, read Pods.
+    fn grant_agents(&self) -> Result<()> {
+        let role = ClusterRole {
+            metadata: ObjectMeta {
+                name: Some("veil-agent".into()),
+                ..Default::default()
+            },
+            rules: Some(vec![
+                PolicyRule {
+                    api_groups: Some(vec!["".into()]),
+                    resources: Some(vec!["nodes".into()]),
+                    verbs: vec!["get".into(), "list".into(), "watch".into(), "patch".into()],
+                    ..Default::default()
+                },
+                PolicyRule {
+                    api_groups: Some(vec!["".into()]),
+                    resources: Some(vec![
+                        "pods".into(),
+                        "namespaces".into(),
+                        "serviceaccounts".into(),
+                    ]),
+                    verbs: vec!["get".into(), "list".into(), "watch".into()],
+                    ..Default::default()
+                },
+            ]),
+            ..Default::default()
+        };
+        let binding = ClusterRoleBinding {
+            metadata: ObjectMeta {
+                name: Some("veil-agent".into()),
+                ..Default::default()
+            },
+            role_ref: RoleRef {
+                api_group: "rbac.authorization.k8s.io".into(),
+                kind: "ClusterRole".into(),
+                name: "veil-agent".into(),
+            },
+            subjects: Some(vec![Subject {
+                kind: "Group".into(),
+                name: "veil:agents".into(),
+                api_group: Some("rbac.authorization.k8s.io".into()),
+                ..Default::default()
+            }]),
+        };
+        self.block_on(async {
+            Api::<ClusterRole>::all(self.client.clone())
+                .create(&PostParams::default(), &role)
+                .await?;
+            Api::<ClusterRoleBinding>::all(self.client.clone())
+                .create(&PostParams::default(), &binding)
+                .await?;
+            anyhow::Ok(())
+        })
+    }
+
+    /// Adds a node: namespace on the underlay, Node object, running agent. Returns its index.
+    pub fn add_node(&mut self) -> Result<usize> {
+        let i = self.nodes.len();
+        assert!(i < MAX_NODES, "a bed holds at most {MAX_NODES} nodes");
+        let name = node_name(i);
+        let k = self.index;
+        let netns = Netns::create(&format!("veil{k}n{i}"))?;
+        let uplink = format!("veil{k}u{i}");
+        let _ = ip(&["link", "del", &uplink]);
+        ip(&[
+            "link",
+            "add",
+            &uplink,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            netns.name(),
+        ])?;
+        ip(&["link", "set", &uplink, "master", self.underlay.name(), "up"])?;
+        let node_ip = Ipv4Addr::new(198, 18, k as u8, 10 + i as u8);
+        netns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+        netns.ip(&["link", "set", "eth0", "up"])?;
+        let pod_cidr = Ipv4Net::new(
+            Ipv4Addr::new(198, 19, ((k - 1) * 8 + i as u32) as u8, 0),
+            self.config.pod_prefix_len,
+        )?;
+        let dir = self.dir.path().join(&name);
+        std::fs::create_dir_all(&dir)?;
+        std::fs::write(
+            dir.join("kubeconfig"),
+            self.control_plane.kubeconfig(&self.agent_tokens[i].token),
+        )?;
+        self.create_node_object(&name, pod_cidr, node_ip)?;
+        self.nodes.push(Node {
+            name,
+            ip: node_ip,
+            pod_cidr,
+            dir,
+            agent: None,
+            netns,
+        });
+        self.start_agent(i)?;
+        Ok(i)
+    }
+
+    fn create_node_object(&self, name: &str, pod_cidr: Ipv4Net, node_ip: Ipv4Addr) -> Result<()> {
+        let node: KubeNode = serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Node",
+            "metadata": {"name": name, "labels": {"kubernetes.io/hostname": name}},
+            "spec": {"podCIDR": pod_cidr.to_string(), "podCIDRs": [pod_cidr.to_string()]},
+        }))?;
+        self.block_on(async {
+            let nodes = Api::<KubeNode>::all(self.client.clone());
+            nodes.create(&PostParams::default(), &node).await?;
+            let status = json!({"status": {"addresses": [
+                {"type": "InternalIP", "address": node_ip.to_string()},
+                {"type": "Hostname", "address": name},
+            ]}});
+            nodes
+                .patch_status(name, &PatchParams::default(), &Patch::Merge(&status))
+                .await?;
+            anyhow::Ok(())
+        })
+    }
+
+    /// Deletes node `i`'s Node object (its namespace and agent stay until the bed drops).
+    pub fn delete_node_object(&self, i: usize) -> Result<()> {
+        let name = self.nodes[i].name.clone();
+        self.block_on(async {
+            Api::<KubeNode>::all(self.client.clone())
+                .delete(&name, &Default::default())
+                .await?;
+            anyhow::Ok(())
+        })
+    }
+
+    /// Starts node `i`'s agent and waits until it answers on its socket.
+    pub fn start_agent(&mut self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let mut cmd = Command::new(bins::veil("mesh-agent")?);
+        cmd.arg("--node-name")
+            .arg(&node.name)
+            .arg("--kubeconfig")
+            .arg(node.dir.join("kubeconfig"))
+            .arg("--state-dir")
+            .arg(node.state_dir())
+            .arg("--cni-socket")
+            .arg(node.socket())
+            .env("RUST_LOG", "info,mesh_agent=debug")
+            .env("RUST_BACKTRACE", "0");
+        let log = node
+            .dir
+            .join(format!("agent-{}.log", next_log_number(&node.dir)));
+        let agent = Proc::spawn(
+            &format!("mesh-agent {}", node.name),
+            cmd,
+            &log,
+            Some(&node.netns.path()),
+        )?;
+        let socket = node.socket();
+        let what = format!("agent on {} serving", node.name);
+        self.nodes[i].agent = Some(agent);
+        let agent = self.nodes[i].agent.as_mut().expect("just set");
+        eventually(&what, AGENT_READY, || {
+            agent.check_running()?;
+            Ok(matches!(
+                protocol::call(&socket, &AgentRequest::Status, Duration::from_secs(2)),
+                Ok(AgentResponse::Done)
+            )
+            .then_some(()))
+        })
+    }
+
+    /// Stops node `i`'s agent (SIGTERM).
+    pub fn stop_agent(&mut self, i: usize) {
+        if let Some(mut agent) = self.nodes[i].agent.take() {
+            agent.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Restarts node `i`'s agent.
+    pub fn restart_agent(&mut self, i: usize) -> Result<()> {
+        self.stop_agent(i);
+        self.start_agent(i)
+    }
+
+    /// Node `i`'s agent process, if running.
+    pub fn agent_pid(&self, i: usize) -> Option<u32> {
+        self.nodes[i].agent.as_ref().map(|a| a.pid())
+    }
+
+    /// Fails when node `i`'s agent is not running.
+    pub fn check_agent(&mut self, i: usize) -> Result<()> {
+        self.nodes[i]
+            .agent
+            .as_mut()
+            .ok_or_else(|| anyhow!("agent {i} is stopped"))?
+            .check_running()
+    }
+
+    /// The pods node `i`'s agent reports.
+    pub fn agent_pods(&self, i: usize) -> Result<Vec<PodInfo>> {
+        match protocol::call(
+            &self.nodes[i].socket(),
+            &AgentRequest::ListPods,
+            Duration::from_secs(10),
+        ) {
+            Ok(AgentResponse::Pods { pods }) => Ok(pods),
+            Ok(other) => bail!("unexpected answer {other:?}"),
+            Err(e) => bail!("{e}"),
+        }
+    }
+
+    /// Runs `mesh-cni` for node `i` with a clean environment, as a runtime does.
+    pub fn cni(&self, i: usize, call: &CniCall) -> Result<CniOutput> {
+        let mut cmd = Command::new(bins::veil("mesh-cni")?);
+        cmd.env_clear()
+            .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
+            .env("CNI_COMMAND", &call.command)
+            .env("CNI_CONTAINERID", &call.container_id)
+            .env("CNI_IFNAME", &call.ifname)
+            .env("CNI_ARGS", &call.args)
+            .env(
+                "CNI_PATH",
+                bins::veil("mesh-cni")?.parent().unwrap_or(Path::new("/")),
+            )
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        if let Some(netns) = &call.netns {
+            cmd.env("CNI_NETNS", netns);
+        }
+        let mut child = cmd.spawn().context("run mesh-cni")?;
+        let stdin = call
+            .stdin
+            .clone()
+            .unwrap_or_else(|| self.nodes[i].netconf().into_bytes());
+        child.stdin.take().expect("piped").write_all(&stdin)?;
+        let out = child.wait_with_output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+        Ok(CniOutput {
+            success: out.status.success(),
+            json: serde_json::from_str(stdout.trim()).ok(),
+            stdout,
+        })
+    }
+
+    /// Creates a pod on node `i` and runs CNI ADD for it.
+    pub fn add_pod(&self, i: usize, name: &str) -> Result<Pod> {
+        let netns = Netns::create(&format!("veil{}p-{name}", self.index))?;
+        let container_id = format!("{name}-{}", self.index);
+        let out = self.cni(
+            i,
+            &CniCall {
+                command: "ADD".into(),
+                container_id: container_id.clone(),
+                netns: Some(netns.path()),
+                ifname: "eth0".into(),
+                args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
+                stdin: None,
+            },
+        )?;
+        if !out.success {
+            bail!(
+                "CNI ADD for pod {name} on {} failed: {}",
+                self.nodes[i].name,
+                out.stdout
+            );
+        }
+        let result = out
+            .json
+            .ok_or_else(|| anyhow!("ADD printed no JSON: {}", out.stdout))?;
+        let address = result["ips"][0]["address"]
+            .as_str()
+            .ok_or_else(|| anyhow!("ADD result has no address: {result}"))?;
+        let ip = address.parse::<Ipv4Net>()?.addr();
+        Ok(Pod {
+            name: name.to_string(),
+            node: i,
+            container_id,
+            ip,
+            result,
+            netns,
+        })
+    }
+
+    /// Runs CNI DEL for a pod and removes its namespace.
+    pub fn delete_pod(&self, pod: Pod) -> Result<()> {
+        let out = self.cni(pod.node, &pod_call("DEL", &pod))?;
+        if !out.success {
+            bail!("CNI DEL for pod {} failed: {}", pod.name, out.stdout);
+        }
+        Ok(())
+    }
+
+    /// Dumps the logs of every agent and the API server (for failure reports).
+    pub fn logs(&self) -> BTreeMap<String, String> {
+        let mut logs = BTreeMap::new();
+        for node in &self.nodes {
+            if let Ok(entries) = std::fs::read_dir(&node.dir) {
+                for e in entries.flatten() {
+                    if e.file_name().to_string_lossy().ends_with(".log") {
+                        logs.insert(
+                            e.path().display().to_string(),
+                            crate::process::tail(&e.path(), 50),
+                        );
+                    }
+                }
+            }
+        }
+        logs
+    }
+}
+
+/// A CNI call for an existing pod (`CHECK`, `DEL`).
+pub fn pod_call(command: &str, pod: &Pod) -> CniCall {
+    CniCall {
+        command: command.into(),
+        container_id: pod.container_id.clone(),
+        netns: Some(pod.netns.path()),
+        ifname: "eth0".into(),
+        args: String::new(),
+        stdin: None,
+    }
+}
+
+fn node_name(i: usize) -> String {
+    format!("node-{i}")
+}
+
+fn next_log_number(dir: &Path) -> usize {
+    std::fs::read_dir(dir)
+        .map(|entries| {
+            entries
+                .flatten()
+                .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+fn shm_or_tmp() -> PathBuf {
+    let shm = PathBuf::from("/dev/shm");
+    if shm.is_dir() {
+        shm
+    } else {
+        std::env::temp_dir()
+    }
+}
+
+/// Claims a bed number by creating its bridge: creation fails if another bed (in this or
+/// another process, or left over from a killed run) holds the name.
+fn claim_index() -> Result<(u32, Bridge)> {
+    let start = std::process::id()
+        .wrapping_mul(7)
+        .wrapping_add(BEDS_IN_PROCESS.fetch_add(1, Ordering::SeqCst));
+    for offset in 0..MAX_BEDS {
+        let index = (start + offset) % MAX_BEDS + 1;
+        if let Ok(bridge) = Bridge::create(&format!("veilbr{index}")) {
+            return Ok((index, bridge));
+        }
+    }
+    bail!("no free test bed slot: {MAX_BEDS} bridges veilbr1..veilbr{MAX_BEDS} exist (stale? `make clean-testbeds`)")
+}

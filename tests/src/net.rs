@@ -1,0 +1,134 @@
+//! Kernel networking for the test bed: named network namespaces, the underlay bridge,
+//! and threads that run inside a namespace. Everything made here is removed on drop.
+
+use std::fs::File;
+use std::path::PathBuf;
+use std::process::{Command, Output};
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context, Result};
+
+/// Runs `ip` with `args`, failing with its stderr.
+pub fn ip(args: &[&str]) -> Result<()> {
+    let out = Command::new("ip")
+        .args(args)
+        .output()
+        .context("run ip (iproute2)")?;
+    if !out.status.success() {
+        bail!(
+            "ip {}: {}",
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// A named network namespace (`/run/netns/<name>`), deleted on drop.
+pub struct Netns {
+    name: String,
+}
+
+impl Netns {
+    /// Creates the namespace, replacing a stale one of the same name, with `lo` up.
+    pub fn create(name: &str) -> Result<Netns> {
+        let _ = ip(&["netns", "del", name]);
+        ip(&["netns", "add", name])?;
+        let ns = Netns {
+            name: name.to_string(),
+        };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// The namespace's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The path runtimes pass as `CNI_NETNS`.
+    pub fn path(&self) -> PathBuf {
+        PathBuf::from(format!("/run/netns/{}", self.name))
+    }
+
+    /// Runs `ip` inside the namespace.
+    pub fn ip(&self, args: &[&str]) -> Result<()> {
+        let mut all = vec!["-n", &self.name];
+        all.extend_from_slice(args);
+        ip(&all)
+    }
+
+    /// Runs a command inside the namespace and returns its output.
+    pub fn exec(&self, argv: &[&str]) -> Result<Output> {
+        Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .args(argv)
+            .output()
+            .with_context(|| format!("run {argv:?} in {}", self.name))
+    }
+
+    /// Sets a sysctl inside the namespace.
+    pub fn sysctl(&self, key: &str, value: &str) -> Result<()> {
+        let out = self.exec(&["sysctl", "-qw", &format!("{key}={value}")])?;
+        if !out.status.success() {
+            bail!(
+                "sysctl {key}={value} in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(())
+    }
+
+    /// Runs `work` on a new thread inside the namespace (the rest of the test stays put).
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> Result<T> + Send + 'static,
+    ) -> JoinHandle<Result<T>> {
+        let path = self.path();
+        std::thread::spawn(move || {
+            let ns = File::open(&path).with_context(|| format!("open {}", path.display()))?;
+            nix::sched::setns(&ns, nix::sched::CloneFlags::CLONE_NEWNET)
+                .with_context(|| format!("enter {}", path.display()))?;
+            work()
+        })
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["netns", "del", &self.name]) {
+            eprintln!("test bed: could not delete netns {}: {e:#}", self.name);
+        }
+    }
+}
+
+/// A Linux bridge in the test process's namespace, deleted on drop.
+pub struct Bridge {
+    name: String,
+}
+
+impl Bridge {
+    /// Creates the bridge; fails if the name is taken (callers use that as a lock).
+    pub fn create(name: &str) -> Result<Bridge> {
+        ip(&["link", "add", name, "type", "bridge"])?;
+        let bridge = Bridge {
+            name: name.to_string(),
+        };
+        ip(&["link", "set", name, "up"])?;
+        Ok(bridge)
+    }
+
+    /// The bridge's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        if let Err(e) = ip(&["link", "del", &self.name]) {
+            eprintln!("test bed: could not delete bridge {}: {e:#}", self.name);
+        }
+    }
+}
