@@ -282,6 +282,10 @@ impl TestBed {
             _data: data,
             dir,
         };
+        std::fs::write(
+            bed.admin_kubeconfig(),
+            bed.control_plane.kubeconfig(&bed.control_plane.admin.token),
+        )?;
         bed.grant_agents()?;
         for _ in 0..config.nodes {
             bed.add_node()?;
@@ -302,6 +306,16 @@ impl TestBed {
     /// The bed's directory (logs, kubeconfigs, agent state).
     pub fn dir(&self) -> &Path {
         self.dir.path()
+    }
+
+    /// A kubeconfig with admin rights on the bed's API server (for `kubectl`).
+    pub fn admin_kubeconfig(&self) -> PathBuf {
+        self.dir.path().join("admin.kubeconfig")
+    }
+
+    /// How many nodes the bed has.
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
     }
 
     /// Node `i`.

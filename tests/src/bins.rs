@@ -21,6 +21,16 @@ pub fn kube(name: &str) -> Result<PathBuf> {
     Ok(path)
 }
 
+/// A tool `make setup` builds from the Go module proxy (`cnitool`, `helm`).
+pub fn tool(name: &str) -> Result<PathBuf> {
+    let cache = std::env::var("VEIL_CACHE").unwrap_or_else(|_| DEFAULT_CACHE.to_string());
+    let path = PathBuf::from(cache).join("tools/bin").join(name);
+    if !path.exists() {
+        bail!("{} not found: run `make setup`", path.display());
+    }
+    Ok(path)
+}
+
 /// etcd from Debian's etcd-server package.
 pub fn etcd() -> Result<PathBuf> {
     on_path("etcd")

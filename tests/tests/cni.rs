@@ -321,3 +321,93 @@ fn cni_bad_input_gets_spec_errors_and_the_agent_survives() {
     let pod = bed.add_pod(0, "good").unwrap();
     assert!(bed.node(0).pod_cidr.contains(&pod.ip));
 }
+
+#[test]
+fn cni_node_joining_and_leaving_updates_routes() {
+    let mut bed = TestBed::start(BedConfig::default()).unwrap();
+    let a = bed.add_pod(0, "a").unwrap();
+    let joined = bed.add_node().unwrap();
+    let e = bed.add_pod(joined, "e").unwrap();
+    eventually(
+        "ping to a pod on the node that joined",
+        Duration::from_secs(20),
+        || Ok(a.ping(e.ip).ok()),
+    )
+    .unwrap();
+    e.ping(a.ip).unwrap();
+
+    let cidr = bed.node(joined).pod_cidr.to_string();
+    bed.delete_node_object(joined).unwrap();
+    eventually(
+        "route to the removed node's pods withdrawn",
+        Duration::from_secs(20),
+        || {
+            let out = bed.node(0).netns.exec(&["ip", "route", "show", &cidr])?;
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .is_empty()
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    assert!(a.ping(e.ip).is_err(), "no route to a node that left");
+    bed.check_agent(0).unwrap();
+}
+
+#[test]
+fn cni_works_under_the_reference_cnitool() {
+    let bed = TestBed::start(BedConfig {
+        nodes: 1,
+        pod_prefix_len: 24,
+    })
+    .unwrap();
+    let peer = bed.add_pod(0, "peer").unwrap();
+    let conf_dir = tempfile::tempdir().unwrap();
+    std::fs::write(conf_dir.path().join("10-veil.conf"), bed.node(0).netconf()).unwrap();
+    let netns = veil_testbed::net::Netns::create(&format!("veil{}p-cnitool", bed.index)).unwrap();
+    let cni_dir = veil_testbed::bins::veil("mesh-cni")
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let cnitool = |verb: &str| {
+        let out = std::process::Command::new(veil_testbed::bins::tool("cnitool").unwrap())
+            .args([verb, "veil"])
+            .arg(netns.path())
+            .env("CNI_PATH", &cni_dir)
+            .env("NETCONFPATH", conf_dir.path())
+            .env("CNI_CONTAINERID", format!("cnitool-{}", bed.index))
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "cnitool {verb}: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    let result: serde_json::Value = serde_json::from_str(&cnitool("add")).unwrap();
+    let ip: ipnet::Ipv4Net = result["ips"][0]["address"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(bed.node(0).pod_cidr.contains(&ip.addr()));
+    assert_eq!(
+        result["interfaces"][1]["sandbox"],
+        netns.path().display().to_string()
+    );
+    peer.ping(ip.addr()).unwrap();
+    cnitool("check");
+    cnitool("del");
+    let links = netns.exec(&["ip", "-o", "link"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("eth0"),
+        "DEL removed the pod's interface"
+    );
+    assert!(
+        bed.agent_pods(0).unwrap().iter().all(|p| p.ip != ip.addr()),
+        "DEL freed the address"
+    );
+}

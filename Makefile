@@ -1,0 +1,37 @@
+# Veil: `make setup` once on a fresh machine, then `make test`. Everything runs as root.
+SHELL := /bin/bash
+export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
+VEIL_CACHE ?= /var/cache/veil
+export VEIL_CACHE
+# Test beds each run an API server, etcd and agents: two at a time fit two cores.
+TEST_THREADS ?= 2
+
+.PHONY: setup build lint test cluster bench-policy crd clean-testbeds
+
+setup:
+	bash tests/scripts/setup.sh
+
+build:
+	cargo build --workspace --bins
+
+lint:
+	cargo fmt --all -- --check
+	cargo clippy --workspace --all-targets -- -D warnings
+
+test: setup lint build
+	cargo test --workspace -- --test-threads=$(TEST_THREADS)
+
+# A local cluster (API server, nodes, agents, a pod per node) to try Veil by hand.
+cluster: setup build
+	cargo run -q -p veil-testbed --bin local-cluster -- --nodes 2
+
+bench-policy:
+	cargo run --release -q -p veil-l7-policy --example bench-policy
+
+# Regenerates charts/veil/crds/ from the Rust types (a test fails when they differ).
+crd:
+	cargo run -q -p veil-l7-policy --example gen-crd > charts/veil/crds/l7policy.yaml
+
+# Removes test beds left behind by a test process that was killed outright.
+clean-testbeds:
+	bash tests/scripts/clean-testbeds.sh

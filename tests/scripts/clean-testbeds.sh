@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Removes what killed test runs left: test bed bridges, node and pod namespaces, etcd data.
+set -u
+for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^veil[0-9]+(n[0-9]+|p-)'); do
+  ip netns del "$ns" && echo "removed netns $ns"
+done
+for br in $(ip -o link show type bridge 2>/dev/null | awk -F': ' '{print $2}' | grep -E '^veilbr[0-9]+$'); do
+  ip link del "$br" && echo "removed bridge $br"
+done
+rm -rf /dev/shm/veil-etcd-* 2>/dev/null
+exit 0
