@@ -10,13 +10,14 @@ use rtnetlink::packet_route::address::AddressAttribute;
 use rtnetlink::packet_route::link::LinkAttribute;
 use tokio::sync::watch;
 
-use crate::config::Config;
+use crate::config::{Config, Encryption};
 use crate::ipam::Ipam;
 use crate::k8s::{self, NodeInfo};
 use crate::netns;
 use crate::pod_counters::PodCounters;
 use crate::routes;
 use crate::server::{self, PodService};
+use crate::wireguard::{self, Wireguard};
 
 /// Errors that stop the agent from starting.
 #[derive(Debug, thiserror::Error)]
@@ -33,6 +34,9 @@ pub enum StartError {
     /// Netlink could not be opened or answered.
     #[error("{0}")]
     Network(String),
+    /// WireGuard could not start.
+    #[error(transparent)]
+    Wireguard(#[from] wireguard::WireguardError),
     /// The CNI socket could not be bound.
     #[error("bind CNI socket {path}: {source}")]
     Bind {
@@ -53,6 +57,25 @@ pub struct Agent {
     listener: Option<tokio::net::UnixListener>,
     client: kube::Client,
     config: Config,
+    wireguard: Option<(Arc<Wireguard>, u32)>,
+    rotate_rx:
+        Option<tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, String>>>>,
+}
+
+/// Publishes the node's WireGuard key, retrying until the API server takes it: peers
+/// cannot reach this node before it is published, so giving up is never right.
+async fn publish_until_done(client: &kube::Client, node: &str, endpoint: k8s::WireguardEndpoint) {
+    let mut delay = std::time::Duration::from_millis(200);
+    loop {
+        match k8s::publish_wireguard(client, node, endpoint).await {
+            Ok(()) => return,
+            Err(e) => {
+                tracing::warn!(node, error = %e, retry_in_ms = delay.as_millis() as u64, "publish WireGuard key");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(10));
+            }
+        }
+    }
 }
 
 /// The MTU of the interface that holds `ip`.
@@ -108,11 +131,32 @@ impl Agent {
         enable_forwarding()?;
         let ipam = Ipam::open(node.pod_cidr, &config.state_dir.join("ipam"))?;
         let counters = PodCounters::load()?;
+        let (wireguard, rotate_tx, rotate_rx) = match config.encryption {
+            Encryption::None => (None, None, None),
+            Encryption::Wireguard => {
+                let key_path = config.state_dir.join("wireguard/private.key");
+                let wg = Wireguard::start(&key_path, config.wireguard_port, pod_mtu)?;
+                let device = crate::podnet::link_by_name(&netlink, wireguard::DEVICE_NAME)
+                    .await
+                    .map_err(|e| StartError::Network(e.to_string()))?
+                    .ok_or_else(|| {
+                        StartError::Network(format!(
+                            "{} vanished after creation",
+                            wireguard::DEVICE_NAME
+                        ))
+                    })?;
+                publish_until_done(&client, &node.name, wg.endpoint()).await;
+                let (tx, rx) = tokio::sync::mpsc::channel(4);
+                (Some((wg, device.header.index)), Some(tx), Some(rx))
+            }
+        };
         let service = Arc::new(PodService {
             ipam,
             netlink,
             counters,
             pod_mtu,
+            wireguard: wireguard.as_ref().map(|(wg, _)| wg.clone()),
+            rotate: rotate_tx,
         });
         service.restore().await;
         let listener = server::bind(&config.cni_socket).map_err(|source| StartError::Bind {
@@ -127,6 +171,8 @@ impl Agent {
             listener: Some(listener),
             client,
             config,
+            wireguard,
+            rotate_rx,
         })
     }
 
@@ -141,14 +187,34 @@ impl Agent {
             peers_tx,
         ));
         let netlink = self.service.netlink.clone();
+        let wireguard = self.wireguard.clone();
+        let catch_all = self.config.cluster_pod_cidr;
         let routes = tokio::spawn(async move {
             while peers_rx.changed().await.is_ok() {
                 let peers = peers_rx.borrow_and_update().clone();
-                if let Err(e) = routes::reconcile(&netlink, &peers).await {
+                if let Some((wg, _)) = &wireguard {
+                    wg.set_peers(&peers);
+                }
+                let want = routes::desired(
+                    &peers,
+                    wireguard.as_ref().map(|(_, index)| *index),
+                    catch_all,
+                );
+                if let Err(e) = routes::reconcile(&netlink, &want).await {
                     tracing::warn!(error = %e, "peer routes not fully reconciled");
                 }
             }
         });
+        let rotation = match (self.wireguard.clone(), self.rotate_rx.take()) {
+            (Some((wg, _)), Some(rx)) => Some(tokio::spawn(rotate_keys(
+                wg,
+                self.client.clone(),
+                self.config.node_name.clone(),
+                self.config.key_rotation,
+                rx,
+            ))),
+            _ => None,
+        };
         let serve = tokio::spawn(server::serve(listener, self.service.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -158,7 +224,43 @@ impl Agent {
         serve.abort();
         watch.abort();
         routes.abort();
+        if let Some(rotation) = rotation {
+            rotation.abort();
+        }
         let _ = std::fs::remove_file(&self.config.cni_socket);
         Ok(())
+    }
+}
+
+/// Rotates the node key every `period` (unless zero) and whenever asked, publishing each
+/// new key. Peers keep their sessions until they re-handshake with the new key.
+async fn rotate_keys(
+    wg: Arc<Wireguard>,
+    client: kube::Client,
+    node: String,
+    period: std::time::Duration,
+    mut asked: tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, String>>>,
+) {
+    let mut timer = (!period.is_zero())
+        .then(|| tokio::time::interval_at(tokio::time::Instant::now() + period, period));
+    loop {
+        let reply = tokio::select! {
+            Some(reply) = asked.recv() => Some(reply),
+            _ = async { timer.as_mut().expect("guarded").tick().await }, if timer.is_some() => None,
+            else => return,
+        };
+        let outcome = match wg.rotate() {
+            Ok(endpoint) => {
+                publish_until_done(&client, &node, endpoint).await;
+                Ok(wireguard::keys::encode(&endpoint.public_key))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "WireGuard key rotation failed; keeping the old key");
+                Err(e.to_string())
+            }
+        };
+        if let Some(reply) = reply {
+            let _ = reply.send(outcome);
+        }
     }
 }

@@ -12,6 +12,13 @@ pub const DEFAULT_CNI_SOCKET: &str = crate::cni::spec::DEFAULT_AGENT_SOCKET;
 /// WireGuard over IPv4 adds 60 bytes (20 IP + 8 UDP + 32 WireGuard); pods get an MTU that
 /// leaves room for it now so enabling encryption never changes a running pod's MTU.
 pub const DEFAULT_ENCAP_OVERHEAD: u32 = 60;
+/// WireGuard's UDP port unless configured: one above the 51820 that wg-quick users often
+/// hold already, so a node running both does not clash.
+pub const DEFAULT_WIREGUARD_PORT: u16 = 51871;
+/// How often a node replaces its WireGuard key. WireGuard already renews session keys
+/// every two minutes; rotating the static key daily bounds how long a stolen node key
+/// stays useful, at the cost of one handshake per peer per day.
+pub const DEFAULT_KEY_ROTATION: &str = "24h";
 /// The smallest MTU IPv4 guarantees; below it a setting is a mistake.
 pub const MIN_MTU: u32 = 576;
 
@@ -37,6 +44,51 @@ pub struct Config {
     /// Bytes reserved for encapsulation when deriving the pod MTU.
     #[arg(long, env = "VEIL_ENCAP_OVERHEAD", default_value_t = DEFAULT_ENCAP_OVERHEAD)]
     pub encap_overhead: u32,
+    /// Node-to-node encryption: `wireguard` (strict: never clear text) or `none`.
+    #[arg(long, env = "VEIL_ENCRYPTION", value_enum, default_value_t = Encryption::Wireguard)]
+    pub encryption: Encryption,
+    /// UDP port for WireGuard.
+    #[arg(long, env = "VEIL_WIREGUARD_PORT", default_value_t = DEFAULT_WIREGUARD_PORT)]
+    pub wireguard_port: u16,
+    /// The cluster's whole pod range: with encryption on, traffic to any of it that no
+    /// known node covers is dropped rather than routed in clear.
+    #[arg(long, env = "VEIL_CLUSTER_POD_CIDR")]
+    pub cluster_pod_cidr: Option<ipnet::Ipv4Net>,
+    /// Period of WireGuard key rotation (`30m`, `12h`, `7d`; `0` turns it off).
+    #[arg(long, env = "VEIL_KEY_ROTATION", default_value = DEFAULT_KEY_ROTATION, value_parser = parse_period)]
+    pub key_rotation: std::time::Duration,
+}
+
+/// Node-to-node encryption modes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Encryption {
+    /// WireGuard between nodes; pod traffic never leaves a node in clear text.
+    Wireguard,
+    /// Plain routing between nodes (for benchmarks and networks encrypted otherwise).
+    None,
+}
+
+/// Parses `90s`, `30m`, `12h`, `7d` or `0`.
+pub fn parse_period(text: &str) -> Result<std::time::Duration, String> {
+    let text = text.trim();
+    if text == "0" {
+        return Ok(std::time::Duration::ZERO);
+    }
+    let (number, unit) = text.split_at(
+        text.find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(text.len()),
+    );
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a period like 30m, 12h or 7d"))?;
+    let secs = match unit {
+        "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "d" => n * 86400,
+        _ => return Err(format!("{text:?}: unit must be s, m, h or d")),
+    };
+    Ok(std::time::Duration::from_secs(secs))
 }
 
 /// A setting that cannot work, named.
@@ -72,6 +124,18 @@ impl Config {
                 reason: format!("{} bytes leaves no room for packets", self.encap_overhead),
             });
         }
+        if self.encryption == Encryption::Wireguard && self.wireguard_port == 0 {
+            return Err(ConfigError {
+                setting: "--wireguard-port (VEIL_WIREGUARD_PORT)",
+                reason: "must not be 0".into(),
+            });
+        }
+        if !self.key_rotation.is_zero() && self.key_rotation < std::time::Duration::from_secs(60) {
+            return Err(ConfigError {
+                setting: "--key-rotation (VEIL_KEY_ROTATION)",
+                reason: "shorter than a minute would keep peers re-handshaking; use 0 to turn rotation off".into(),
+            });
+        }
         Ok(())
     }
 
@@ -103,6 +167,21 @@ mod tests {
             parse(&["--node-name", "n1", "--pod-mtu", "1400"]).pod_mtu_for(9000),
             1400
         );
+    }
+
+    #[test]
+    fn config_wireguard_defaults_and_periods() {
+        let config = parse(&["--node-name", "n1"]);
+        assert_eq!(config.encryption, Encryption::Wireguard);
+        assert_eq!(config.wireguard_port, 51871);
+        assert_eq!(config.key_rotation, std::time::Duration::from_secs(86400));
+        assert_eq!(parse_period("30m").unwrap().as_secs(), 1800);
+        assert!(parse_period("0").unwrap().is_zero());
+        assert!(parse_period("12x").is_err());
+        let err = parse(&["--node-name", "n1", "--key-rotation", "5s"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("--key-rotation"), "{err}");
     }
 
     #[test]

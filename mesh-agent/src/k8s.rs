@@ -35,6 +35,11 @@ pub enum K8sError {
     },
 }
 
+/// Annotation on a Node with its WireGuard public key (base64).
+pub const WIREGUARD_KEY_ANNOTATION: &str = "veil.dev/wireguard-public-key";
+/// Annotation on a Node with its WireGuard UDP port.
+pub const WIREGUARD_PORT_ANNOTATION: &str = "veil.dev/wireguard-port";
+
 /// What the agent needs to know of a node.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeInfo {
@@ -44,6 +49,71 @@ pub struct NodeInfo {
     pub pod_cidr: Ipv4Net,
     /// Its InternalIP, where other nodes reach it.
     pub internal_ip: Ipv4Addr,
+    /// Its WireGuard public key and port, once its agent has published them.
+    pub wireguard: Option<WireguardEndpoint>,
+}
+
+/// A node's published WireGuard identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WireguardEndpoint {
+    /// X25519 public key.
+    pub public_key: [u8; 32],
+    /// UDP port.
+    pub port: u16,
+}
+
+fn wireguard_endpoint(node: &Node) -> Option<WireguardEndpoint> {
+    let annotations = node.metadata.annotations.as_ref()?;
+    let name = node.metadata.name.as_deref().unwrap_or_default();
+    let key_text = annotations.get(WIREGUARD_KEY_ANNOTATION)?;
+    let Some(public_key) = crate::wireguard::keys::decode(key_text) else {
+        tracing::warn!(
+            node = name,
+            annotation = WIREGUARD_KEY_ANNOTATION,
+            "not a base64 32-byte key; node stays unreachable"
+        );
+        return None;
+    };
+    let port = match annotations.get(WIREGUARD_PORT_ANNOTATION) {
+        None => crate::config::DEFAULT_WIREGUARD_PORT,
+        Some(text) => match text.parse::<u16>() {
+            Ok(port) if port != 0 => port,
+            _ => {
+                tracing::warn!(
+                    node = name,
+                    annotation = WIREGUARD_PORT_ANNOTATION,
+                    value = text,
+                    "not a UDP port; node stays unreachable"
+                );
+                return None;
+            }
+        },
+    };
+    Some(WireguardEndpoint { public_key, port })
+}
+
+/// Publishes this node's WireGuard key and port as annotations on its Node.
+pub async fn publish_wireguard(
+    client: &Client,
+    node: &str,
+    endpoint: WireguardEndpoint,
+) -> Result<(), K8sError> {
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        WIREGUARD_KEY_ANNOTATION: crate::wireguard::keys::encode(&endpoint.public_key),
+        WIREGUARD_PORT_ANNOTATION: endpoint.port.to_string(),
+    }}});
+    Api::<Node>::all(client.clone())
+        .patch(
+            node,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .map(|_| ())
+        .map_err(|source| K8sError::Api {
+            what: format!("annotate node {node} with its WireGuard key"),
+            source,
+        })
 }
 
 /// Builds a client from a kubeconfig file, or from the environment when `None`.
@@ -108,6 +178,7 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, K8sError> {
         name,
         pod_cidr,
         internal_ip,
+        wireguard: wireguard_endpoint(node),
     })
 }
 

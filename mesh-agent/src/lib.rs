@@ -11,3 +11,4 @@ pub mod pod_counters;
 pub mod podnet;
 pub mod routes;
 pub mod server;
+pub mod wireguard;

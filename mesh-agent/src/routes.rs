@@ -5,38 +5,57 @@ use std::net::Ipv4Addr;
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::k8s::NodeInfo;
-use crate::podnet::{PodNetError, ROUTE_PROTOCOL};
+use crate::podnet::PodNetError;
+
+/// Routes to other nodes' pods carry this protocol number (pod routes carry
+/// [`crate::podnet::ROUTE_PROTOCOL`]), so the reconciler finds exactly its own after a restart.
+pub const PEER_ROUTE_PROTOCOL: RouteProtocol = RouteProtocol::Other(0x77);
+
+/// Where a peer route sends packets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum NextHop {
+    /// In clear text via the peer's node address (encryption off).
+    Via(Ipv4Addr),
+    /// Into the WireGuard device (interface index).
+    Device(u32),
+}
 
 /// One route to a peer's pod CIDR.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PeerRoute {
     /// The peer's pod CIDR.
     pub dst: Ipv4Net,
-    /// The peer's node address.
-    pub via: Ipv4Addr,
+    /// Where it goes.
+    pub next_hop: NextHop,
 }
 
 fn peer_route(msg: &RouteMessage) -> Option<PeerRoute> {
-    if msg.header.protocol != ROUTE_PROTOCOL {
+    if msg.header.protocol != PEER_ROUTE_PROTOCOL {
         return None;
     }
-    let mut dst = None;
+    let mut dst = Ipv4Addr::UNSPECIFIED;
     let mut via = None;
+    let mut oif = None;
     for attr in &msg.attributes {
         match attr {
-            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = Some(*a),
+            RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
             RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = Some(*a),
+            RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
     }
-    // Pod routes carry our protocol too, but have no gateway.
+    let next_hop = match (via, oif) {
+        (Some(via), _) => NextHop::Via(via),
+        (None, Some(oif)) => NextHop::Device(oif),
+        (None, None) => return None,
+    };
     Some(PeerRoute {
-        dst: Ipv4Net::new(dst?, msg.header.destination_prefix_length).ok()?,
-        via: via?,
+        dst: Ipv4Net::new(dst, msg.header.destination_prefix_length).ok()?,
+        next_hop,
     })
 }
 
@@ -62,28 +81,55 @@ pub async fn installed(handle: &Handle) -> Result<BTreeSet<PeerRoute>, PodNetErr
 }
 
 fn message(route: &PeerRoute) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
+    let builder = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(route.dst.network(), route.dst.prefix_len())
-        .gateway(route.via)
-        .protocol(ROUTE_PROTOCOL)
-        .build()
+        .protocol(PEER_ROUTE_PROTOCOL);
+    match route.next_hop {
+        NextHop::Via(via) => builder.gateway(via).build(),
+        NextHop::Device(index) => builder.output_interface(index).build(),
+    }
 }
 
-/// Makes the kernel's peer routes equal to `peers`: adds the missing, replaces changed
-/// ones, deletes the stale. Failures for one peer do not stop the others.
-pub async fn reconcile(handle: &Handle, peers: &[NodeInfo]) -> Result<(), PodNetError> {
-    let want: BTreeSet<PeerRoute> = peers
+/// The routes for `peers`: through the WireGuard device when `device` is set (strict: a
+/// peer without a key is routed there too, and dropped, never sent in clear), else
+/// plainly via the peer's node address. `catch_all` (the cluster's pod range) goes into
+/// the device as well, so pods of nodes not yet known are never sent in clear either.
+pub fn desired(
+    peers: &[NodeInfo],
+    device: Option<u32>,
+    catch_all: Option<Ipv4Net>,
+) -> BTreeSet<PeerRoute> {
+    let mut want: BTreeSet<PeerRoute> = peers
         .iter()
         .map(|p| PeerRoute {
             dst: p.pod_cidr,
-            via: p.internal_ip,
+            next_hop: device.map_or(NextHop::Via(p.internal_ip), NextHop::Device),
         })
         .collect();
+    if let (Some(index), Some(cidr)) = (device, catch_all) {
+        want.insert(PeerRoute {
+            dst: cidr,
+            next_hop: NextHop::Device(index),
+        });
+    }
+    want
+}
+
+/// Makes the kernel's peer routes equal to `want`: deletes the stale, adds (or replaces)
+/// the missing. Failures for one route do not stop the others.
+pub async fn reconcile(handle: &Handle, want: &BTreeSet<PeerRoute>) -> Result<(), PodNetError> {
     let have = installed(handle).await?;
     let mut first_error = None;
-    for stale in have.difference(&want) {
+    for stale in have.difference(want) {
+        // A route whose next hop changed is replaced below; deleting it first would open
+        // a moment without a route, so only delete destinations no longer wanted.
+        if want.iter().any(|w| w.dst == stale.dst) {
+            continue;
+        }
         match handle.route().del(message(stale)).execute().await {
-            Ok(()) => tracing::info!(dst = %stale.dst, via = %stale.via, "removed peer route"),
+            Ok(()) => {
+                tracing::info!(dst = %stale.dst, next_hop = ?stale.next_hop, "removed peer route")
+            }
             Err(source) => {
                 tracing::warn!(dst = %stale.dst, error = %source, "remove peer route");
                 first_error.get_or_insert(PodNetError::Netlink {
@@ -96,7 +142,9 @@ pub async fn reconcile(handle: &Handle, peers: &[NodeInfo]) -> Result<(), PodNet
     }
     for route in want.difference(&have) {
         match handle.route().add(message(route)).replace().execute().await {
-            Ok(()) => tracing::info!(dst = %route.dst, via = %route.via, "added peer route"),
+            Ok(()) => {
+                tracing::info!(dst = %route.dst, next_hop = ?route.next_hop, "added peer route")
+            }
             Err(source) => {
                 tracing::warn!(dst = %route.dst, error = %source, "add peer route");
                 first_error.get_or_insert(PodNetError::Netlink {
@@ -108,4 +156,32 @@ pub async fn reconcile(handle: &Handle, peers: &[NodeInfo]) -> Result<(), PodNet
         }
     }
     first_error.map_or(Ok(()), Err)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn node(name: &str, cidr: &str, ip: &str) -> NodeInfo {
+        NodeInfo {
+            name: name.into(),
+            pod_cidr: cidr.parse().unwrap(),
+            internal_ip: ip.parse().unwrap(),
+            wireguard: None,
+        }
+    }
+
+    #[test]
+    fn wireguard_strict_routes_send_every_peer_and_the_catch_all_into_the_device() {
+        let peers = [node("a", "198.19.1.0/24", "198.18.0.2")];
+        let want = desired(&peers, Some(9), Some("198.19.0.0/16".parse().unwrap()));
+        assert!(want.iter().all(|r| r.next_hop == NextHop::Device(9)));
+        assert_eq!(want.len(), 2);
+        let plain = desired(&peers, None, Some("198.19.0.0/16".parse().unwrap()));
+        assert_eq!(plain.len(), 1, "no catch-all without encryption");
+        assert_eq!(
+            plain.first().unwrap().next_hop,
+            NextHop::Via("198.18.0.2".parse().unwrap())
+        );
+    }
 }

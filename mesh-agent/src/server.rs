@@ -30,6 +30,11 @@ pub struct PodService {
     pub counters: PodCounters,
     /// MTU for pod interfaces.
     pub pod_mtu: u32,
+    /// The WireGuard path, when encryption is on.
+    pub wireguard: Option<Arc<crate::wireguard::Wireguard>>,
+    /// Asks the agent's rotation task to rotate now; it answers with the new key.
+    pub rotate:
+        Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>>,
 }
 
 impl From<IpamError> for CniError {
@@ -82,6 +87,8 @@ impl PodService {
             AgentRequest::Status => Ok(AgentResponse::Done),
             AgentRequest::Gc { valid } => self.gc(&valid).await.map(|()| AgentResponse::Done),
             AgentRequest::ListPods => Ok(AgentResponse::Pods { pods: self.list() }),
+            AgentRequest::WireguardStatus => self.wireguard_status(),
+            AgentRequest::RotateKey => self.rotate_key().await,
         };
         outcome.unwrap_or_else(AgentResponse::Failed)
     }
@@ -189,6 +196,38 @@ impl PodService {
             }
         }
         Ok(())
+    }
+
+    fn wireguard_status(&self) -> Result<AgentResponse, CniError> {
+        let wg = self.wireguard.as_ref().ok_or_else(Self::encryption_off)?;
+        Ok(AgentResponse::Wireguard {
+            public_key: crate::wireguard::keys::encode(&wg.endpoint().public_key),
+            peers: wg.status(),
+            dropped_no_peer: wg.dropped_no_peer(),
+        })
+    }
+
+    async fn rotate_key(&self) -> Result<AgentResponse, CniError> {
+        let rotate = self.rotate.as_ref().ok_or_else(Self::encryption_off)?;
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let failed = |msg: String| CniError::new(ErrorCode::IoFailure, msg, "");
+        rotate
+            .send(tx)
+            .await
+            .map_err(|_| failed("the rotation task has stopped".into()))?;
+        let public_key = rx
+            .await
+            .map_err(|_| failed("the rotation task has stopped".into()))?
+            .map_err(failed)?;
+        Ok(AgentResponse::Rotated { public_key })
+    }
+
+    fn encryption_off() -> CniError {
+        CniError::new(
+            ErrorCode::UnsupportedField,
+            "encryption is off on this node (--encryption none)",
+            "",
+        )
     }
 
     fn list(&self) -> Vec<PodInfo> {

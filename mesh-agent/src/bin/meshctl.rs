@@ -19,6 +19,11 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
+    /// Show this node's WireGuard key and peers, or rotate the key.
+    Wireguard {
+        #[command(subcommand)]
+        action: Option<WireguardAction>,
+    },
     /// List the pods attached on this node, with their addresses and eBPF counters.
     Pods {
         /// Print JSON instead of a table.
@@ -27,9 +32,69 @@ enum Command {
     },
 }
 
+#[derive(Subcommand)]
+enum WireguardAction {
+    /// Replace this node's key now and publish it; peers switch without dropping connections.
+    Rotate,
+}
+
+fn call(cli: &Cli, request: AgentRequest) -> Result<AgentResponse, ExitCode> {
+    protocol::call(&cli.socket, &request, protocol::DEFAULT_AGENT_TIMEOUT).map_err(|e| {
+        eprintln!("meshctl: {e}");
+        ExitCode::FAILURE
+    })
+}
+
+fn wireguard(cli: &Cli, action: &Option<WireguardAction>) -> ExitCode {
+    let request = match action {
+        Some(WireguardAction::Rotate) => AgentRequest::RotateKey,
+        None => AgentRequest::WireguardStatus,
+    };
+    match call(cli, request) {
+        Ok(AgentResponse::Rotated { public_key }) => {
+            println!("rotated; new public key {public_key}");
+            ExitCode::SUCCESS
+        }
+        Ok(AgentResponse::Wireguard {
+            public_key,
+            peers,
+            dropped_no_peer,
+        }) => {
+            println!("public key {public_key}; dropped without a peer: {dropped_no_peer}");
+            println!(
+                "{:<16} {:<22} {:<18} {:>10} {:>12} {:>12} {:>8}",
+                "PEER", "ENDPOINT", "POD-CIDR", "HANDSHAKE", "TX-BYTES", "RX-BYTES", "SPOOFED"
+            );
+            for p in peers {
+                let handshake = p
+                    .last_handshake_secs
+                    .map_or("never".to_string(), |s| format!("{s}s ago"));
+                println!(
+                    "{:<16} {:<22} {:<18} {:>10} {:>12} {:>12} {:>8}",
+                    p.node, p.endpoint, p.pod_cidr, handshake, p.tx_bytes, p.rx_bytes, p.rx_spoofed
+                );
+            }
+            ExitCode::SUCCESS
+        }
+        Ok(AgentResponse::Failed(e)) => {
+            eprintln!("meshctl: {e}");
+            ExitCode::FAILURE
+        }
+        Ok(other) => {
+            eprintln!("meshctl: unexpected answer from the agent: {other:?}");
+            ExitCode::FAILURE
+        }
+        Err(code) => code,
+    }
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::Wireguard { action } = &cli.command {
+        return wireguard(&cli, action);
+    }
     match cli.command {
+        Command::Wireguard { .. } => unreachable!("handled above"),
         Command::Pods { json } => {
             match protocol::call(
                 &cli.socket,

@@ -58,6 +58,10 @@ pub enum AgentRequest {
     },
     /// `meshctl pods`: the attachments on this node with their counters.
     ListPods,
+    /// `meshctl wireguard`: the node key and the peers.
+    WireguardStatus,
+    /// `meshctl wireguard rotate`: replace the node key now and publish it.
+    RotateKey,
 }
 
 /// One attachment as `meshctl pods` shows it.
@@ -88,6 +92,20 @@ pub enum AgentResponse {
     Done,
     /// The request failed; the error is what the plugin prints.
     Failed(CniError),
+    /// Answer to `WireguardStatus`.
+    Wireguard {
+        /// This node's public key (base64).
+        public_key: String,
+        /// Peers.
+        peers: Vec<crate::wireguard::PeerStatus>,
+        /// Packets dropped because no peer with a key covered their destination.
+        dropped_no_peer: u64,
+    },
+    /// Answer to `RotateKey`: the new public key, published.
+    Rotated {
+        /// The new public key (base64).
+        public_key: String,
+    },
     /// Answer to `ListPods`.
     Pods {
         /// The attachments, in address order.

@@ -1,0 +1,394 @@
+//! The WireGuard packet path: a TUN device with offloads (TSO in, GRO out), a UDP socket
+//! with GSO and GRO, one `boringtun::noise::Tunn` per peer behind its own lock, and three
+//! threads: TUN → encrypt → UDP, UDP → decrypt → TUN, and the per-peer timers. No global
+//! lock: the peer table is an immutable snapshot swapped whole by the control plane.
+
+use std::io::IoSliceMut;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use boringtun::noise::{Tunn, TunnResult};
+use ipnet::Ipv4Net;
+use quinn_udp::{RecvMeta, Transmit, UdpSocketState};
+use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
+
+/// WireGuard's largest overhead on an IPv4 packet beyond the packet itself (header 16,
+/// tag 16) plus padding to 16 bytes; buffers for one encrypted packet need this much more.
+const ENCAP_OVERHEAD: usize = 32 + 16;
+/// boringtun wants at least this much room for handshake messages.
+const MIN_DST: usize = 148;
+/// How often timers run: handshake retries and keepalives need no finer grain.
+const TIMER_TICK: Duration = Duration::from_millis(250);
+
+/// Counters of one peer.
+#[derive(Debug, Default)]
+pub struct PeerCounters {
+    /// Plaintext bytes sent to the peer.
+    pub tx_bytes: AtomicU64,
+    /// Plaintext bytes received from the peer and delivered.
+    pub rx_bytes: AtomicU64,
+    /// Decrypted packets dropped because their source is outside the peer's pod CIDR.
+    pub rx_spoofed: AtomicU64,
+}
+
+/// One remote node.
+pub struct Peer {
+    /// Node name.
+    pub name: String,
+    /// Where its agent listens.
+    pub endpoint: SocketAddr,
+    /// Its pod CIDR: the only sources accepted from it, and the destinations sent to it.
+    pub pod_cidr: Ipv4Net,
+    /// Its public key.
+    pub public_key: [u8; 32],
+    /// The Noise state; locked per packet batch, never across peers.
+    pub tunn: Mutex<Tunn>,
+    /// Its counters.
+    pub counters: PeerCounters,
+}
+
+/// An immutable set of peers.
+#[derive(Default)]
+pub struct PeerTable {
+    peers: Vec<Arc<Peer>>,
+}
+
+impl PeerTable {
+    /// Builds a table.
+    pub fn new(peers: Vec<Arc<Peer>>) -> Self {
+        PeerTable { peers }
+    }
+
+    /// Every peer.
+    pub fn peers(&self) -> &[Arc<Peer>] {
+        &self.peers
+    }
+
+    /// The peer whose pod CIDR holds `dst` (longest prefix).
+    pub fn by_destination(&self, dst: Ipv4Addr) -> Option<&Arc<Peer>> {
+        self.peers
+            .iter()
+            .filter(|p| p.pod_cidr.contains(&dst))
+            .max_by_key(|p| p.pod_cidr.prefix_len())
+    }
+
+    /// The peer whose endpoint address is `ip`.
+    pub fn by_source(&self, ip: IpAddr) -> Option<&Arc<Peer>> {
+        self.peers.iter().find(|p| p.endpoint.ip() == ip)
+    }
+}
+
+/// Device-wide counters.
+#[derive(Debug, Default)]
+pub struct DeviceCounters {
+    /// Packets from pods to a destination no peer with a key covers: dropped, never sent in clear.
+    pub tx_no_peer: AtomicU64,
+    /// Datagrams from addresses that are no peer's endpoint.
+    pub rx_unknown_source: AtomicU64,
+}
+
+/// State the threads share with the control plane.
+pub struct Shared {
+    table: RwLock<Arc<PeerTable>>,
+    socket: UdpSocket,
+    udp: UdpSocketState,
+    tun: SyncDevice,
+    offset: usize,
+    mtu: usize,
+    /// Device-wide counters.
+    pub counters: DeviceCounters,
+}
+
+impl Shared {
+    /// Wraps the device and socket.
+    pub fn new(tun: SyncDevice, socket: UdpSocket, mtu: usize) -> std::io::Result<Self> {
+        let udp = UdpSocketState::new((&socket).into())?;
+        let offset = if tun.tcp_gso() { VIRTIO_NET_HDR_LEN } else { 0 };
+        Ok(Shared {
+            table: RwLock::new(Arc::default()),
+            socket,
+            udp,
+            tun,
+            offset,
+            mtu,
+            counters: DeviceCounters::default(),
+        })
+    }
+
+    /// The current peers.
+    pub fn table(&self) -> Arc<PeerTable> {
+        self.table.read().expect("peer table lock poisoned").clone()
+    }
+
+    /// Swaps in a new peer set.
+    pub fn set_table(&self, table: PeerTable) {
+        *self.table.write().expect("peer table lock poisoned") = Arc::new(table);
+    }
+
+    fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
+        let transmit = Transmit {
+            destination: dst,
+            ecn: None,
+            contents,
+            segment_size: segment,
+            src_ip: None,
+        };
+        if let Err(e) = self.udp.try_send((&self.socket).into(), &transmit) {
+            tracing::debug!(peer = %dst, error = %e, "send to peer");
+        }
+    }
+}
+
+fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
+    (packet.len() >= 20 && packet[0] >> 4 == 4)
+        .then(|| Ipv4Addr::new(packet[16], packet[17], packet[18], packet[19]))
+}
+
+/// Encrypted packets waiting to go out as one GSO send: equal-sized segments, the last
+/// may be shorter.
+struct GsoRun {
+    dst: Option<SocketAddr>,
+    start: usize,
+    end: usize,
+    segment: usize,
+    count: usize,
+}
+
+impl GsoRun {
+    fn new() -> Self {
+        GsoRun {
+            dst: None,
+            start: 0,
+            end: 0,
+            segment: 0,
+            count: 0,
+        }
+    }
+
+    fn flush(&mut self, shared: &Shared, out: &[u8]) {
+        if let Some(dst) = self.dst.filter(|_| self.count > 0) {
+            let segment = (self.count > 1).then_some(self.segment);
+            shared.send(dst, &out[self.start..self.end], segment);
+        }
+        self.count = 0;
+        self.start = self.end;
+    }
+
+    /// Adds the packet just written at `out[self.end..self.end + len]`.
+    fn push(
+        &mut self,
+        shared: &Shared,
+        out: &[u8],
+        dst: SocketAddr,
+        len: usize,
+        max_segments: usize,
+    ) {
+        if self.count > 0 && (self.dst != Some(dst) || len > self.segment) {
+            self.flush(shared, out);
+        }
+        if self.count == 0 {
+            self.dst = Some(dst);
+            self.segment = len;
+            self.start = self.end;
+        }
+        self.end += len;
+        self.count += 1;
+        if len < self.segment || self.count >= max_segments {
+            self.flush(shared, out);
+        }
+    }
+}
+
+/// TUN → encrypt → UDP, in batches.
+pub fn run_tx(shared: Arc<Shared>) {
+    let slot = shared.mtu + ENCAP_OVERHEAD + MIN_DST;
+    let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
+    let mut bufs = vec![vec![0u8; shared.mtu.max(1500) + 64]; IDEAL_BATCH_SIZE];
+    let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
+    let mut out = vec![0u8; IDEAL_BATCH_SIZE * slot];
+    let max_segments = shared.udp.max_gso_segments().max(1);
+    loop {
+        let n = match shared
+            .tun
+            .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
+        {
+            Ok(n) => n,
+            Err(e) => {
+                tracing::warn!(error = %e, "read from WireGuard device");
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+        };
+        let table = shared.table();
+        let mut run = GsoRun::new();
+        let mut held: Option<(&Arc<Peer>, std::sync::MutexGuard<'_, Tunn>)> = None;
+        for i in 0..n {
+            let packet = &bufs[i][..sizes[i]];
+            let Some(peer) = ipv4_destination(packet).and_then(|d| table.by_destination(d)) else {
+                shared.counters.tx_no_peer.fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            if out.len() - run.end < packet.len() + ENCAP_OVERHEAD + MIN_DST {
+                run.flush(&shared, &out);
+                run.end = 0;
+                run.start = 0;
+            }
+            // Keep the peer's lock across consecutive packets to the same peer.
+            if held.as_ref().is_none_or(|(p, _)| !Arc::ptr_eq(p, peer)) {
+                // Release the previous peer's lock before taking the next one.
+                drop(held.take());
+                held = Some((peer, peer.tunn.lock().expect("tunn lock poisoned")));
+            }
+            let (peer, tunn) = held.as_mut().expect("just set");
+            peer.counters
+                .tx_bytes
+                .fetch_add(packet.len() as u64, Ordering::Relaxed);
+            let at = run.end;
+            match tunn.encapsulate(packet, &mut out[at..]) {
+                TunnResult::WriteToNetwork(encrypted) => {
+                    let len = encrypted.len();
+                    let dst = peer.endpoint;
+                    run.push(&shared, &out, dst, len, max_segments);
+                }
+                TunnResult::Err(e) => tracing::debug!(peer = peer.name, error = ?e, "encapsulate"),
+                // Queued until the handshake completes.
+                _ => {}
+            }
+        }
+        drop(held);
+        run.flush(&shared, &out);
+    }
+}
+
+/// UDP → decrypt → TUN, in batches, with cryptokey routing on the inner source.
+pub fn run_rx(shared: Arc<Shared>) {
+    const DATAGRAMS: usize = 32;
+    let gro = shared.udp.gro_segments().max(1);
+    let mut storage = vec![vec![0u8; 65535.max(gro * 1600)]; DATAGRAMS];
+    let mut metas = vec![RecvMeta::default(); DATAGRAMS];
+    let mut plain = vec![0u8; 65535];
+    let offset = shared.offset;
+    let mut tun_bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
+        .map(|_| Vec::with_capacity(65535 + offset))
+        .collect();
+    let mut pending = 0usize;
+    let mut gro_table = GROTable::default();
+    loop {
+        let count = {
+            let mut slices: Vec<IoSliceMut<'_>> =
+                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
+            match shared
+                .udp
+                .recv((&shared.socket).into(), &mut slices, &mut metas)
+            {
+                Ok(count) => count,
+                Err(e) => {
+                    tracing::warn!(error = %e, "receive from WireGuard socket");
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                }
+            }
+        };
+        let table = shared.table();
+        for (meta, buf) in metas.iter().zip(&storage).take(count) {
+            let Some(peer) = table.by_source(meta.addr.ip()) else {
+                shared
+                    .counters
+                    .rx_unknown_source
+                    .fetch_add(1, Ordering::Relaxed);
+                continue;
+            };
+            let mut tunn = peer.tunn.lock().expect("tunn lock poisoned");
+            let stride = if meta.stride == 0 {
+                meta.len
+            } else {
+                meta.stride
+            };
+            for datagram in buf[..meta.len].chunks(stride) {
+                let mut result = tunn.decapsulate(Some(meta.addr.ip()), datagram, &mut plain);
+                loop {
+                    match result {
+                        TunnResult::WriteToNetwork(reply) => {
+                            shared.send(meta.addr, reply, None);
+                            // Flush packets queued behind a handshake.
+                            result = tunn.decapsulate(None, &[], &mut plain);
+                            continue;
+                        }
+                        TunnResult::WriteToTunnelV4(packet, source) => {
+                            if peer.pod_cidr.contains(&source) {
+                                peer.counters
+                                    .rx_bytes
+                                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                                let buf = &mut tun_bufs[pending];
+                                buf.clear();
+                                buf.resize(offset, 0);
+                                buf.extend_from_slice(packet);
+                                pending += 1;
+                                if pending == tun_bufs.len() {
+                                    write_tun(&shared, &mut gro_table, &mut tun_bufs[..pending]);
+                                    pending = 0;
+                                }
+                            } else {
+                                peer.counters.rx_spoofed.fetch_add(1, Ordering::Relaxed);
+                                tracing::debug!(peer = peer.name, %source, "dropped: inner source outside the peer's pod CIDR");
+                            }
+                        }
+                        TunnResult::WriteToTunnelV6(..) => {}
+                        TunnResult::Err(e) => {
+                            tracing::debug!(peer = peer.name, error = ?e, "decapsulate")
+                        }
+                        TunnResult::Done => {}
+                    }
+                    break;
+                }
+            }
+        }
+        if pending > 0 {
+            write_tun(&shared, &mut gro_table, &mut tun_bufs[..pending]);
+            pending = 0;
+        }
+    }
+}
+
+fn write_tun(shared: &Shared, gro_table: &mut GROTable, bufs: &mut [Vec<u8>]) {
+    if let Err(e) = shared.tun.send_multiple(gro_table, bufs, shared.offset) {
+        tracing::debug!(error = %e, "write to WireGuard device");
+    }
+}
+
+/// Drives handshakes, rekeys and keepalives of every peer.
+pub fn run_timers(shared: Arc<Shared>) {
+    let mut buf = vec![0u8; 2048];
+    loop {
+        std::thread::sleep(TIMER_TICK);
+        for peer in shared.table().peers() {
+            let mut tunn = peer.tunn.lock().expect("tunn lock poisoned");
+            match tunn.update_timers(&mut buf) {
+                TunnResult::WriteToNetwork(packet) => shared.send(peer.endpoint, packet, None),
+                TunnResult::Err(e) => tracing::trace!(peer = peer.name, error = ?e, "timers"),
+                _ => {}
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn wireguard_destination_parsing() {
+        let mut packet = [0u8; 20];
+        packet[0] = 0x45;
+        packet[16..20].copy_from_slice(&[198, 19, 1, 5]);
+        assert_eq!(
+            ipv4_destination(&packet),
+            Some(Ipv4Addr::new(198, 19, 1, 5))
+        );
+        packet[0] = 0x60;
+        assert_eq!(ipv4_destination(&packet), None);
+        assert_eq!(ipv4_destination(&packet[..10]), None);
+    }
+}
