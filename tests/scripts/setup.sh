@@ -8,6 +8,8 @@ set -euo pipefail
 KUBE_VERSION="${KUBE_VERSION:-v1.34.4}"   # minor <= 1.34: 1.35 kubelets refuse cgroup v1 hosts
 HELM_VERSION="${HELM_VERSION:-v3.21.4}"
 CNI_VERSION="${CNI_VERSION:-v1.3.1}"
+# wireguard-go publishes no tags; this is the newest pseudo-version on the proxy when pinned.
+WIREGUARD_GO_VERSION="${WIREGUARD_GO_VERSION:-v0.0.0-20260522210424-ecfc5a8d5446}"
 VEIL_CACHE="${VEIL_CACHE:-/var/cache/veil}"
 
 KUBE_BIN="$VEIL_CACHE/kubernetes-$KUBE_VERSION/bin"
@@ -89,7 +91,10 @@ go_install_tool() {
     local gobin
     gobin=$(mktemp -d)
     CGO_ENABLED=0 GOBIN="$gobin" go install -trimpath "$module@$version"
-    mv "$gobin/$name" "$dest"
+    # The binary is named after the module's last element (wireguard-go installs as "wireguard").
+    local built
+    built=$(ls "$gobin")
+    mv "$gobin/$built" "$dest"
     rm -rf "$gobin"
   fi
   ln -sfn "$dest" "$TOOLS_BIN/$name"
@@ -108,6 +113,7 @@ main() {
   install_debian_packages
   go_install_tool cnitool github.com/containernetworking/cni/cnitool "$CNI_VERSION"
   go_install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
+  go_install_tool wireguard-go golang.zx2c4.com/wireguard "$WIREGUARD_GO_VERSION"
   build_kubernetes
   ln -sfn "$KUBE_BIN" "$VEIL_CACHE/kubernetes"
   mount_bpffs

@@ -38,6 +38,8 @@ pub struct BedConfig {
     pub nodes: usize,
     /// Prefix length of each node's pod CIDR (24 by default; 28 for pool exhaustion).
     pub pod_prefix_len: u8,
+    /// The agents' `--encryption` (`wireguard`, the default, or `none`).
+    pub encryption: &'static str,
 }
 
 impl Default for BedConfig {
@@ -45,9 +47,14 @@ impl Default for BedConfig {
         BedConfig {
             nodes: 2,
             pod_prefix_len: 24,
+            encryption: "wireguard",
         }
     }
 }
+
+/// The pod range of every bed (pod CIDRs are carved from it): agents drop traffic into
+/// it that no known node covers rather than routing it in clear.
+pub const CLUSTER_POD_CIDR: &str = "198.19.0.0/16";
 
 /// A node: a network namespace on the underlay, a Node object, and a `mesh-agent`.
 pub struct Node {
@@ -380,6 +387,14 @@ impl TestBed {
 
     /// Adds a node: namespace on the underlay, Node object, running agent. Returns its index.
     pub fn add_node(&mut self) -> Result<usize> {
+        let i = self.add_bare_node()?;
+        self.start_agent(i)?;
+        Ok(i)
+    }
+
+    /// Adds a node without an agent: namespace on the underlay and Node object, for tests
+    /// that put something else there (a wireguard-go peer, say). Returns its index.
+    pub fn add_bare_node(&mut self) -> Result<usize> {
         let i = self.nodes.len();
         assert!(i < MAX_NODES, "a bed holds at most {MAX_NODES} nodes");
         let name = node_name(i);
@@ -422,8 +437,40 @@ impl TestBed {
             agent: None,
             netns,
         });
-        self.start_agent(i)?;
         Ok(i)
+    }
+
+    /// The underlay bridge's name (capture here to see what crosses between nodes).
+    pub fn underlay(&self) -> &str {
+        self.underlay.name()
+    }
+
+    /// Sets (`Some`) or removes (`None`) an annotation on node `i`'s Node object.
+    pub fn annotate_node(&self, i: usize, key: &str, value: Option<&str>) -> Result<()> {
+        let name = self.nodes[i].name.clone();
+        let patch = json!({"metadata": {"annotations": {key: value}}});
+        self.block_on(async {
+            Api::<KubeNode>::all(self.client.clone())
+                .patch(&name, &PatchParams::default(), &Patch::Merge(&patch))
+                .await?;
+            anyhow::Ok(())
+        })
+    }
+
+    /// An annotation of node `i`'s Node object.
+    pub fn node_annotation(&self, i: usize, key: &str) -> Result<Option<String>> {
+        let name = self.nodes[i].name.clone();
+        let node = self.block_on(Api::<KubeNode>::all(self.client.clone()).get(&name))?;
+        Ok(node.metadata.annotations.and_then(|a| a.get(key).cloned()))
+    }
+
+    /// Asks node `i`'s agent anything; fails on an error answer.
+    pub fn ask_agent(&self, i: usize, request: AgentRequest) -> Result<AgentResponse> {
+        match protocol::call(&self.nodes[i].socket(), &request, Duration::from_secs(30)) {
+            Ok(AgentResponse::Failed(e)) => bail!("{e}"),
+            Ok(answer) => Ok(answer),
+            Err(e) => bail!("{e}"),
+        }
     }
 
     fn create_node_object(&self, name: &str, pod_cidr: Ipv4Net, node_ip: Ipv4Addr) -> Result<()> {
@@ -470,6 +517,10 @@ impl TestBed {
             .arg(node.state_dir())
             .arg("--cni-socket")
             .arg(node.socket())
+            .arg("--encryption")
+            .arg(self.config.encryption)
+            .arg("--cluster-pod-cidr")
+            .arg(CLUSTER_POD_CIDR)
             .env("RUST_LOG", "info,mesh_agent=debug")
             .env("RUST_BACKTRACE", "0");
         let log = node

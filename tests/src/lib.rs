@@ -9,12 +9,14 @@
 
 pub mod bed;
 pub mod bins;
+pub mod capture;
 pub mod control_plane;
 pub mod net;
 pub mod pki;
 pub mod process;
 
 pub use bed::{BedConfig, CniCall, CniOutput, Pod, TestBed};
+pub use mesh_agent::cni::protocol::{AgentRequest, AgentResponse};
 pub use process::eventually;
 
 /// Fails unless the test runs as root, with a message saying why it must.

@@ -67,6 +67,7 @@ fn cni_concurrent_adds_get_distinct_addresses_and_pool_exhaustion_is_an_error() 
     let bed = TestBed::start(BedConfig {
         nodes: 1,
         pod_prefix_len: 24,
+        ..Default::default()
     })
     .unwrap();
     let pods: Vec<_> = std::thread::scope(|s| {
@@ -91,6 +92,7 @@ fn cni_pool_of_a_28_is_exhausted_with_the_spec_error_and_nothing_leaks() {
     let bed = TestBed::start(BedConfig {
         nodes: 1,
         pod_prefix_len: 28,
+        ..Default::default()
     })
     .unwrap();
     // A /28 has 16 addresses: network, node and broadcast are reserved, 13 remain.
@@ -173,6 +175,7 @@ fn cni_del_is_idempotent_reuses_cleanly_and_check_detects_a_removed_veth() {
     let bed = TestBed::start(BedConfig {
         nodes: 1,
         pod_prefix_len: 24,
+        ..Default::default()
     })
     .unwrap();
     let netns = veil_testbed::net::Netns::create(&format!("veil{}p-ghost", bed.index)).unwrap();
@@ -244,6 +247,7 @@ fn cni_bad_input_gets_spec_errors_and_the_agent_survives() {
     let mut bed = TestBed::start(BedConfig {
         nodes: 1,
         pod_prefix_len: 24,
+        ..Default::default()
     })
     .unwrap();
     let netns = veil_testbed::net::Netns::create(&format!("veil{}p-bad", bed.index)).unwrap();
@@ -359,6 +363,7 @@ fn cni_works_under_the_reference_cnitool() {
     let bed = TestBed::start(BedConfig {
         nodes: 1,
         pod_prefix_len: 24,
+        ..Default::default()
     })
     .unwrap();
     let peer = bed.add_pod(0, "peer").unwrap();
