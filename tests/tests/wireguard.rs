@@ -291,3 +291,133 @@ fn wireguard_key_rotation_during_a_long_transfer_keeps_the_connection() {
         );
     }
 }
+
+#[test]
+fn wireguard_interoperates_with_wireguard_go() {
+    let mut bed = TestBed::start(BedConfig {
+        nodes: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let a = bed.add_pod(0, "a").unwrap();
+    let other = bed.add_bare_node().unwrap();
+    let node = bed.node(other);
+    // A per-bed name: wireguard-go's control socket is /var/run/wireguard/<name>.sock,
+    // shared by every namespace of this host.
+    let dev = format!("wgg{}", bed.index);
+    let mut cmd = std::process::Command::new(veil_testbed::bins::tool("wireguard-go").unwrap());
+    cmd.args(["-f", &dev])
+        .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+    let _wggo = veil_testbed::process::Proc::spawn(
+        "wireguard-go",
+        cmd,
+        &node.dir.join("wireguard-go.log"),
+        Some(&node.netns.path()),
+    )
+    .unwrap();
+    let wg = |args: &[&str]| -> String {
+        let mut argv = vec!["wg"];
+        argv.extend_from_slice(args);
+        let out = node.netns.exec(&argv).unwrap();
+        assert!(
+            out.status.success(),
+            "wg {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).trim().to_string()
+    };
+    eventually("wireguard-go device up", Duration::from_secs(10), || {
+        Ok(node
+            .netns
+            .exec(&["wg", "show", &dev])?
+            .status
+            .success()
+            .then_some(()))
+    })
+    .unwrap();
+    let private = node.dir.join("wggo.key");
+    let out = std::process::Command::new("wg")
+        .arg("genkey")
+        .output()
+        .unwrap();
+    std::fs::write(&private, &out.stdout).unwrap();
+    let public = {
+        use std::io::Write;
+        let mut child = std::process::Command::new("wg")
+            .arg("pubkey")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        child.stdin.take().unwrap().write_all(&out.stdout).unwrap();
+        String::from_utf8(child.wait_with_output().unwrap().stdout)
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let veil_key = bed
+        .node_annotation(0, KEY)
+        .unwrap()
+        .expect("node-0 published its key");
+    let veil_node = bed.node(0);
+    wg(&[
+        "set",
+        &dev,
+        "listen-port",
+        "51871",
+        "private-key",
+        private.to_str().unwrap(),
+        "peer",
+        &veil_key,
+        "endpoint",
+        &format!("{}:51871", veil_node.ip),
+        "allowed-ips",
+        &veil_node.pod_cidr.to_string(),
+    ]);
+    let far = std::net::Ipv4Addr::from(u32::from(node.pod_cidr.network()) + 5);
+    node.netns
+        .ip(&["addr", "add", &format!("{far}/32"), "dev", &dev])
+        .unwrap();
+    node.netns
+        .ip(&["link", "set", &dev, "mtu", "1420", "up"])
+        .unwrap();
+    node.netns
+        .ip(&["route", "add", &veil_node.pod_cidr.to_string(), "dev", &dev])
+        .unwrap();
+    // Veil learns the wireguard-go peer from the Node object, as it would any node.
+    bed.annotate_node(other, KEY, Some(&public)).unwrap();
+    bed.annotate_node(other, "veil.dev/wireguard-port", Some("51871"))
+        .unwrap();
+
+    eventually("Veil pod -> wireguard-go", Duration::from_secs(20), || {
+        Ok(a.ping(far).ok())
+    })
+    .unwrap();
+    let out = node
+        .netns
+        .exec(&["ping", "-c", "2", "-W", "2", &a.ip.to_string()])
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "wireguard-go -> Veil pod: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let handshakes = wg(&["show", &dev, "latest-handshakes"]);
+    let when: u64 = handshakes
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(when > 0, "wireguard-go saw a handshake: {handshakes}");
+    let transfer = wg(&["show", &dev, "transfer"]);
+    let fields: Vec<u64> = transfer
+        .split_whitespace()
+        .skip(1)
+        .map(|f| f.parse().unwrap())
+        .collect();
+    assert!(
+        fields[0] > 0 && fields[1] > 0,
+        "traffic both ways: {transfer}"
+    );
+}
