@@ -6,7 +6,7 @@ export VEIL_CACHE
 # Test beds each run an API server, etcd and agents: two at a time fit two cores.
 TEST_THREADS ?= 2
 
-.PHONY: setup build lint test cluster bench-policy crd clean-testbeds
+.PHONY: setup build lint test cluster bench-policy bench-wireguard bench-identity crd clean-testbeds
 
 setup:
 	bash tests/scripts/setup.sh
@@ -35,3 +35,12 @@ crd:
 # Removes test beds left behind by a test process that was killed outright.
 clean-testbeds:
 	bash tests/scripts/clean-testbeds.sh
+
+# One iperf3 flow pod -> pod across nodes: plain, Veil, wireguard-go; last line RESULT.
+bench-wireguard: setup
+	cargo build --release --workspace --bins
+	cargo run --release -q -p veil-testbed --bin bench-wireguard
+
+# Issuance throughput of the identity issuer over TLS; last line RESULT.
+bench-identity:
+	cargo run --release -q -p veil-identity --example bench-identity

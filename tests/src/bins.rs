@@ -50,12 +50,12 @@ pub fn on_path(name: &str) -> Result<PathBuf> {
 /// this test was built into; `make test` builds them first.
 pub fn veil(name: &str) -> Result<PathBuf> {
     let exe = std::env::current_exe()?;
-    // Test executables live in target/<profile>/deps; binaries one level up.
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .map(PathBuf::from)
-        .unwrap_or_default();
+    // Test executables live in target/<profile>/deps, other binaries (the benchmark) in
+    // target/<profile>, which is where Veil's binaries are.
+    let mut profile_dir = exe.parent().map(PathBuf::from).unwrap_or_default();
+    if profile_dir.ends_with("deps") {
+        profile_dir.pop();
+    }
     let path = profile_dir.join(name);
     if !path.exists() {
         bail!("{} not found: build Veil's binaries first (`cargo build --workspace --bins`, which `make test` does)", path.display());

@@ -19,6 +19,11 @@ use tun_rs::{GROTable, SyncDevice, IDEAL_BATCH_SIZE, VIRTIO_NET_HDR_LEN};
 const ENCAP_OVERHEAD: usize = 32 + 16;
 /// boringtun wants at least this much room for handshake messages.
 const MIN_DST: usize = 148;
+/// The most payload one UDP GSO send may carry (a UDP datagram's limit, with room for headers).
+const MAX_GSO_BYTES: usize = 65_000;
+/// Socket buffers: a GRO receive holds up to 64 KB per datagram, so the default ~200 KB
+/// overflows under a single fast flow; 16 MB absorbs bursts between batches.
+const SOCKET_BUFFER_BYTES: libc::c_int = 16 << 20;
 /// How often timers run: handshake retries and keepalives need no finer grain.
 const TIMER_TICK: Duration = Duration::from_millis(250);
 
@@ -104,6 +109,8 @@ pub struct Shared {
 impl Shared {
     /// Wraps the device and socket.
     pub fn new(tun: SyncDevice, socket: UdpSocket, mtu: usize) -> std::io::Result<Self> {
+        force_buffer(&socket, libc::SO_RCVBUFFORCE)?;
+        force_buffer(&socket, libc::SO_SNDBUFFORCE)?;
         let udp = UdpSocketState::new((&socket).into())?;
         let offset = if tun.tcp_gso() { VIRTIO_NET_HDR_LEN } else { 0 };
         Ok(Shared {
@@ -139,6 +146,26 @@ impl Shared {
             tracing::debug!(peer = %dst, error = %e, "send to peer");
         }
     }
+}
+
+/// Sets a socket buffer past `net.core.[rw]mem_max` (the agent runs as root).
+fn force_buffer(socket: &UdpSocket, option: libc::c_int) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let size = SOCKET_BUFFER_BYTES;
+    // SAFETY: setsockopt with a pointer to an int of the stated size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            option,
+            (&size as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
@@ -185,7 +212,9 @@ impl GsoRun {
         len: usize,
         max_segments: usize,
     ) {
-        if self.count > 0 && (self.dst != Some(dst) || len > self.segment) {
+        // One GSO send carries at most a UDP datagram's worth of payload.
+        let too_big = self.end - self.start + len > MAX_GSO_BYTES;
+        if self.count > 0 && (self.dst != Some(dst) || len > self.segment || too_big) {
             self.flush(shared, out);
         }
         if self.count == 0 {

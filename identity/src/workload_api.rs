@@ -1,0 +1,292 @@
+//! The SPIFFE Workload API on a unix socket (gRPC, as the SPIFFE specification defines
+//! it): `FetchX509SVID` and `FetchX509Bundles`, streaming updates. A caller gets the SVID
+//! of the pod it runs in and nothing else: its PID (SO_PEERCRED) is attested to a pod by
+//! an [`Attestor`]; [`NetnsAttestor`] maps the PID's network namespace to the pod the
+//! agent created that namespace for. JWT-SVIDs are not offered (`Unimplemented`).
+
+use std::collections::HashMap;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::sync::{Arc, RwLock};
+use std::time::SystemTime;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::transport::server::UdsConnectInfo;
+use tonic::{Request, Response, Status};
+
+use crate::bundle::TrustBundle;
+use crate::manager::{PodKey, SvidManager};
+use crate::proto::workload::spiffe_workload_api_server::{
+    SpiffeWorkloadApi, SpiffeWorkloadApiServer,
+};
+use crate::proto::workload::{
+    JwtBundlesRequest, JwtBundlesResponse, JwtsvidRequest, JwtsvidResponse, ValidateJwtsvidRequest,
+    ValidateJwtsvidResponse, X509BundlesRequest, X509BundlesResponse, X509svid, X509svidRequest,
+    X509svidResponse,
+};
+use crate::svid::Svid;
+
+/// The metadata header every Workload API request must carry (the spec's SSRF guard).
+pub const SECURITY_HEADER: &str = "workload.spiffe.io";
+
+/// Who is calling, from the socket's peer credentials.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CallerProcess {
+    /// Process ID.
+    pub pid: i32,
+    /// User ID.
+    pub uid: u32,
+    /// Group ID.
+    pub gid: u32,
+}
+
+/// Maps a calling process to the pod it runs in.
+pub trait Attestor: Send + Sync + 'static {
+    /// The pod `caller` belongs to, or `None` (the caller is refused).
+    fn attest(&self, caller: &CallerProcess) -> Option<PodKey>;
+}
+
+/// Attests by network namespace: the agent registers each pod's netns (the path CNI ADD
+/// got); a PID belongs to the pod whose netns `/proc/<pid>/ns/net` is. Host-network pods
+/// share the node's namespace and are never registered, so never attested.
+#[derive(Debug, Default)]
+pub struct NetnsAttestor {
+    by_ns: RwLock<HashMap<(u64, u64), PodKey>>,
+}
+
+impl NetnsAttestor {
+    /// An empty map.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    fn ns_id(path: &Path) -> std::io::Result<(u64, u64)> {
+        let m = std::fs::metadata(path)?;
+        Ok((m.dev(), m.ino()))
+    }
+
+    /// Records that the namespace at `netns` (e.g. `/run/netns/x`, `/proc/<pid>/ns/net`)
+    /// belongs to `pod`.
+    pub fn register(&self, netns: &Path, pod: PodKey) -> std::io::Result<()> {
+        let id = Self::ns_id(netns)?;
+        self.by_ns.write().expect("netns lock").insert(id, pod);
+        Ok(())
+    }
+
+    /// Forgets `pod`.
+    pub fn unregister(&self, pod: &PodKey) {
+        self.by_ns
+            .write()
+            .expect("netns lock")
+            .retain(|_, p| p != pod);
+    }
+}
+
+impl Attestor for NetnsAttestor {
+    fn attest(&self, caller: &CallerProcess) -> Option<PodKey> {
+        let id = Self::ns_id(&PathBuf::from(format!("/proc/{}/ns/net", caller.pid))).ok()?;
+        self.by_ns.read().expect("netns lock").get(&id).cloned()
+    }
+}
+
+/// The Workload API service.
+pub struct WorkloadApi {
+    manager: SvidManager,
+    attestor: Arc<dyn Attestor>,
+}
+
+type Streamed<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+fn x509_response(svid: &Svid, bundle: &TrustBundle) -> X509svidResponse {
+    X509svidResponse {
+        svids: vec![X509svid {
+            spiffe_id: svid.id().to_string(),
+            x509_svid: svid
+                .chain()
+                .iter()
+                .flat_map(|c| c.iter().copied())
+                .collect(),
+            x509_svid_key: svid.key_pkcs8().to_vec(),
+            bundle: bundle.concatenated_der(),
+            hint: String::new(),
+        }],
+        crl: Vec::new(),
+        federated_bundles: HashMap::new(),
+    }
+}
+
+fn bundles_response(bundle: &TrustBundle) -> X509BundlesResponse {
+    X509BundlesResponse {
+        crl: Vec::new(),
+        bundles: HashMap::from([(bundle.trust_domain.id_string(), bundle.concatenated_der())]),
+    }
+}
+
+impl WorkloadApi {
+    /// Serves `manager`'s SVIDs to callers `attestor` places in pods.
+    pub fn new(manager: SvidManager, attestor: Arc<dyn Attestor>) -> Self {
+        WorkloadApi { manager, attestor }
+    }
+
+    fn attest<T>(&self, request: &Request<T>) -> Result<PodKey, Status> {
+        if request
+            .metadata()
+            .get(SECURITY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            != Some("true")
+        {
+            return Err(Status::invalid_argument(format!(
+                "security header {SECURITY_HEADER}: true is missing"
+            )));
+        }
+        let cred = request
+            .extensions()
+            .get::<UdsConnectInfo>()
+            .and_then(|i| i.peer_cred)
+            .ok_or_else(|| Status::permission_denied("no peer credentials on the socket"))?;
+        let caller = CallerProcess {
+            pid: cred.pid().unwrap_or(0),
+            uid: cred.uid(),
+            gid: cred.gid(),
+        };
+        match self.attestor.attest(&caller) {
+            Some(pod) => Ok(pod),
+            None => {
+                tracing::warn!(
+                    pid = caller.pid,
+                    uid = caller.uid,
+                    "Workload API caller not attested to any pod"
+                );
+                Err(Status::permission_denied(
+                    "caller is not a pod on this node",
+                ))
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SpiffeWorkloadApi for WorkloadApi {
+    type FetchX509SVIDStream = Streamed<X509svidResponse>;
+    type FetchX509BundlesStream = Streamed<X509BundlesResponse>;
+    type FetchJWTBundlesStream = Streamed<JwtBundlesResponse>;
+
+    async fn fetch_x509svid(
+        &self,
+        request: Request<X509svidRequest>,
+    ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
+        let (ns, name) = self.attest(&request)?;
+        let mut svids = self
+            .manager
+            .watch(&ns, &name)
+            .ok_or_else(|| Status::permission_denied(format!("no identity for pod {ns}/{name}")))?;
+        let mut bundles = self.manager.bundle();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            let mut sent_any = false;
+            loop {
+                let svid = svids.borrow_and_update().clone();
+                let bundle = bundles.borrow_and_update().clone();
+                match svid {
+                    Some(s) if !s.is_expired(SystemTime::now()) => {
+                        sent_any = true;
+                        if tx.send(Ok(x509_response(&s, &bundle))).await.is_err() {
+                            return;
+                        }
+                    }
+                    _ if sent_any => {
+                        // The spec: a workload that loses its entitlement gets
+                        // PermissionDenied and the stream ends.
+                        let _ = tx
+                            .send(Err(Status::permission_denied(format!(
+                                "identity of pod {ns}/{name} withdrawn"
+                            ))))
+                            .await;
+                        return;
+                    }
+                    _ => {}
+                }
+                tokio::select! {
+                    r = svids.changed() => if r.is_err() {
+                        let _ = tx.send(Err(Status::permission_denied("pod removed"))).await;
+                        return;
+                    },
+                    r = bundles.changed() => if r.is_err() { return; },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_x509_bundles(
+        &self,
+        request: Request<X509BundlesRequest>,
+    ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
+        self.attest(&request)?;
+        let mut bundles = self.manager.bundle();
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let bundle = bundles.borrow_and_update().clone();
+                if tx.send(Ok(bundles_response(&bundle))).await.is_err() {
+                    return;
+                }
+                tokio::select! {
+                    r = bundles.changed() => if r.is_err() { return; },
+                    _ = tx.closed() => return,
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_jwtsvid(
+        &self,
+        _request: Request<JwtsvidRequest>,
+    ) -> Result<Response<JwtsvidResponse>, Status> {
+        Err(Status::unimplemented("Veil issues X.509-SVIDs only"))
+    }
+
+    async fn fetch_jwt_bundles(
+        &self,
+        _request: Request<JwtBundlesRequest>,
+    ) -> Result<Response<Self::FetchJWTBundlesStream>, Status> {
+        Err(Status::unimplemented("Veil issues X.509-SVIDs only"))
+    }
+
+    async fn validate_jwtsvid(
+        &self,
+        _request: Request<ValidateJwtsvidRequest>,
+    ) -> Result<Response<ValidateJwtsvidResponse>, Status> {
+        Err(Status::unimplemented("Veil issues X.509-SVIDs only"))
+    }
+}
+
+/// Binds the Workload API socket at `path` (replacing a stale one, mode 0666 so any
+/// workload can connect: attestation, not file permissions, decides what it gets) and
+/// serves until `shutdown` resolves.
+pub fn serve(
+    path: &Path,
+    api: WorkloadApi,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<tokio::task::JoinHandle<()>> {
+    let _ = std::fs::remove_file(path);
+    let listener = tokio::net::UnixListener::bind(path)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
+    let incoming = UnixListenerStream::new(listener);
+    let socket_path = path.display().to_string();
+    Ok(tokio::spawn(async move {
+        tracing::info!(socket = %socket_path, "Workload API serving");
+        if let Err(e) = tonic::transport::Server::builder()
+            .add_service(SpiffeWorkloadApiServer::new(api))
+            .serve_with_incoming_shutdown(incoming, shutdown)
+            .await
+        {
+            tracing::error!(socket = %socket_path, error = %e, "Workload API failed");
+        }
+    }))
+}

@@ -1,0 +1,199 @@
+//! `bench-wireguard` (`make bench-wireguard`): one iperf3 TCP flow from a pod on node 0 to
+//! a pod on node 1, through (a) plain routing, (b) Veil's WireGuard, (c) wireguard-go on
+//! the same topology, measured in one run, with the CPU time of the process doing the
+//! encryption. The last line is the RESULT line.
+
+use std::net::Ipv4Addr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use veil_testbed::{bed::Pod, bins, eventually, process::Proc, BedConfig, TestBed};
+
+/// Seconds per iperf3 run: long enough for TCP to settle, short enough for CI.
+const SECONDS: u32 = 8;
+
+/// CPU seconds (user + system) a process has used.
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // Fields after the command name, which is in parentheses and may hold spaces.
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
+        + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}
+
+/// Runs one iperf3 flow from `client` to `server`; returns Gbit/s.
+fn iperf(client: &Pod, server: &Pod) -> Result<f64> {
+    let mut srv: Child = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            server.netns.name(),
+            "iperf3",
+            "-s",
+            "-1",
+            "-p",
+            "5201",
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("start iperf3 server")?;
+    let out = eventually(
+        "iperf3 run",
+        Duration::from_secs(SECONDS as u64 + 30),
+        || {
+            let out = client.netns.exec(&[
+                "iperf3",
+                "-c",
+                &server.ip.to_string(),
+                "-p",
+                "5201",
+                "-t",
+                &SECONDS.to_string(),
+                "-J",
+            ])?;
+            // Until the server listens, iperf3 reports "connection refused" in its JSON.
+        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        Ok((out.status.success() && json.get("error").is_none()).then_some(json))
+        },
+    );
+    let _ = srv.kill();
+    let _ = srv.wait();
+    let json = out?;
+    let Some(bps) = json["end"]["sum_received"]["bits_per_second"].as_f64() else {
+        bail!("iperf3 gave no result: {}", json.get("error").unwrap_or(&json["end"]));
+    };
+    Ok(bps / 1e9)
+}
+
+fn pods(bed: &TestBed) -> Result<(Pod, Pod)> {
+    let a = bed.add_pod(0, "bench-a")?;
+    let c = bed.add_pod(1, "bench-c")?;
+    eventually("cross-node ping", Duration::from_secs(20), || {
+        Ok(a.ping(c.ip).ok())
+    })?;
+    Ok((a, c))
+}
+
+fn plain() -> Result<f64> {
+    let bed = TestBed::start(BedConfig {
+        encryption: "none",
+        ..Default::default()
+    })?;
+    let (a, c) = pods(&bed)?;
+    iperf(&a, &c)
+}
+
+fn veil() -> Result<(f64, f64)> {
+    let bed = TestBed::start(BedConfig::default())?;
+    let (a, c) = pods(&bed)?;
+    let pids = [bed.agent_pid(0).unwrap_or(0), bed.agent_pid(1).unwrap_or(0)];
+    let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    let gbps = iperf(&a, &c)?;
+    let after: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
+    Ok((gbps, after - before))
+}
+
+/// Plain-routed bed, then a wireguard-go device on each node and /32 routes for the two
+/// pods through them (more specific than the agents' routes, which the agents leave alone).
+fn wireguard_go() -> Result<(f64, f64)> {
+    let bed = TestBed::start(BedConfig {
+        encryption: "none",
+        ..Default::default()
+    })?;
+    let (a, c) = pods(&bed)?;
+    let mut procs = Vec::new();
+    let mut keys = Vec::new();
+    for i in 0..2 {
+        let node = bed.node(i);
+        let dev = format!("wgb{}n{i}", bed.index);
+        let mut cmd = Command::new(bins::tool("wireguard-go")?);
+        cmd.args(["-f", &dev])
+            .env("WG_I_PREFER_BUGGY_USERSPACE_TO_POLISHED_KMOD", "1");
+        procs.push(Proc::spawn(
+            "wireguard-go",
+            cmd,
+            &node.dir.join("wireguard-go.log"),
+            Some(&node.netns.path()),
+        )?);
+        let key = Command::new("wg").arg("genkey").output()?.stdout;
+        let path = node.dir.join("wg.key");
+        std::fs::write(&path, &key)?;
+        let mut child = Command::new("wg")
+            .arg("pubkey")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()?;
+        std::io::Write::write_all(&mut child.stdin.take().expect("piped"), &key)?;
+        let public = String::from_utf8(child.wait_with_output()?.stdout)?
+            .trim()
+            .to_string();
+        keys.push((dev, path, public));
+    }
+    for (i, (pod_here, pod_there)) in [(&a, &c), (&c, &a)].into_iter().enumerate() {
+        let node = bed.node(i);
+        let peer = bed.node(1 - i);
+        let (dev, key, _) = &keys[i];
+        let peer_public = &keys[1 - i].2;
+        eventually("wireguard-go up", Duration::from_secs(10), || {
+            Ok(node
+                .netns
+                .exec(&["wg", "show", dev])?
+                .status
+                .success()
+                .then_some(()))
+        })?;
+        let out = node.netns.exec(&[
+            "wg",
+            "set",
+            dev,
+            "listen-port",
+            "51820",
+            "private-key",
+            key.to_str().unwrap_or_default(),
+            "peer",
+            peer_public,
+            "endpoint",
+            &format!("{}:51820", peer.ip),
+            "allowed-ips",
+            &peer.pod_cidr.to_string(),
+        ])?;
+        if !out.status.success() {
+            bail!("wg set: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        // Same inner MTU as Veil's device: underlay 1500 minus 60 for IPv4.
+        node.netns.ip(&["link", "set", dev, "mtu", "1440", "up"])?;
+        node.netns
+            .ip(&["route", "add", &format!("{}/32", pod_there.ip), "dev", dev])?;
+        let _: Ipv4Addr = pod_here.ip;
+    }
+    eventually("ping through wireguard-go", Duration::from_secs(20), || {
+        Ok(a.ping(c.ip).ok())
+    })?;
+    let before: f64 = procs.iter().map(|p| cpu_seconds(p.pid())).sum();
+    let gbps = iperf(&a, &c)?;
+    let after: f64 = procs.iter().map(|p| cpu_seconds(p.pid())).sum();
+    Ok((gbps, after - before))
+}
+
+fn main() -> Result<()> {
+    let plain_gbps = plain()?;
+    println!("plain routing:   {plain_gbps:.2} Gbit/s (kernel only)");
+    let (veil_gbps, veil_cpu) = veil()?;
+    println!(
+        "veil wireguard:  {veil_gbps:.2} Gbit/s, agents used {veil_cpu:.1} CPU-s in {SECONDS} s"
+    );
+    let (wggo_gbps, wggo_cpu) = wireguard_go()?;
+    println!("wireguard-go:    {wggo_gbps:.2} Gbit/s, wireguard-go used {wggo_cpu:.1} CPU-s in {SECONDS} s");
+    println!(
+        "RESULT wireguard veil_gbps={veil_gbps:.2} wggo_gbps={wggo_gbps:.2} plain_gbps={plain_gbps:.2} veil_vs_wggo={:.2} veil_vs_plain={:.2}",
+        veil_gbps / wggo_gbps,
+        veil_gbps / plain_gbps
+    );
+    Ok(())
+}
