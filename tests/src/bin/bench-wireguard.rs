@@ -58,15 +58,18 @@ fn iperf(client: &Pod, server: &Pod) -> Result<f64> {
                 "-J",
             ])?;
             // Until the server listens, iperf3 reports "connection refused" in its JSON.
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        Ok((out.status.success() && json.get("error").is_none()).then_some(json))
+            let json: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            Ok((out.status.success() && json.get("error").is_none()).then_some(json))
         },
     );
     let _ = srv.kill();
     let _ = srv.wait();
     let json = out?;
     let Some(bps) = json["end"]["sum_received"]["bits_per_second"].as_f64() else {
-        bail!("iperf3 gave no result: {}", json.get("error").unwrap_or(&json["end"]));
+        bail!(
+            "iperf3 gave no result: {}",
+            json.get("error").unwrap_or(&json["end"])
+        );
     };
     Ok(bps / 1e9)
 }
