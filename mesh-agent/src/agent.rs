@@ -11,6 +11,7 @@ use rtnetlink::packet_route::link::LinkAttribute;
 use tokio::sync::watch;
 
 use crate::config::{Config, Encryption};
+use crate::identity::Identity;
 use crate::ipam::Ipam;
 use crate::k8s::{self, NodeInfo};
 use crate::netns;
@@ -60,6 +61,7 @@ pub struct Agent {
     wireguard: Option<(Arc<Wireguard>, u32)>,
     rotate_rx:
         Option<tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, String>>>>,
+    identity: Option<Identity>,
 }
 
 /// Publishes the node's WireGuard key, retrying until the API server takes it: peers
@@ -150,6 +152,9 @@ impl Agent {
                 (Some((wg, device.header.index)), Some(tx), Some(rx))
             }
         };
+        // Identity starts in `run`, in the background: an unreachable issuer or a missing
+        // trust bundle must not keep pods from getting their network.
+        let identity = Identity::new(&config);
         let service = Arc::new(PodService {
             ipam,
             netlink,
@@ -157,6 +162,7 @@ impl Agent {
             pod_mtu,
             wireguard: wireguard.as_ref().map(|(wg, _)| wg.clone()),
             rotate: rotate_tx,
+            attestor: identity.as_ref().map(|i| i.attestor.clone()),
         });
         service.restore().await;
         let listener = server::bind(&config.cni_socket).map_err(|source| StartError::Bind {
@@ -173,6 +179,7 @@ impl Agent {
             config,
             wireguard,
             rotate_rx,
+            identity,
         })
     }
 
@@ -215,6 +222,11 @@ impl Agent {
             ))),
             _ => None,
         };
+        let workload_socket = self.identity.as_ref().map(|i| i.socket().to_path_buf());
+        let identity = self
+            .identity
+            .take()
+            .map(|identity| tokio::spawn(identity.run(self.client.clone())));
         let serve = tokio::spawn(server::serve(listener, self.service.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         tokio::select! {
@@ -226,6 +238,13 @@ impl Agent {
         routes.abort();
         if let Some(rotation) = rotation {
             rotation.abort();
+        }
+        if let Some(identity) = identity {
+            identity.abort();
+            let _ = identity.await;
+        }
+        if let Some(socket) = workload_socket {
+            let _ = std::fs::remove_file(socket);
         }
         let _ = std::fs::remove_file(&self.config.cni_socket);
         Ok(())

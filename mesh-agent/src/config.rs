@@ -21,6 +21,18 @@ pub const DEFAULT_WIREGUARD_PORT: u16 = 51871;
 pub const DEFAULT_KEY_ROTATION: &str = "24h";
 /// The smallest MTU IPv4 guarantees; below it a setting is a mistake.
 pub const MIN_MTU: u32 = 576;
+/// The issuer's namespace, where it publishes the trust bundle: the chart installs it
+/// there, and `veil-issuer --namespace` defaults to the same.
+pub const DEFAULT_TRUST_BUNDLE_NAMESPACE: &str = "veil-system";
+/// The ConfigMap the issuer publishes the trust bundle in (`veil-issuer
+/// --bundle-configmap`'s default).
+pub const DEFAULT_TRUST_BUNDLE_CONFIGMAP: &str = "veil-trust-bundle";
+/// The issuer's ServiceAccount (`veil-issuer --service-account`'s default); its serving
+/// certificate names `spiffe://<trust domain>/ns/<bundle namespace>/sa/veil-issuer`.
+pub const DEFAULT_ISSUER_SERVICE_ACCOUNT: &str = "veil-issuer";
+/// Where workloads find the SPIFFE Workload API: under `/run` like the CNI socket (a
+/// reboot clears it), a path pods mount with a hostPath volume.
+pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/veil/workload.sock";
 
 /// The agent's configuration.
 #[derive(Debug, Clone, Parser)]
@@ -57,6 +69,27 @@ pub struct Config {
     /// Period of WireGuard key rotation (`30m`, `12h`, `7d`; `0` turns it off).
     #[arg(long, env = "VEIL_KEY_ROTATION", default_value = DEFAULT_KEY_ROTATION, value_parser = parse_period)]
     pub key_rotation: std::time::Duration,
+    /// The SPIFFE issuer (`host:port`). Identity is on only when this is set: the agent
+    /// then keeps an SVID for every pod on its node and serves the Workload API.
+    #[arg(long, env = "VEIL_ISSUER_ADDRESS")]
+    pub issuer_address: Option<String>,
+    /// The SPIFFE ID the issuer must present; by default
+    /// `spiffe://<bundle's trust domain>/ns/<trust bundle namespace>/sa/veil-issuer`.
+    #[arg(long, env = "VEIL_ISSUER_ID")]
+    pub issuer_id: Option<String>,
+    /// The agent's projected ServiceAccount token (audience `veil-issuer`), re-read on
+    /// every request because the kubelet rotates it. Required with `--issuer-address`.
+    #[arg(long, env = "VEIL_ISSUER_TOKEN_FILE")]
+    pub issuer_token_file: Option<PathBuf>,
+    /// Namespace of the ConfigMap the issuer publishes the trust bundle in.
+    #[arg(long, env = "VEIL_TRUST_BUNDLE_NAMESPACE", default_value = DEFAULT_TRUST_BUNDLE_NAMESPACE)]
+    pub trust_bundle_namespace: String,
+    /// The ConfigMap the issuer publishes the trust bundle in.
+    #[arg(long, env = "VEIL_TRUST_BUNDLE_CONFIGMAP", default_value = DEFAULT_TRUST_BUNDLE_CONFIGMAP)]
+    pub trust_bundle_configmap: String,
+    /// Unix socket of the SPIFFE Workload API (served only with identity on).
+    #[arg(long, env = "VEIL_WORKLOAD_API_SOCKET", default_value = DEFAULT_WORKLOAD_API_SOCKET)]
+    pub workload_api_socket: PathBuf,
 }
 
 /// Node-to-node encryption modes.
@@ -136,6 +169,56 @@ impl Config {
                 reason: "shorter than a minute would keep peers re-handshaking; use 0 to turn rotation off".into(),
             });
         }
+        self.validate_identity()
+    }
+
+    /// Whether the agent obtains SVIDs and serves the Workload API.
+    pub fn identity_enabled(&self) -> bool {
+        self.issuer_address.is_some()
+    }
+
+    fn validate_identity(&self) -> Result<(), ConfigError> {
+        let Some(address) = &self.issuer_address else {
+            return Ok(());
+        };
+        let port_ok = address.rsplit_once(':').is_some_and(|(host, port)| {
+            !host.is_empty() && port.parse::<u16>().is_ok_and(|p| p != 0)
+        });
+        if !port_ok {
+            return Err(ConfigError {
+                setting: "--issuer-address (VEIL_ISSUER_ADDRESS)",
+                reason: format!("{address:?} is not host:port"),
+            });
+        }
+        if self.issuer_token_file.is_none() {
+            return Err(ConfigError {
+                setting: "--issuer-token-file (VEIL_ISSUER_TOKEN_FILE)",
+                reason: "is required when --issuer-address is set (the issuer authenticates agents by their ServiceAccount token)".into(),
+            });
+        }
+        if let Some(id) = &self.issuer_id {
+            veil_identity::parse_id(id).map_err(|e| ConfigError {
+                setting: "--issuer-id (VEIL_ISSUER_ID)",
+                reason: e.to_string(),
+            })?;
+        }
+        for (setting, value) in [
+            (
+                "--trust-bundle-namespace (VEIL_TRUST_BUNDLE_NAMESPACE)",
+                &self.trust_bundle_namespace,
+            ),
+            (
+                "--trust-bundle-configmap (VEIL_TRUST_BUNDLE_CONFIGMAP)",
+                &self.trust_bundle_configmap,
+            ),
+        ] {
+            if value.trim().is_empty() {
+                return Err(ConfigError {
+                    setting,
+                    reason: "must not be empty".into(),
+                });
+            }
+        }
         Ok(())
     }
 
@@ -182,6 +265,45 @@ mod tests {
             .validate()
             .unwrap_err();
         assert!(err.to_string().contains("--key-rotation"), "{err}");
+    }
+
+    #[test]
+    fn config_identity_is_off_by_default_and_needs_a_token_file() {
+        let config = parse(&["--node-name", "n1"]);
+        config.validate().unwrap();
+        assert!(!config.identity_enabled());
+        assert_eq!(config.trust_bundle_namespace, "veil-system");
+        assert_eq!(config.trust_bundle_configmap, "veil-trust-bundle");
+        assert_eq!(
+            config.workload_api_socket,
+            PathBuf::from("/run/veil/workload.sock")
+        );
+        let err = parse(&["--node-name", "n1", "--issuer-address", "issuer:8443"])
+            .validate()
+            .unwrap_err();
+        assert!(err.to_string().contains("--issuer-token-file"), "{err}");
+        let on = parse(&[
+            "--node-name",
+            "n1",
+            "--issuer-address",
+            "issuer:8443",
+            "--issuer-token-file",
+            "/t",
+        ]);
+        on.validate().unwrap();
+        assert!(on.identity_enabled());
+        for (flag, value, bad) in [
+            ("--issuer-address", "issuer", "--issuer-address"),
+            ("--issuer-id", "https://x/y", "--issuer-id"),
+        ] {
+            let mut args = vec!["--node-name", "n1", "--issuer-token-file", "/t"];
+            if flag != "--issuer-address" {
+                args.extend(["--issuer-address", "issuer:8443"]);
+            }
+            args.extend([flag, value]);
+            let err = parse(&args).validate().unwrap_err();
+            assert!(err.to_string().contains(bad), "{err}");
+        }
     }
 
     #[test]

@@ -59,6 +59,9 @@ struct Record {
     ifname: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pod: Option<String>,
+    /// Added after the first release: files written before it load with `None`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns: Option<String>,
 }
 
 /// One allocated address.
@@ -68,6 +71,17 @@ pub struct Allocation {
     pub key: AttachmentKey,
     /// `namespace/name` of the pod, when the runtime said.
     pub pod: Option<String>,
+    /// The pod's network namespace path (`CNI_NETNS`), so a restarted agent can attest
+    /// the pod's processes again.
+    pub netns: Option<String>,
+}
+
+impl Allocation {
+    /// The pod's namespace and name, when the runtime said.
+    pub fn pod_key(&self) -> Option<(String, String)> {
+        let (ns, name) = self.pod.as_deref()?.split_once('/')?;
+        Some((ns.to_string(), name.to_string()))
+    }
 }
 
 struct State {
@@ -144,6 +158,7 @@ impl Ipam {
                         ifname: record.ifname,
                     },
                     pod: record.pod,
+                    netns: record.netns,
                 },
             );
         }
@@ -179,6 +194,16 @@ impl Ipam {
     /// Allocates an address for `key`, or returns the one it already has (ADD is retried
     /// by runtimes, and a retry must not take a second address).
     pub fn allocate(&self, key: &AttachmentKey, pod: Option<&str>) -> Result<Ipv4Addr, IpamError> {
+        self.allocate_in(key, pod, None)
+    }
+
+    /// [`Ipam::allocate`], recording the pod's network namespace path as well.
+    pub fn allocate_in(
+        &self,
+        key: &AttachmentKey,
+        pod: Option<&str>,
+        netns: Option<&str>,
+    ) -> Result<Ipv4Addr, IpamError> {
         let mut state = self.state.lock().expect("ipam lock poisoned");
         if let Some((ip, _)) = state.by_ip.iter().find(|(_, a)| a.key == *key) {
             return Ok(*ip);
@@ -198,6 +223,7 @@ impl Ipam {
         let allocation = Allocation {
             key: key.clone(),
             pod: pod.map(str::to_string),
+            netns: netns.map(str::to_string),
         };
         self.write_record(free, &allocation)?;
         state.by_ip.insert(free, allocation);
@@ -242,6 +268,12 @@ impl Ipam {
             .map(|(ip, _)| *ip)
     }
 
+    /// The allocation of `key`, if any.
+    pub fn allocation(&self, key: &AttachmentKey) -> Option<Allocation> {
+        let state = self.state.lock().expect("ipam lock poisoned");
+        state.by_ip.values().find(|a| a.key == *key).cloned()
+    }
+
     /// Every allocation, in address order.
     pub fn allocations(&self) -> Vec<(Ipv4Addr, Allocation)> {
         let state = self.state.lock().expect("ipam lock poisoned");
@@ -255,6 +287,7 @@ impl Ipam {
             container_id: allocation.key.container_id.clone(),
             ifname: allocation.key.ifname.clone(),
             pod: allocation.pod.clone(),
+            netns: allocation.netns.clone(),
         };
         let tmp = self.dir.join(format!(".{ip}.tmp"));
         let path = self.dir.join(ip.to_string());
@@ -343,6 +376,28 @@ mod tests {
         assert_eq!(ipam.release(&key("a")).unwrap(), Some(a));
         assert_eq!(ipam.release(&key("a")).unwrap(), None);
         assert_ne!(ipam.allocate(&key("b"), None).unwrap(), a);
+    }
+
+    #[test]
+    fn cni_ipam_keeps_the_netns_and_reads_old_records() {
+        let dir = tempfile::tempdir().unwrap();
+        let pool = "198.19.5.0/24".parse().unwrap();
+        // A record written before the netns was kept.
+        fs::write(
+            dir.path().join("198.19.5.2"),
+            br#"{"containerId":"old","ifname":"eth0","pod":"default/old"}"#,
+        )
+        .unwrap();
+        let ipam = Ipam::open(pool, dir.path()).unwrap();
+        ipam.allocate_in(&key("new"), Some("default/new"), Some("/run/netns/new"))
+            .unwrap();
+        let ipam = Ipam::open(pool, dir.path()).unwrap();
+        let old = ipam.allocation(&key("old")).unwrap();
+        assert_eq!(old.netns, None);
+        assert_eq!(old.pod_key(), Some(("default".into(), "old".into())));
+        let new = ipam.allocation(&key("new")).unwrap();
+        assert_eq!(new.netns.as_deref(), Some("/run/netns/new"));
+        assert_eq!(new.pod_key(), Some(("default".into(), "new".into())));
     }
 
     #[test]

@@ -87,6 +87,13 @@ impl PodCounters {
         })
     }
 
+    fn program(ebpf: &mut Ebpf) -> &mut SchedClassifier {
+        ebpf.program_mut(FROM_POD_PROGRAM)
+            .expect("loaded in PodCounters::load")
+            .try_into()
+            .expect("loaded as a classifier")
+    }
+
     fn map(ebpf: &mut Ebpf) -> PerCpuHashMap<&mut MapData, u32, RawCounters> {
         PerCpuHashMap::try_from(ebpf.map_mut(POD_TX_MAP).expect("POD_TX is in the object"))
             .expect("POD_TX is a per-CPU hash of u32 to PodCounters")
@@ -114,12 +121,7 @@ impl PodCounters {
             })?;
         // Kernels before 6.6 attach through a clsact qdisc; on TCX kernels it is harmless.
         let _ = tc::qdisc_add_clsact(ifname);
-        let program: &mut SchedClassifier = inner
-            .ebpf
-            .program_mut(FROM_POD_PROGRAM)
-            .expect("loaded")
-            .try_into()
-            .expect("loaded as a classifier");
+        let program = Self::program(&mut inner.ebpf);
         let link = program
             .attach(ifname, TcAttachType::Ingress)
             .map_err(|e| attach_err(format!("{e:?}")))?;
@@ -136,12 +138,7 @@ impl PodCounters {
     }
 
     fn forget(&self, inner: &mut Loaded, ifname: &str, ifindex: u32, link: SchedClassifierLinkId) {
-        let program: &mut SchedClassifier = inner
-            .ebpf
-            .program_mut(FROM_POD_PROGRAM)
-            .expect("loaded")
-            .try_into()
-            .expect("loaded as a classifier");
+        let program = Self::program(&mut inner.ebpf);
         // The link is already gone when the veth was deleted first; that is fine.
         if let Err(e) = program.detach(link) {
             tracing::debug!(ifname, error = %e, "detach counter");

@@ -15,6 +15,7 @@ use crate::cni::spec::{CniError, CniResult, ErrorCode, Interface, IpConfig, Rout
 use crate::ipam::{Ipam, IpamError};
 use crate::pod_counters::PodCounters;
 use crate::podnet::{self, format_mac, PodNetError, POD_GATEWAY};
+use veil_identity::workload_api::NetnsAttestor;
 
 /// A request line larger than this is not a CNI request; the cap keeps a broken client
 /// from growing the agent's memory.
@@ -35,6 +36,8 @@ pub struct PodService {
     /// Asks the agent's rotation task to rotate now; it answers with the new key.
     pub rotate:
         Option<tokio::sync::mpsc::Sender<tokio::sync::oneshot::Sender<Result<String, String>>>>,
+    /// Maps pod network namespaces to pods for the Workload API, when identity is on.
+    pub attestor: Option<Arc<NetnsAttestor>>,
 }
 
 impl From<IpamError> for CniError {
@@ -59,9 +62,13 @@ impl From<PodNetError> for CniError {
 }
 
 impl PodService {
-    /// Re-attaches counters to the pods that survived an agent restart.
+    /// Re-attaches counters to the pods that survived an agent restart, and registers
+    /// their namespaces with the attestor again.
     pub async fn restore(&self) {
         for (ip, allocation) in self.ipam.allocations() {
+            if let (Some(netns), Some(pod)) = (&allocation.netns, allocation.pod_key()) {
+                self.register_netns(Path::new(netns), pod);
+            }
             let ifname = podnet::host_ifname(&allocation.key);
             match podnet::link_by_name(&self.netlink, &ifname).await {
                 Ok(Some(link)) => match self.counters.attach(&ifname, link.header.index) {
@@ -105,7 +112,7 @@ impl PodService {
             (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
             _ => None,
         };
-        let ip = self.ipam.allocate(&a.key, pod.as_deref())?;
+        let ip = self.ipam.allocate_in(&a.key, pod.as_deref(), Some(netns))?;
         let attached = match self.attach(a, Path::new(netns), ip).await {
             Ok(attached) => attached,
             Err(e) => {
@@ -118,6 +125,9 @@ impl PodService {
             }
         };
         tracing::info!(container = a.key.container_id, pod, %ip, host_ifname = attached.host_ifname, "pod attached");
+        if let (Some(ns), Some(name)) = (&a.pod_namespace, &a.pod_name) {
+            self.register_netns(Path::new(netns), (ns.clone(), name.clone()));
+        }
         Ok(CniResult {
             cni_version: a.cni_version.clone(),
             interfaces: vec![
@@ -163,7 +173,37 @@ impl PodService {
         Ok(attached)
     }
 
+    /// Tells the attestor (if identity is on) that `netns` is `pod`'s. A failure costs the
+    /// pod its identity, never its network, so it is only logged.
+    fn register_netns(&self, netns: &Path, pod: (String, String)) {
+        let Some(attestor) = &self.attestor else {
+            return;
+        };
+        match attestor.register(netns, pod.clone()) {
+            Ok(()) => {
+                tracing::debug!(namespace = pod.0, pod = pod.1, netns = %netns.display(), "netns registered for attestation")
+            }
+            Err(e) => {
+                tracing::warn!(namespace = pod.0, pod = pod.1, netns = %netns.display(), error = %e, "cannot register netns for attestation; the pod gets no identity")
+            }
+        }
+    }
+
     async fn del(&self, key: &AttachmentKey) -> Result<(), CniError> {
+        if let Some(attestor) = &self.attestor {
+            if let Some(pod) = self.ipam.allocation(key).and_then(|a| a.pod_key()) {
+                attestor.unregister(&pod);
+                // A newer sandbox of the same pod (ADD may come before the old one's DEL)
+                // keeps its registration.
+                for (_, other) in self.ipam.allocations() {
+                    if other.key != *key && other.pod_key().as_ref() == Some(&pod) {
+                        if let Some(netns) = &other.netns {
+                            self.register_netns(Path::new(netns), pod.clone());
+                        }
+                    }
+                }
+            }
+        }
         let ifname = podnet::host_ifname(key);
         self.counters.detach(&ifname);
         podnet::del(&self.netlink, key).await?;

@@ -75,6 +75,14 @@ fn agent_binary_exits_64_naming_a_bad_setting() {
     assert!(stderr.contains("--pod-mtu"), "{stderr}");
     let (code, _, stderr) = run(env!("CARGO_BIN_EXE_mesh-agent"), &[], &[], b"");
     assert_eq!(code, 64, "a missing node name is a usage error: {stderr}");
+    let (code, _, stderr) = run(
+        env!("CARGO_BIN_EXE_mesh-agent"),
+        &["--node-name", "n1", "--issuer-address", "issuer:8443"],
+        &[],
+        b"",
+    );
+    assert_eq!(code, 64, "identity without a token: {stderr}");
+    assert!(stderr.contains("--issuer-token-file"), "{stderr}");
 }
 
 #[test]

@@ -66,6 +66,8 @@ pub struct Node {
     pub pod_cidr: Ipv4Net,
     /// Directory with its kubeconfig, agent state, socket and logs.
     pub dir: PathBuf,
+    /// Extra arguments for its agent (see [`TestBed::set_agent_args`]).
+    agent_args: Vec<String>,
     // Drop order: the agent stops before its namespace goes.
     agent: Option<Proc>,
     /// The node's namespace.
@@ -434,6 +436,7 @@ impl TestBed {
             ip: node_ip,
             pod_cidr,
             dir,
+            agent_args: Vec::new(),
             agent: None,
             netns,
         });
@@ -505,6 +508,12 @@ impl TestBed {
         })
     }
 
+    /// Extra arguments for node `i`'s agent from its next start on (e.g. identity flags);
+    /// with [`TestBed::add_bare_node`] they apply from the first start.
+    pub fn set_agent_args(&mut self, i: usize, args: Vec<String>) {
+        self.nodes[i].agent_args = args;
+    }
+
     /// Starts node `i`'s agent and waits until it answers on its socket.
     pub fn start_agent(&mut self, i: usize) -> Result<()> {
         let node = &self.nodes[i];
@@ -521,6 +530,7 @@ impl TestBed {
             .arg(self.config.encryption)
             .arg("--cluster-pod-cidr")
             .arg(CLUSTER_POD_CIDR)
+            .args(&node.agent_args)
             .env("RUST_LOG", "info,mesh_agent=debug")
             .env("RUST_BACKTRACE", "0");
         let log = node

@@ -7,16 +7,17 @@
 use std::collections::BTreeSet;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use veil_testbed::objects::{meta, pod};
 
 use base64::Engine;
 use k8s_openapi::api::authentication::v1::{
     BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
 };
-use k8s_openapi::api::core::v1::{Container, Namespace, Node, Pod, PodSpec, ServiceAccount};
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
 };
-use kube::api::{ObjectMeta, PostParams};
+use kube::api::PostParams;
 use kube::Api;
 use veil_identity::client::{ClientError, Code, IssuerClient, PodRef, TokenSource};
 use veil_identity::issuer::{serve, IssuerService, IssuerSettings, NODE_NAME_EXTRA};
@@ -27,14 +28,6 @@ use veil_testbed::{BedConfig, TestBed};
 
 const AUDIENCE: &str = "veil-issuer";
 const SYSTEM_NS: &str = "veil-system";
-
-fn meta(name: &str, ns: Option<&str>) -> ObjectMeta {
-    ObjectMeta {
-        name: Some(name.into()),
-        namespace: ns.map(Into::into),
-        ..Default::default()
-    }
-}
 
 async fn create<K>(client: &kube::Client, ns: Option<&str>, obj: K) -> K
 where
@@ -64,24 +57,6 @@ where
         .create(&PostParams::default(), &obj)
         .await
         .unwrap()
-}
-
-fn pod(ns: &str, name: &str, node: &str, sa: &str) -> Pod {
-    Pod {
-        metadata: meta(name, Some(ns)),
-        spec: Some(PodSpec {
-            node_name: Some(node.into()),
-            service_account_name: Some(sa.into()),
-            automount_service_account_token: Some(false),
-            containers: vec![Container {
-                name: "main".into(),
-                image: Some("registry.invalid/none:1".into()),
-                ..Default::default()
-            }],
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
 }
 
 /// A token for `ns/sa` with audience `veil-issuer`, bound to `pod` (with its UID) when given.
@@ -276,11 +251,21 @@ fn identity_issuer_signs_only_for_pods_on_the_agents_node() {
         let agent_pod = create(
             &admin,
             Some(SYSTEM_NS),
-            pod(SYSTEM_NS, "agent-a", "node-a", "veil-agent"),
+            pod(SYSTEM_NS, "agent-a", "node-a", "veil-agent", false),
         )
         .await;
-        let web_a = create(&admin, Some("shop"), pod("shop", "web-a", "node-a", "web")).await;
-        create(&admin, Some("shop"), pod("shop", "web-b", "node-b", "web")).await;
+        let web_a = create(
+            &admin,
+            Some("shop"),
+            pod("shop", "web-a", "node-a", "web", false),
+        )
+        .await;
+        create(
+            &admin,
+            Some("shop"),
+            pod("shop", "web-b", "node-b", "web", false),
+        )
+        .await;
         let issuer_token = token_for(&admin, SYSTEM_NS, "veil-issuer", None, vec![]).await;
         (agent_pod, web_a, issuer_token)
     });

@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use veil_testbed::capture::Capture;
-use veil_testbed::{eventually, AgentRequest, AgentResponse, BedConfig, TestBed};
+use veil_testbed::{eventually, AgentRequest, AgentResponse, BedConfig, Pod, TestBed};
 
 const KEY: &str = "veil.dev/wireguard-public-key";
 
@@ -16,6 +16,17 @@ fn marker() -> Vec<u8> {
 
 fn marked_payload(len: usize) -> Vec<u8> {
     marker().into_iter().cycle().take(len).collect()
+}
+
+/// Pod `a` on node 0 and pod `c` on node 1, once they reach each other.
+fn connected_pods(bed: &TestBed) -> (Pod, Pod) {
+    let a = bed.add_pod(0, "a").unwrap();
+    let c = bed.add_pod(1, "c").unwrap();
+    eventually("cross-node ping", Duration::from_secs(20), || {
+        Ok(a.ping(c.ip).ok())
+    })
+    .unwrap();
+    (a, c)
 }
 
 /// Peers of node `i` as its agent reports them.
@@ -40,12 +51,7 @@ fn assert_only_wireguard(lines: &[String]) {
 #[test]
 fn wireguard_underlay_carries_no_plaintext() {
     let bed = TestBed::start(BedConfig::default()).unwrap();
-    let a = bed.add_pod(0, "a").unwrap();
-    let c = bed.add_pod(1, "c").unwrap();
-    eventually("cross-node ping", Duration::from_secs(20), || {
-        Ok(a.ping(c.ip).ok())
-    })
-    .unwrap();
+    let (a, c) = connected_pods(&bed);
 
     let filter = format!("ip and host {} and host {}", bed.node(0).ip, bed.node(1).ip);
     let capture = Capture::start(bed.underlay(), &filter, bed.dir()).unwrap();
@@ -83,12 +89,7 @@ fn wireguard_underlay_carries_no_plaintext() {
 #[test]
 fn wireguard_strict_mode_sends_nothing_before_the_peer_key_is_known() {
     let bed = TestBed::start(BedConfig::default()).unwrap();
-    let a = bed.add_pod(0, "a").unwrap();
-    let c = bed.add_pod(1, "c").unwrap();
-    eventually("cross-node ping", Duration::from_secs(20), || {
-        Ok(a.ping(c.ip).ok())
-    })
-    .unwrap();
+    let (a, c) = connected_pods(&bed);
     let key = bed
         .node_annotation(1, KEY)
         .unwrap()
@@ -192,12 +193,7 @@ fn wireguard_peers_follow_nodes_restarts_and_key_changes() {
         ..Default::default()
     })
     .unwrap();
-    let a = bed.add_pod(0, "a").unwrap();
-    let c = bed.add_pod(1, "c").unwrap();
-    eventually("cross-node ping", Duration::from_secs(20), || {
-        Ok(a.ping(c.ip).ok())
-    })
-    .unwrap();
+    let (a, c) = connected_pods(&bed);
     eventually("node-0 has two peers", Duration::from_secs(10), || {
         Ok((peers(&bed, 0).len() == 2).then_some(()))
     })
@@ -252,12 +248,7 @@ fn wireguard_peers_follow_nodes_restarts_and_key_changes() {
 #[test]
 fn wireguard_key_rotation_during_a_long_transfer_keeps_the_connection() {
     let bed = TestBed::start(BedConfig::default()).unwrap();
-    let a = bed.add_pod(0, "a").unwrap();
-    let c = bed.add_pod(1, "c").unwrap();
-    eventually("cross-node ping", Duration::from_secs(20), || {
-        Ok(a.ping(c.ip).ok())
-    })
-    .unwrap();
+    let (a, c) = connected_pods(&bed);
 
     // A paced transfer of 64 MiB over about four seconds, with both nodes rotating in the middle.
     const CHUNK: usize = 1 << 20;
