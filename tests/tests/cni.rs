@@ -416,3 +416,67 @@ fn cni_works_under_the_reference_cnitool() {
         "DEL freed the address"
     );
 }
+
+#[test]
+fn cni_1_1_status_and_gc_release_what_the_runtime_no_longer_holds() {
+    let bed = TestBed::start(BedConfig {
+        nodes: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let keep = bed.add_pod(0, "keep").unwrap();
+    let stale = bed.add_pod(0, "stale").unwrap();
+    let socket = bed.node(0).socket();
+    let conf = |extra: serde_json::Value| {
+        let mut conf = serde_json::json!({
+            "cniVersion": "1.1.0", "name": "veil", "type": "mesh-cni", "agentSocket": socket,
+        });
+        conf.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        conf.to_string().into_bytes()
+    };
+    let status = bed
+        .cni(
+            0,
+            &CniCall {
+                command: "STATUS".into(),
+                stdin: Some(conf(serde_json::json!({}))),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(
+        status.success,
+        "STATUS of a running agent: {}",
+        status.stdout
+    );
+
+    let valid = serde_json::json!({"cni.dev/valid-attachments": [
+        {"containerID": keep.container_id, "ifname": "eth0"},
+    ]});
+    let gc = bed
+        .cni(
+            0,
+            &CniCall {
+                command: "GC".into(),
+                stdin: Some(conf(valid)),
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    assert!(gc.success, "GC: {}", gc.stdout);
+    let pods = bed.agent_pods(0).unwrap();
+    assert_eq!(
+        pods.iter().map(|p| p.ip).collect::<Vec<_>>(),
+        vec![keep.ip],
+        "GC freed the stale address only"
+    );
+    let links = stale.netns.exec(&["ip", "-o", "link"]).unwrap();
+    assert!(
+        !String::from_utf8_lossy(&links.stdout).contains("eth0"),
+        "GC removed the stale pod's interface"
+    );
+    let fresh = bed.add_pod(0, "fresh").unwrap();
+    keep.ping(fresh.ip).unwrap();
+}
