@@ -95,6 +95,45 @@ impl Netns {
     }
 }
 
+impl Netns {
+    /// Runs the current test binary's ignored test `test` as a separate process inside the
+    /// namespace, with `env` added; returns its stdout and fails the calling test if the
+    /// child failed. A process, not a thread, because some checks (SO_PEERCRED and
+    /// `/proc/<pid>/ns/net`) see a process's main thread only.
+    pub fn run_test_child(&self, test: &str, env: &[(&str, &std::ffi::OsStr)]) -> String {
+        let exe = std::env::current_exe().expect("current test binary");
+        let out = Command::new("ip")
+            .args(["netns", "exec", &self.name])
+            .arg(exe)
+            .args([
+                "--exact",
+                test,
+                "--ignored",
+                "--nocapture",
+                "--test-threads=1",
+            ])
+            .envs(env.iter().map(|(k, v)| (*k, *v)))
+            .output()
+            .expect("run the test binary under ip netns exec");
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "child {test} in {} failed:\n{stdout}\n{}",
+            self.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        stdout
+    }
+}
+
+/// The value a child printed as a `KEY=value` line.
+pub fn child_field<'a>(out: &'a str, key: &str) -> &'a str {
+    out.lines()
+        // The test harness prints "test ... " before the first line of output.
+        .find_map(|l| l.split_once(&format!("{key}=")).map(|(_, v)| v))
+        .unwrap_or_else(|| panic!("child printed no {key}:\n{out}"))
+}
+
 impl Drop for Netns {
     fn drop(&mut self) {
         if let Err(e) = ip(&["netns", "del", &self.name]) {

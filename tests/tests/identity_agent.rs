@@ -13,7 +13,6 @@
 
 use std::collections::BTreeSet;
 use std::path::Path;
-use std::process::Command;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use veil_testbed::objects::{meta, pod};
@@ -26,7 +25,7 @@ use kube::Api;
 use veil_identity::issuer::{serve, IssuerService, IssuerSettings, DEFAULT_AUDIENCE};
 use veil_identity::k8s::{self, KubePods, TokenReviewAuthenticator};
 use veil_identity::{trust_domain, workload_id};
-use veil_testbed::net::Netns;
+use veil_testbed::net::{child_field, Netns};
 use veil_testbed::{BedConfig, TestBed};
 
 const SOCKET_ENV: &str = "VEIL_IDENTITY_AGENT_TEST_SOCKET";
@@ -97,39 +96,11 @@ fn run_child(ns: &Netns, socket: &Path) -> String {
 }
 
 fn child(ns: &Netns, socket: &Path, once: bool) -> String {
-    let exe = std::env::current_exe().unwrap();
-    let mut cmd = Command::new("ip");
+    let mut env = vec![(SOCKET_ENV, socket.as_os_str())];
     if once {
-        cmd.env(ONCE_ENV, "1");
+        env.push((ONCE_ENV, std::ffi::OsStr::new("1")));
     }
-    let out = cmd
-        .args(["netns", "exec", ns.name()])
-        .arg(exe)
-        .args([
-            "--exact",
-            "identity_agent_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(SOCKET_ENV, socket)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "child in {} failed:\n{stdout}\n{}",
-        ns.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn field<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines()
-        // The test harness prints "test ... " before the first line of output.
-        .find_map(|l| l.split_once(&format!("{key}=")).map(|(_, v)| v))
-        .unwrap_or_else(|| panic!("child printed no {key}:\n{out}"))
+    ns.run_test_child("identity_agent_child", &env)
 }
 
 #[test]
@@ -322,9 +293,9 @@ fn identity_agent_serves_each_pod_its_own_svid() {
     });
     for (out, sa) in [(&out_a, "alice"), (&out_b, "bob")] {
         let want = format!("spiffe://cluster.local/ns/default/sa/{sa}");
-        assert_eq!(field(out, "SPIFFE_ID"), want);
-        assert_eq!(field(out, "SOURCE_ID"), want);
-        assert_eq!(field(out, "BUNDLE_ROOTS"), "1");
+        assert_eq!(child_field(out, "SPIFFE_ID"), want);
+        assert_eq!(child_field(out, "SOURCE_ID"), want);
+        assert_eq!(child_field(out, "BUNDLE_ROOTS"), "1");
     }
 
     // This process runs in no pod: refused.
@@ -344,7 +315,7 @@ fn identity_agent_serves_each_pod_its_own_svid() {
     bed.restart_agent(node).unwrap();
     let again = run_child(&pod_b.netns, &socket);
     assert_eq!(
-        field(&again, "SPIFFE_ID"),
+        child_field(&again, "SPIFFE_ID"),
         "spiffe://cluster.local/ns/default/sa/bob"
     );
 
@@ -354,7 +325,10 @@ fn identity_agent_serves_each_pod_its_own_svid() {
         .unwrap();
     assert!(del.success, "{}", del.stdout);
     let out = child(&pod_a.netns, &socket, true);
-    assert!(field(&out, "REFUSED").contains("PermissionDenied"), "{out}");
+    assert!(
+        child_field(&out, "REFUSED").contains("PermissionDenied"),
+        "{out}"
+    );
 
     // The Pod object goes: its SVID goes with it.
     bed.block_on(Api::<Pod>::namespaced(admin.clone(), "default").delete(
@@ -369,7 +343,10 @@ fn identity_agent_serves_each_pod_its_own_svid() {
     veil_testbed::eventually("pod-b's SVID withdrawn", Duration::from_secs(20), || {
         let out = child(&pod_b.netns, &socket, true);
         if out.contains("REFUSED=") {
-            assert!(field(&out, "REFUSED").contains("PermissionDenied"), "{out}");
+            assert!(
+                child_field(&out, "REFUSED").contains("PermissionDenied"),
+                "{out}"
+            );
             return Ok(Some(()));
         }
         std::thread::sleep(Duration::from_millis(300));

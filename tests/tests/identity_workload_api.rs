@@ -8,7 +8,6 @@
 //! be its own process for netns attestation to see it).
 
 use std::path::Path;
-use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -20,7 +19,7 @@ use veil_identity::svid::new_key_and_csr;
 use veil_identity::tls::CertificateDer;
 use veil_identity::workload_api::{self, NetnsAttestor, WorkloadApi};
 use veil_identity::{trust_domain, workload_id, Svid};
-use veil_testbed::net::Netns;
+use veil_testbed::net::{child_field, Netns};
 
 const SOCKET_ENV: &str = "VEIL_IDENTITY_TEST_SOCKET";
 /// SVID lifetime in this test: short, so a renewal (at half-life) arrives within seconds.
@@ -99,35 +98,10 @@ fn identity_workload_api_child() {
 }
 
 fn run_child(ns: &Netns, socket: &Path) -> String {
-    let exe = std::env::current_exe().unwrap();
-    let out = Command::new("ip")
-        .args(["netns", "exec", ns.name()])
-        .arg(exe)
-        .args([
-            "--exact",
-            "identity_workload_api_child",
-            "--ignored",
-            "--nocapture",
-            "--test-threads=1",
-        ])
-        .env(SOCKET_ENV, socket)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "child in {} failed:\n{stdout}\n{}",
-        ns.name(),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    stdout
-}
-
-fn field<'a>(out: &'a str, key: &str) -> &'a str {
-    out.lines()
-        // The test harness prints "test ... " before the first line of output.
-        .find_map(|l| l.split_once(&format!("{key}=")).map(|(_, v)| v))
-        .unwrap_or_else(|| panic!("child printed no {key}:\n{out}"))
+    ns.run_test_child(
+        "identity_workload_api_child",
+        &[(SOCKET_ENV, socket.as_os_str())],
+    )
 }
 
 #[test]
@@ -181,24 +155,24 @@ fn identity_workload_api_serves_each_pod_its_own_svid() {
         (a.join().unwrap(), b.join().unwrap())
     });
     assert_eq!(
-        field(&out_a, "SPIFFE_ID"),
+        child_field(&out_a, "SPIFFE_ID"),
         "spiffe://cluster.local/ns/shop/sa/alice"
     );
     assert_eq!(
-        field(&out_a, "ROTATED_ID"),
+        child_field(&out_a, "ROTATED_ID"),
         "spiffe://cluster.local/ns/shop/sa/alice"
     );
     assert_eq!(
-        field(&out_b, "SPIFFE_ID"),
+        child_field(&out_b, "SPIFFE_ID"),
         "spiffe://cluster.local/ns/shop/sa/bob"
     );
     assert_eq!(
-        field(&out_b, "ROTATED_ID"),
+        child_field(&out_b, "ROTATED_ID"),
         "spiffe://cluster.local/ns/shop/sa/bob"
     );
     for out in [&out_a, &out_b] {
-        assert_eq!(field(out, "BUNDLE_ROOTS"), "1");
-        assert_eq!(field(out, "DIRECT_BUNDLES"), "1");
+        assert_eq!(child_field(out, "BUNDLE_ROOTS"), "1");
+        assert_eq!(child_field(out, "DIRECT_BUNDLES"), "1");
     }
 
     // This process runs in no pod: refused.
