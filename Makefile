@@ -1,5 +1,6 @@
 # Veil: `make setup` once on a fresh machine, then `make test`. Everything runs as root.
 SHELL := /bin/bash
+HOME ?= /root
 export PATH := $(HOME)/.cargo/bin:/usr/local/go/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin
 VEIL_CACHE ?= /var/cache/veil
 export VEIL_CACHE
