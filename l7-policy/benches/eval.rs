@@ -4,7 +4,6 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
-use veil_l7_policy::{Request, Source};
 
 #[path = "workload.rs"]
 mod workload;
@@ -20,20 +19,7 @@ fn eval(c: &mut Criterion) {
             b.iter(|| {
                 let r = &reqs[i % reqs.len()];
                 i += 1;
-                let src = Source {
-                    spiffe_id: Some(&r.spiffe),
-                    namespace: Some(&r.ns),
-                    namespace_labels: Some(&r.ns_labels),
-                    pod_labels: None,
-                    service_account: Some(&r.sa),
-                };
-                let req = Request {
-                    method: r.method,
-                    authority: Some("api.shop.svc"),
-                    path: &r.path,
-                    headers: &r.headers,
-                    source_is_local_node_probe: false,
-                };
+                let (src, req) = (r.source(), r.request());
                 black_box(matcher.evaluate(&src, &req).decision)
             })
         });

@@ -9,7 +9,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use veil_l7_policy::{CompiledPolicy, L7PolicySpec, Pod, PortMatcher, Settings};
+use veil_l7_policy::{CompiledPolicy, L7PolicySpec, Pod, PortMatcher, Request, Settings, Source};
 
 /// The protected pod's labels.
 pub fn pod_labels() -> BTreeMap<String, String> {
@@ -79,6 +79,30 @@ pub struct Req {
     pub path: String,
     pub headers: Vec<(&'static str, String)>,
     pub ns_labels: BTreeMap<String, String>,
+}
+
+impl Req {
+    /// The source as the engine sees it.
+    pub fn source(&self) -> Source<'_> {
+        Source {
+            spiffe_id: Some(&self.spiffe),
+            namespace: Some(&self.ns),
+            namespace_labels: Some(&self.ns_labels),
+            pod_labels: None,
+            service_account: Some(&self.sa),
+        }
+    }
+
+    /// The request as the engine sees it.
+    pub fn request(&self) -> Request<'_> {
+        Request {
+            method: self.method,
+            authority: Some("api.shop.svc"),
+            path: &self.path,
+            headers: &self.headers,
+            source_is_local_node_probe: false,
+        }
+    }
 }
 
 /// `n` requests against `rules` rules: mostly allowed by a random rule, some denied.

@@ -16,7 +16,7 @@ use std::hint::black_box;
 use std::sync::Arc;
 use std::time::Instant;
 
-use veil_l7_policy::{CompiledPolicy, Decision, Request, Source};
+use veil_l7_policy::{CompiledPolicy, Decision};
 
 #[path = "../benches/workload.rs"]
 mod workload;
@@ -36,20 +36,7 @@ fn eval_percentiles(rules: usize) -> (u64, u64, u64, f64) {
         allowed = 0;
         for i in 0..SAMPLES {
             let r = &reqs[i % reqs.len()];
-            let src = Source {
-                spiffe_id: Some(&r.spiffe),
-                namespace: Some(&r.ns),
-                namespace_labels: Some(&r.ns_labels),
-                pod_labels: None,
-                service_account: Some(&r.sa),
-            };
-            let req = Request {
-                method: r.method,
-                authority: Some("api.shop.svc"),
-                path: &r.path,
-                headers: &r.headers,
-                source_is_local_node_probe: false,
-            };
+            let (src, req) = (r.source(), r.request());
             let start = Instant::now();
             let v = black_box(matcher.evaluate(black_box(&src), black_box(&req)));
             let ns = start.elapsed().as_nanos() as u64;
