@@ -258,6 +258,8 @@ fn wireguard_key_rotation_during_a_long_transfer_keeps_the_connection() {
     let sender = a.netns.spawn(move || {
         use std::io::Write;
         let mut stream = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        // A stalled tunnel must fail the test, not hang it.
+        stream.set_write_timeout(Some(Duration::from_secs(30)))?;
         for i in 0..CHUNKS {
             stream.write_all(&vec![(i % 251) as u8; CHUNK])?;
             std::thread::sleep(Duration::from_millis(60));

@@ -135,8 +135,11 @@ impl Wireguard {
     /// Makes the peer set equal to the nodes with a published key; unchanged peers keep
     /// their sessions, so established connections are not disturbed.
     pub fn set_peers(&self, nodes: &[NodeInfo]) {
+        // Hold the key for the whole swap: a rotation between reading the key and
+        // installing the table would leave new sessions on the old key for good.
+        let key = self.key.lock().expect("key lock");
+        let secret = key.secret();
         let current = self.shared.table();
-        let secret = self.key.lock().expect("key lock").secret();
         let peers = nodes
             .iter()
             .filter_map(|node| {
@@ -162,6 +165,7 @@ impl Wireguard {
             })
             .collect();
         self.shared.set_table(PeerTable::new(peers));
+        drop(key);
     }
 
     /// Replaces the node key; sessions re-handshake with the new key as soon as peers have
