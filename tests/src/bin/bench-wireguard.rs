@@ -26,8 +26,52 @@ fn cpu_seconds(pid: u32) -> f64 {
     ticks as f64 / hz
 }
 
+/// CPU seconds the whole machine has spent busy (everything but idle and I/O wait): all
+/// nodes, pods and iperf3 share these cores, so this is the budget each path competes for.
+fn machine_busy_seconds() -> f64 {
+    let stat = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+    let ticks: u64 = stat
+        .lines()
+        .next()
+        .unwrap_or("")
+        .split_whitespace()
+        .skip(1)
+        .enumerate()
+        // user nice system idle iowait irq softirq steal: skip idle (3) and iowait (4).
+        .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
+        .filter_map(|(_, v)| v.parse::<u64>().ok())
+        .sum();
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    ticks as f64 / hz
+}
+
+/// One measured flow.
+struct Flow {
+    gbps: f64,
+    /// CPU seconds the whole machine was busy during the flow.
+    machine_cpu: f64,
+}
+
+impl Flow {
+    /// Gigabits moved per CPU-second the machine spent: the path's cost, whoever paid it.
+    fn gbit_per_cpu_s(&self) -> f64 {
+        self.gbps * SECONDS as f64 / self.machine_cpu.max(0.001)
+    }
+}
+
+/// Runs one iperf3 flow from `client` to `server`, with the machine's CPU use.
+fn iperf(client: &Pod, server: &Pod) -> Result<Flow> {
+    let busy_before = machine_busy_seconds();
+    let gbps = iperf_gbps(client, server)?;
+    Ok(Flow {
+        gbps,
+        machine_cpu: machine_busy_seconds() - busy_before,
+    })
+}
+
 /// Runs one iperf3 flow from `client` to `server`; returns Gbit/s.
-fn iperf(client: &Pod, server: &Pod) -> Result<f64> {
+fn iperf_gbps(client: &Pod, server: &Pod) -> Result<f64> {
     let mut srv: Child = Command::new("ip")
         .args([
             "netns",
@@ -83,7 +127,7 @@ fn pods(bed: &TestBed) -> Result<(Pod, Pod)> {
     Ok((a, c))
 }
 
-fn plain() -> Result<f64> {
+fn plain() -> Result<Flow> {
     let bed = TestBed::start(BedConfig {
         encryption: "none",
         ..Default::default()
@@ -92,19 +136,19 @@ fn plain() -> Result<f64> {
     iperf(&a, &c)
 }
 
-fn veil() -> Result<(f64, f64)> {
+fn veil() -> Result<(Flow, f64)> {
     let bed = TestBed::start(BedConfig::default())?;
     let (a, c) = pods(&bed)?;
     let pids = [bed.agent_pid(0).unwrap_or(0), bed.agent_pid(1).unwrap_or(0)];
     let before: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-    let gbps = iperf(&a, &c)?;
+    let flow = iperf(&a, &c)?;
     let after: f64 = pids.iter().map(|p| cpu_seconds(*p)).sum();
-    Ok((gbps, after - before))
+    Ok((flow, after - before))
 }
 
 /// Plain-routed bed, then a wireguard-go device on each node and /32 routes for the two
 /// pods through them (more specific than the agents' routes, which the agents leave alone).
-fn wireguard_go() -> Result<(f64, f64)> {
+fn wireguard_go() -> Result<(Flow, f64)> {
     let bed = TestBed::start(BedConfig {
         encryption: "none",
         ..Default::default()
@@ -179,24 +223,53 @@ fn wireguard_go() -> Result<(f64, f64)> {
         Ok(a.ping(c.ip).ok())
     })?;
     let before: f64 = procs.iter().map(|p| cpu_seconds(p.pid())).sum();
-    let gbps = iperf(&a, &c)?;
+    let flow = iperf(&a, &c)?;
     let after: f64 = procs.iter().map(|p| cpu_seconds(p.pid())).sum();
-    Ok((gbps, after - before))
+    Ok((flow, after - before))
 }
 
 fn main() -> Result<()> {
-    let plain_gbps = plain()?;
-    println!("plain routing:   {plain_gbps:.2} Gbit/s (kernel only)");
-    let (veil_gbps, veil_cpu) = veil()?;
+    let plain = plain()?;
+    let machine = |f: &Flow| {
+        format!(
+            "machine busy {:.1} CPU-s, {:.2} Gbit per CPU-s",
+            f.machine_cpu,
+            f.gbit_per_cpu_s()
+        )
+    };
     println!(
-        "veil wireguard:  {veil_gbps:.2} Gbit/s, agents used {veil_cpu:.1} CPU-s in {SECONDS} s"
+        "plain routing:   {:.2} Gbit/s (kernel only); {}",
+        plain.gbps,
+        machine(&plain)
     );
-    let (wggo_gbps, wggo_cpu) = wireguard_go()?;
-    println!("wireguard-go:    {wggo_gbps:.2} Gbit/s, wireguard-go used {wggo_cpu:.1} CPU-s in {SECONDS} s");
+    let (veil, veil_cpu) = veil()?;
     println!(
-        "RESULT wireguard veil_gbps={veil_gbps:.2} wggo_gbps={wggo_gbps:.2} plain_gbps={plain_gbps:.2} veil_vs_wggo={:.2} veil_vs_plain={:.2}",
-        veil_gbps / wggo_gbps,
-        veil_gbps / plain_gbps
+        "veil wireguard:  {:.2} Gbit/s, agents used {veil_cpu:.1} CPU-s in {SECONDS} s; {}",
+        veil.gbps,
+        machine(&veil)
+    );
+    let (wggo, wggo_cpu) = wireguard_go()?;
+    println!(
+        "wireguard-go:    {:.2} Gbit/s, wireguard-go used {wggo_cpu:.1} CPU-s in {SECONDS} s; {}",
+        wggo.gbps,
+        machine(&wggo)
+    );
+    // Every node, pod and iperf3 here shares the machine's cores, so a path can go no
+    // faster than (cores x Gbit per CPU-s): the ceiling its cost per bit sets here.
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+    let ceiling = cores * veil.gbit_per_cpu_s();
+    println!(
+        "cost ceiling:    Veil at {:.2} Gbit per CPU-s on {cores} cores: {ceiling:.2} Gbit/s = {:.2} of plain",
+        veil.gbit_per_cpu_s(),
+        ceiling / plain.gbps
+    );
+    println!(
+        "RESULT wireguard veil_gbps={:.2} wggo_gbps={:.2} plain_gbps={:.2} veil_vs_wggo={:.2} veil_vs_plain={:.2}",
+        veil.gbps,
+        wggo.gbps,
+        plain.gbps,
+        veil.gbps / wggo.gbps,
+        veil.gbps / plain.gbps
     );
     Ok(())
 }
