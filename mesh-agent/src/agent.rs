@@ -1,7 +1,7 @@
 //! The agent's lifecycle: learn the node, open state, load eBPF, bind the CNI socket,
 //! keep peer routes current, and stop cleanly on SIGTERM.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -81,7 +81,7 @@ async fn publish_until_done(client: &kube::Client, node: &str, endpoint: k8s::Wi
 }
 
 /// The MTU of the interface that holds `ip`.
-async fn underlay_mtu(handle: &rtnetlink::Handle, ip: Ipv4Addr) -> Result<u32, StartError> {
+async fn underlay_mtu(handle: &rtnetlink::Handle, ip: IpAddr) -> Result<u32, StartError> {
     let net_err =
         |e: rtnetlink::Error| StartError::Network(format!("find underlay interface of {ip}: {e}"));
     let mut addresses = handle.address().get().execute();
@@ -90,7 +90,7 @@ async fn underlay_mtu(handle: &rtnetlink::Handle, ip: Ipv4Addr) -> Result<u32, S
         if msg
             .attributes
             .iter()
-            .any(|a| matches!(a, AddressAttribute::Address(IpAddr::V4(a)) if *a == ip))
+            .any(|a| matches!(a, AddressAttribute::Address(a) if *a == ip))
         {
             index = Some(msg.header.index);
         }
@@ -129,7 +129,8 @@ impl Agent {
         let node = k8s::wait_for_own_node(&client, &config.node_name).await;
         tracing::info!(node = node.name, pod_cidr = %node.pod_cidr, internal_ip = %node.internal_ip, "own node");
         let netlink = netns::netlink_here().map_err(|e| StartError::Network(e.to_string()))?;
-        let pod_mtu = config.pod_mtu_for(underlay_mtu(&netlink, node.internal_ip).await?);
+        let underlay = underlay_mtu(&netlink, node.internal_ip).await?;
+        let pod_mtu = config.pod_mtu_for(underlay, node.internal_ip);
         enable_forwarding()?;
         let ipam = Ipam::open(node.pod_cidr, &config.state_dir.join("ipam"))?;
         let counters = PodCounters::load()?;

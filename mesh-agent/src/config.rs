@@ -9,9 +9,11 @@ use clap::Parser;
 pub const DEFAULT_STATE_DIR: &str = "/var/lib/veil";
 /// Where the CNI plugin finds the agent; `/run` so a node reboot clears stale sockets.
 pub const DEFAULT_CNI_SOCKET: &str = crate::cni::spec::DEFAULT_AGENT_SOCKET;
-/// WireGuard over IPv4 adds 60 bytes (20 IP + 8 UDP + 32 WireGuard); pods get an MTU that
-/// leaves room for it now so enabling encryption never changes a running pod's MTU.
-pub const DEFAULT_ENCAP_OVERHEAD: u32 = 60;
+/// WireGuard over an IPv4 underlay adds 60 bytes (20 IP + 8 UDP + 32 WireGuard); pods get
+/// an MTU that leaves room for it now so enabling encryption never changes a running pod's MTU.
+pub const ENCAP_OVERHEAD_IPV4: u32 = 60;
+/// WireGuard over an IPv6 underlay adds 80 bytes (40 IP + 8 UDP + 32 WireGuard).
+pub const ENCAP_OVERHEAD_IPV6: u32 = 80;
 /// WireGuard's UDP port unless configured: one above the 51820 that wg-quick users often
 /// hold already, so a node running both does not clash.
 pub const DEFAULT_WIREGUARD_PORT: u16 = 51871;
@@ -53,9 +55,10 @@ pub struct Config {
     /// Pod interface MTU; by default the underlay MTU minus `encap_overhead`.
     #[arg(long, env = "VEIL_POD_MTU")]
     pub pod_mtu: Option<u32>,
-    /// Bytes reserved for encapsulation when deriving the pod MTU.
-    #[arg(long, env = "VEIL_ENCAP_OVERHEAD", default_value_t = DEFAULT_ENCAP_OVERHEAD)]
-    pub encap_overhead: u32,
+    /// Bytes reserved for encapsulation when deriving the pod MTU; by default 60 when the
+    /// node's InternalIP is IPv4, 80 when it is IPv6.
+    #[arg(long, env = "VEIL_ENCAP_OVERHEAD")]
+    pub encap_overhead: Option<u32>,
     /// Node-to-node encryption: `wireguard` (strict: never clear text) or `none`.
     #[arg(long, env = "VEIL_ENCRYPTION", value_enum, default_value_t = Encryption::Wireguard)]
     pub encryption: Encryption,
@@ -151,10 +154,10 @@ impl Config {
                 });
             }
         }
-        if self.encap_overhead > 1000 {
+        if let Some(overhead) = self.encap_overhead.filter(|o| *o > 1000) {
             return Err(ConfigError {
                 setting: "--encap-overhead (VEIL_ENCAP_OVERHEAD)",
-                reason: format!("{} bytes leaves no room for packets", self.encap_overhead),
+                reason: format!("{overhead} bytes leaves no room for packets"),
             });
         }
         if self.encryption == Encryption::Wireguard && self.wireguard_port == 0 {
@@ -222,11 +225,20 @@ impl Config {
         Ok(())
     }
 
-    /// The pod MTU for an underlay of `underlay_mtu` bytes.
-    pub fn pod_mtu_for(&self, underlay_mtu: u32) -> u32 {
+    /// The bytes WireGuard adds on an underlay reached from `node_ip`.
+    pub fn encap_overhead_for(&self, node_ip: std::net::IpAddr) -> u32 {
+        self.encap_overhead.unwrap_or(if node_ip.is_ipv4() {
+            ENCAP_OVERHEAD_IPV4
+        } else {
+            ENCAP_OVERHEAD_IPV6
+        })
+    }
+
+    /// The pod MTU for an underlay of `underlay_mtu` bytes reached from `node_ip`.
+    pub fn pod_mtu_for(&self, underlay_mtu: u32, node_ip: std::net::IpAddr) -> u32 {
         self.pod_mtu.unwrap_or(
             underlay_mtu
-                .saturating_sub(self.encap_overhead)
+                .saturating_sub(self.encap_overhead_for(node_ip))
                 .max(MIN_MTU),
         )
     }
@@ -245,11 +257,26 @@ mod tests {
         let config = parse(&["--node-name", "n1"]);
         config.validate().unwrap();
         assert_eq!(config.state_dir, PathBuf::from(DEFAULT_STATE_DIR));
-        assert_eq!(config.pod_mtu_for(1500), 1440);
+        let v4: std::net::IpAddr = "198.18.0.10".parse().unwrap();
+        let v6: std::net::IpAddr = "2001:2::10".parse().unwrap();
+        assert_eq!(config.pod_mtu_for(1500, v4), 1440);
         assert_eq!(
-            parse(&["--node-name", "n1", "--pod-mtu", "1400"]).pod_mtu_for(9000),
+            config.pod_mtu_for(1500, v6),
+            1420,
+            "IPv6 underlay: 80 bytes"
+        );
+        assert_eq!(
+            parse(&["--node-name", "n1", "--pod-mtu", "1400"]).pod_mtu_for(9000, v4),
             1400
         );
+        let fixed = parse(&["--node-name", "n1", "--encap-overhead", "100"]);
+        assert_eq!(fixed.pod_mtu_for(1500, v6), 1400, "a set overhead wins");
+        let huge = parse(&["--node-name", "n1", "--encap-overhead", "2000"]);
+        assert!(huge
+            .validate()
+            .unwrap_err()
+            .to_string()
+            .contains("--encap-overhead"));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The agent's view of the Kubernetes API: its own Node, and the other nodes as peers.
 
-use std::net::Ipv4Addr;
+use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
@@ -47,8 +47,8 @@ pub struct NodeInfo {
     pub name: String,
     /// Its IPv4 pod CIDR.
     pub pod_cidr: Ipv4Net,
-    /// Its InternalIP, where other nodes reach it.
-    pub internal_ip: Ipv4Addr,
+    /// Its InternalIP, where other nodes reach it: IPv4 when it has one, else IPv6.
+    pub internal_ip: IpAddr,
     /// Its WireGuard public key and port, once its agent has published them.
     pub wireguard: Option<WireguardEndpoint>,
 }
@@ -163,17 +163,22 @@ pub fn node_info(node: &Node) -> Result<NodeInfo, K8sError> {
                 .into(),
         )
     })?;
-    let internal_ip = node
+    let internal_ips: Vec<IpAddr> = node
         .status
         .as_ref()
         .and_then(|s| s.addresses.as_ref())
-        .and_then(|addrs| {
-            addrs
-                .iter()
-                .filter(|a| a.type_ == "InternalIP")
-                .find_map(|a| a.address.parse::<Ipv4Addr>().ok())
-        })
-        .ok_or_else(|| bad("status.addresses has no IPv4 InternalIP".into()))?;
+        .into_iter()
+        .flatten()
+        .filter(|a| a.type_ == "InternalIP")
+        .filter_map(|a| a.address.parse::<IpAddr>().ok())
+        .collect();
+    // A dual-stack node is reached over IPv4: its encapsulation costs 20 bytes less.
+    let internal_ip = internal_ips
+        .iter()
+        .find(|ip| ip.is_ipv4())
+        .or(internal_ips.first())
+        .copied()
+        .ok_or_else(|| bad("status.addresses has no InternalIP".into()))?;
     Ok(NodeInfo {
         name,
         pod_cidr,

@@ -1,11 +1,13 @@
 //! Routes from this node to the other nodes' pod CIDRs, kept equal to the peer set.
 
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
-use rtnetlink::packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteProtocol};
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteVia,
+};
 use rtnetlink::{Handle, RouteMessageBuilder};
 
 use crate::k8s::NodeInfo;
@@ -18,8 +20,9 @@ pub const PEER_ROUTE_PROTOCOL: RouteProtocol = RouteProtocol::Other(0x77);
 /// Where a peer route sends packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub enum NextHop {
-    /// In clear text via the peer's node address (encryption off).
-    Via(Ipv4Addr),
+    /// In clear text via the peer's node address (encryption off); an IPv6 node address
+    /// is a next hop of another family (RTA_VIA), which Linux routes since 5.2.
+    Via(IpAddr),
     /// Into the WireGuard device (interface index).
     Device(u32),
 }
@@ -43,7 +46,8 @@ fn peer_route(msg: &RouteMessage) -> Option<PeerRoute> {
     for attr in &msg.attributes {
         match attr {
             RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
-            RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = Some(*a),
+            RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = Some(IpAddr::V4(*a)),
+            RouteAttribute::Via(RouteVia::Inet6(a)) => via = Some(IpAddr::V6(*a)),
             RouteAttribute::Oif(i) => oif = Some(*i),
             _ => {}
         }
@@ -85,7 +89,8 @@ fn message(route: &PeerRoute) -> RouteMessage {
         .destination_prefix(route.dst.network(), route.dst.prefix_len())
         .protocol(PEER_ROUTE_PROTOCOL);
     match route.next_hop {
-        NextHop::Via(via) => builder.gateway(via).build(),
+        NextHop::Via(IpAddr::V4(via)) => builder.gateway(via).build(),
+        NextHop::Via(IpAddr::V6(via)) => builder.via(via).build(),
         NextHop::Device(index) => builder.output_interface(index).build(),
     }
 }
@@ -183,5 +188,18 @@ mod tests {
             plain.first().unwrap().next_hop,
             NextHop::Via("198.18.0.2".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn routes_via_an_ipv6_node_use_rta_via_and_read_back() {
+        for ip in ["198.18.0.2", "2001:2::2"] {
+            let route = PeerRoute {
+                dst: "198.19.1.0/24".parse().unwrap(),
+                next_hop: NextHop::Via(ip.parse().unwrap()),
+            };
+            let mut msg = message(&route);
+            msg.header.protocol = PEER_ROUTE_PROTOCOL;
+            assert_eq!(peer_route(&msg), Some(route), "{ip}");
+        }
     }
 }

@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -40,6 +40,10 @@ pub struct BedConfig {
     pub pod_prefix_len: u8,
     /// The agents' `--encryption` (`wireguard`, the default, or `none`).
     pub encryption: &'static str,
+    /// Nodes also get an IPv6 underlay address (from the benchmarking range 2001:2::/48),
+    /// and it is their Node's only InternalIP: node-to-node traffic crosses over IPv6.
+    /// The API server stays on IPv4.
+    pub ipv6_underlay: bool,
 }
 
 impl Default for BedConfig {
@@ -48,6 +52,7 @@ impl Default for BedConfig {
             nodes: 2,
             pod_prefix_len: 24,
             encryption: "wireguard",
+            ipv6_underlay: false,
         }
     }
 }
@@ -60,8 +65,10 @@ pub const CLUSTER_POD_CIDR: &str = "198.19.0.0/16";
 pub struct Node {
     /// The Node's name.
     pub name: String,
-    /// Its underlay address (the Node's InternalIP).
+    /// Its IPv4 underlay address (the Node's InternalIP unless the bed is IPv6).
     pub ip: Ipv4Addr,
+    /// Its IPv6 underlay address, in an IPv6 bed (then the Node's only InternalIP).
+    pub ip6: Option<Ipv6Addr>,
     /// Its pod CIDR.
     pub pod_cidr: Ipv4Net,
     /// Directory with its kubeconfig, agent state, socket and logs.
@@ -75,6 +82,11 @@ pub struct Node {
 }
 
 impl Node {
+    /// The address other nodes reach it at: its Node's InternalIP.
+    pub fn internal_ip(&self) -> IpAddr {
+        self.ip6.map_or(IpAddr::V4(self.ip), IpAddr::V6)
+    }
+
     /// The agent's CNI socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("cni.sock")
@@ -201,7 +213,11 @@ impl Pod {
             .spawn(move || {
                 let mut stream = TcpStream::connect_timeout(&dst, Duration::from_secs(5))
                     .with_context(|| format!("connect {dst}"))?;
-                stream.write_all(&payload)?;
+                // A black-holed path fails the test instead of hanging it.
+                stream.set_write_timeout(Some(Duration::from_secs(30)))?;
+                stream
+                    .write_all(&payload)
+                    .with_context(|| format!("send {} bytes to {dst}", payload.len()))?;
                 stream.shutdown(std::net::Shutdown::Write)?;
                 Ok(())
             })
@@ -419,6 +435,14 @@ impl TestBed {
         ip(&["link", "set", &uplink, "master", self.underlay.name(), "up"])?;
         let node_ip = Ipv4Addr::new(198, 18, k as u8, 10 + i as u8);
         netns.ip(&["addr", "add", &format!("{node_ip}/24"), "dev", "eth0"])?;
+        let ip6 = self
+            .config
+            .ipv6_underlay
+            .then(|| Ipv6Addr::new(0x2001, 2, 0, k as u16, 0, 0, 0, 10 + i as u16));
+        if let Some(ip6) = ip6 {
+            // nodad: usable at once, not after duplicate address detection's second or two.
+            netns.ip(&["addr", "add", &format!("{ip6}/64"), "dev", "eth0", "nodad"])?;
+        }
         netns.ip(&["link", "set", "eth0", "up"])?;
         let pod_cidr = Ipv4Net::new(
             Ipv4Addr::new(198, 19, ((k - 1) * 8 + i as u32) as u8, 0),
@@ -430,10 +454,12 @@ impl TestBed {
             dir.join("kubeconfig"),
             self.control_plane.kubeconfig(&self.agent_tokens[i].token),
         )?;
-        self.create_node_object(&name, pod_cidr, node_ip)?;
+        let internal_ip = ip6.map_or(IpAddr::V4(node_ip), IpAddr::V6);
+        self.create_node_object(&name, pod_cidr, internal_ip)?;
         self.nodes.push(Node {
             name,
             ip: node_ip,
+            ip6,
             pod_cidr,
             dir,
             agent_args: Vec::new(),
@@ -476,7 +502,7 @@ impl TestBed {
         }
     }
 
-    fn create_node_object(&self, name: &str, pod_cidr: Ipv4Net, node_ip: Ipv4Addr) -> Result<()> {
+    fn create_node_object(&self, name: &str, pod_cidr: Ipv4Net, node_ip: IpAddr) -> Result<()> {
         let node: KubeNode = serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Node",

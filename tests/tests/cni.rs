@@ -480,3 +480,33 @@ fn cni_1_1_status_and_gc_release_what_the_runtime_no_longer_holds() {
     let fresh = bed.add_pod(0, "fresh").unwrap();
     keep.ping(fresh.ip).unwrap();
 }
+
+#[test]
+fn cni_cross_node_pods_reach_each_other_over_an_ipv6_underlay_without_encryption() {
+    let bed = TestBed::start(BedConfig {
+        encryption: "none",
+        ipv6_underlay: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let a = bed.add_pod(0, "a").unwrap();
+    let c = bed.add_pod(1, "c").unwrap();
+    // IPv4 pod routes with an IPv6 next hop (the peer's only InternalIP).
+    eventually("cross-node ping", Duration::from_secs(20), || {
+        Ok(a.ping(c.ip).ok())
+    })
+    .unwrap();
+    let route = bed
+        .node(0)
+        .netns
+        .exec(&["ip", "route", "show", &bed.node(1).pod_cidr.to_string()])
+        .unwrap();
+    let route = String::from_utf8_lossy(&route.stdout);
+    let via = bed.node(1).ip6.unwrap().to_string();
+    assert!(route.contains(&format!("via inet6 {via}")), "{route}");
+    let data = payload(1 << 20);
+    let server = c.tcp_receive_once(8081).unwrap();
+    a.tcp_send(SocketAddr::from((c.ip, 8081)), data.clone())
+        .unwrap();
+    assert!(server.join().unwrap().unwrap() == data);
+}

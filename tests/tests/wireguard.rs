@@ -48,14 +48,22 @@ fn assert_only_wireguard(lines: &[String]) {
     }
 }
 
-#[test]
-fn wireguard_underlay_carries_no_plaintext() {
-    let bed = TestBed::start(BedConfig::default()).unwrap();
-    let (a, c) = connected_pods(&bed);
+/// A tcpdump filter for every packet between nodes 0 and 1, over either underlay family.
+fn between_nodes(bed: &TestBed) -> String {
+    let (n0, n1) = (bed.node(0), bed.node(1));
+    let mut filter = format!("(ip and host {} and host {})", n0.ip, n1.ip);
+    if let (Some(a), Some(b)) = (n0.ip6, n1.ip6) {
+        filter += &format!(" or (ip6 and host {a} and host {b})");
+    }
+    filter
+}
 
-    let filter = format!("ip and host {} and host {}", bed.node(0).ip, bed.node(1).ip);
-    let capture = Capture::start(bed.underlay(), &filter, bed.dir()).unwrap();
-    for (from, to) in [(&a, &c), (&c, &a)] {
+/// Pods on two nodes exchange 2 MiB each way with a known marker while the underlay is
+/// captured: the payload arrives intact, and the capture holds no marker, no pod address,
+/// nothing but WireGuard UDP. Returns the captured lines.
+fn exchange_marked_payloads(bed: &TestBed, a: &Pod, c: &Pod) -> Vec<String> {
+    let capture = Capture::start(bed.underlay(), &between_nodes(bed), bed.dir()).unwrap();
+    for (from, to) in [(a, c), (c, a)] {
         let data = marked_payload(2 << 20);
         let server = to.tcp_receive_once(9000).unwrap();
         from.tcp_send(SocketAddr::from((to.ip, 9000)), data.clone())
@@ -84,6 +92,116 @@ fn wireguard_underlay_carries_no_plaintext() {
         .lines
         .iter()
         .all(|l| !l.contains(&a.ip.to_string()) && !l.contains(&c.ip.to_string())));
+    seen.lines
+}
+
+/// The pod's interface MTU.
+fn pod_mtu(pod: &Pod) -> usize {
+    let out = pod.netns.exec(&["cat", "/sys/class/net/eth0/mtu"]).unwrap();
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// A ping of `payload` bytes with DF set (`-M do`); whether it was answered, and what
+/// ping said.
+fn ping_df(from: &Pod, to: &Pod, payload: usize) -> (bool, String) {
+    let out = from
+        .netns
+        .exec(&[
+            "ping",
+            "-M",
+            "do",
+            "-s",
+            &payload.to_string(),
+            "-c",
+            "1",
+            "-W",
+            "2",
+            &to.ip.to_string(),
+        ])
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+/// Packets of exactly the pod MTU with DF set cross in both directions (the encrypted
+/// packet fits the underlay: nothing is black-holed); one byte more is refused at the
+/// pod with "message too long", which TCP's path MTU discovery learns from.
+fn assert_full_size_packets_cross(a: &Pod, c: &Pod, mtu: usize) {
+    for (from, to) in [(a, c), (c, a)] {
+        // 20 bytes of IPv4 header and 8 of ICMP around the payload.
+        let (ok, said) = ping_df(from, to, mtu - 28);
+        assert!(
+            ok,
+            "{} -> {}: a full-size DF packet was lost: {said}",
+            from.name, to.name
+        );
+        let (ok, said) = ping_df(from, to, mtu - 27);
+        assert!(
+            !ok && said.contains("message too long"),
+            "{} -> {}: one byte over the MTU should be refused locally: {said}",
+            from.name,
+            to.name
+        );
+    }
+}
+
+/// No IP fragments among captured lines: encapsulated packets fit the underlay whole.
+fn assert_no_fragments(lines: &[String]) {
+    for line in lines {
+        assert!(
+            !line.contains("frag"),
+            "an underlay packet was fragmented: {line}"
+        );
+    }
+}
+
+#[test]
+fn wireguard_underlay_carries_no_plaintext() {
+    let bed = TestBed::start(BedConfig::default()).unwrap();
+    let (a, c) = connected_pods(&bed);
+    let lines = exchange_marked_payloads(&bed, &a, &c);
+    assert!(lines.iter().all(|l| l.contains(" IP ")), "IPv4 underlay");
+    assert_no_fragments(&lines);
+}
+
+#[test]
+fn wireguard_mtu_fits_the_ipv4_underlay_with_df_set() {
+    let bed = TestBed::start(BedConfig::default()).unwrap();
+    let (a, c) = connected_pods(&bed);
+    // 1500-byte underlay minus 60 for WireGuard over IPv4.
+    assert_eq!(pod_mtu(&a), 1440);
+    assert_eq!(pod_mtu(&c), 1440);
+    assert_full_size_packets_cross(&a, &c, 1440);
+}
+
+#[test]
+fn wireguard_over_an_ipv6_underlay_reserves_80_bytes_and_carries_no_plaintext() {
+    let bed = TestBed::start(BedConfig {
+        ipv6_underlay: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let (a, c) = connected_pods(&bed);
+    // 1500-byte underlay minus 80 for WireGuard over IPv6.
+    assert_eq!(pod_mtu(&a), 1420);
+    assert_eq!(pod_mtu(&c), 1420);
+    let endpoint = &peers(&bed, 0)[0].endpoint;
+    assert_eq!(
+        endpoint.ip(),
+        bed.node(1).internal_ip(),
+        "the peer is reached at its IPv6 InternalIP"
+    );
+    let lines = exchange_marked_payloads(&bed, &a, &c);
+    assert!(
+        lines.iter().all(|l| l.contains(" IP6 ")),
+        "node-to-node traffic crosses over IPv6 only"
+    );
+    assert_no_fragments(&lines);
+    assert_full_size_packets_cross(&a, &c, 1420);
 }
 
 #[test]

@@ -84,8 +84,10 @@ impl PeerTable {
             .max_by_key(|p| p.pod_cidr.prefix_len())
     }
 
-    /// The peer whose endpoint address is `ip`.
+    /// The peer whose endpoint address is `ip` (an IPv4 peer seen on the dual-stack
+    /// socket arrives as an IPv4-mapped IPv6 address).
     pub fn by_source(&self, ip: IpAddr) -> Option<&Arc<Peer>> {
+        let ip = ip.to_canonical();
         self.peers.iter().find(|p| p.endpoint.ip() == ip)
     }
 }
@@ -105,6 +107,8 @@ pub struct Shared {
     socket: UdpSocket,
     udp: UdpSocketState,
     tun: SyncDevice,
+    /// Whether the socket is IPv6 (dual-stack), so IPv4 peers are addressed mapped.
+    ipv6_socket: bool,
     offset: usize,
     mtu: usize,
     /// Device-wide counters.
@@ -118,7 +122,9 @@ impl Shared {
         force_buffer(&socket, libc::SO_SNDBUFFORCE)?;
         let udp = UdpSocketState::new((&socket).into())?;
         let offset = if tun.tcp_gso() { VIRTIO_NET_HDR_LEN } else { 0 };
+        let ipv6_socket = socket.local_addr()?.is_ipv6();
         Ok(Shared {
+            ipv6_socket,
             table: RwLock::new(Arc::default()),
             socket,
             udp,
@@ -140,8 +146,14 @@ impl Shared {
     }
 
     fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
+        let destination = match dst {
+            SocketAddr::V4(v4) if self.ipv6_socket => {
+                SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
+            }
+            other => other,
+        };
         let transmit = Transmit {
-            destination: dst,
+            destination,
             ecn: None,
             contents,
             segment_size: segment,

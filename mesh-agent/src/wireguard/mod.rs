@@ -5,7 +5,7 @@
 pub mod datapath;
 pub mod keys;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, UdpSocket};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -54,6 +54,29 @@ fn set_persistent(tun: &tun_rs::SyncDevice) -> std::io::Result<()> {
     Ok(())
 }
 
+/// Binds the WireGuard port on every address of both families, so peers reach this node
+/// over an IPv4 or an IPv6 underlay alike; IPv4 alone where the kernel has no IPv6.
+fn bind(port: u16) -> std::io::Result<UdpSocket> {
+    use socket2::{Domain, Protocol, Socket, Type};
+    let dual_stack = || -> std::io::Result<UdpSocket> {
+        let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+        socket.set_only_v6(false)?;
+        socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+        Ok(socket.into())
+    };
+    match dual_stack() {
+        Ok(socket) => Ok(socket),
+        Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
+            tracing::info!(
+                port,
+                "no IPv6 in this kernel; WireGuard listens on IPv4 only"
+            );
+            UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+        }
+        Err(e) => Err(e),
+    }
+}
+
 /// One peer as `meshctl wireguard` shows it.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PeerStatus {
@@ -95,8 +118,7 @@ impl Wireguard {
             .build_sync()
             .map_err(WireguardError::Tun)?;
         set_persistent(&tun).map_err(WireguardError::Tun)?;
-        let socket = UdpSocket::bind(SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port))
-            .map_err(|source| WireguardError::Bind { port, source })?;
+        let socket = bind(port).map_err(|source| WireguardError::Bind { port, source })?;
         let shared = Arc::new(Shared::new(tun, socket, mtu as usize).map_err(WireguardError::Tun)?);
         for (name, run) in [
             ("wg-tx", datapath::run_tx as fn(Arc<Shared>)),
