@@ -138,7 +138,12 @@ impl Agent {
             Encryption::None => (None, None, None),
             Encryption::Wireguard => {
                 let key_path = config.state_dir.join("wireguard/private.key");
-                let wg = Wireguard::start(&key_path, config.wireguard_port, pod_mtu)?;
+                let wg = Wireguard::start(
+                    &key_path,
+                    config.wireguard_port,
+                    pod_mtu,
+                    config.wireguard_queues(),
+                )?;
                 let device = crate::podnet::link_by_name(&netlink, wireguard::DEVICE_NAME)
                     .await
                     .map_err(|e| StartError::Network(e.to_string()))?

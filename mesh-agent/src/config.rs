@@ -21,6 +21,8 @@ pub const DEFAULT_WIREGUARD_PORT: u16 = 51871;
 /// every two minutes; rotating the static key daily bounds how long a stolen node key
 /// stays useful, at the cost of one handshake per peer per day.
 pub const DEFAULT_KEY_ROTATION: &str = "24h";
+/// The most WireGuard queues: the steering program tells peers apart by one byte.
+pub const MAX_QUEUES: usize = 64;
 /// The smallest MTU IPv4 guarantees; below it a setting is a mistake.
 pub const MIN_MTU: u32 = 576;
 /// The issuer's namespace, where it publishes the trust bundle: the chart installs it
@@ -65,6 +67,10 @@ pub struct Config {
     /// UDP port for WireGuard.
     #[arg(long, env = "VEIL_WIREGUARD_PORT", default_value_t = DEFAULT_WIREGUARD_PORT)]
     pub wireguard_port: u16,
+    /// WireGuard queues (TUN queue, socket and two threads each; peers are spread over
+    /// them); by default one per CPU, at most 8.
+    #[arg(long, env = "VEIL_WIREGUARD_QUEUES")]
+    pub wireguard_queues: Option<usize>,
     /// The cluster's whole pod range: with encryption on, traffic to any of it that no
     /// known node covers is dropped rather than routed in clear.
     #[arg(long, env = "VEIL_CLUSTER_POD_CIDR")]
@@ -166,6 +172,15 @@ impl Config {
                 reason: "must not be 0".into(),
             });
         }
+        if let Some(queues) = self
+            .wireguard_queues
+            .filter(|q| !(1..=MAX_QUEUES).contains(q))
+        {
+            return Err(ConfigError {
+                setting: "--wireguard-queues (VEIL_WIREGUARD_QUEUES)",
+                reason: format!("{queues} is outside 1..={MAX_QUEUES}"),
+            });
+        }
         if !self.key_rotation.is_zero() && self.key_rotation < std::time::Duration::from_secs(60) {
             return Err(ConfigError {
                 setting: "--key-rotation (VEIL_KEY_ROTATION)",
@@ -223,6 +238,12 @@ impl Config {
             }
         }
         Ok(())
+    }
+
+    /// How many WireGuard queues to open.
+    pub fn wireguard_queues(&self) -> usize {
+        self.wireguard_queues
+            .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
     }
 
     /// The bytes WireGuard adds on an underlay reached from `node_ip`.

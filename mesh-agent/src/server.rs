@@ -244,6 +244,7 @@ impl PodService {
             public_key: crate::wireguard::keys::encode(&wg.endpoint().public_key),
             peers: wg.status(),
             dropped_no_peer: wg.dropped_no_peer(),
+            queues: wg.queues(),
         })
     }
 

@@ -532,3 +532,91 @@ fn wireguard_interoperates_with_wireguard_go() {
         "traffic both ways: {transfer}"
     );
 }
+
+/// Packets each queue of node `i` has carried: (tx, rx).
+fn queue_packets(bed: &TestBed, i: usize) -> Vec<(u64, u64)> {
+    match bed.ask_agent(i, AgentRequest::WireguardStatus).unwrap() {
+        AgentResponse::Wireguard { queues, .. } => queues
+            .iter()
+            .map(|q| (q.tx_packets, q.rx_packets))
+            .collect(),
+        other => panic!("unexpected answer {other:?}"),
+    }
+}
+
+#[test]
+fn wireguard_multi_queue_device_pins_each_peer_to_one_queue() {
+    const QUEUES: usize = 4;
+    let mut bed = TestBed::start(BedConfig {
+        nodes: 0,
+        ..Default::default()
+    })
+    .unwrap();
+    let hub = bed.add_bare_node().unwrap();
+    bed.set_agent_args(hub, vec!["--wireguard-queues".into(), QUEUES.to_string()]);
+    bed.start_agent(hub).unwrap();
+    bed.add_node().unwrap();
+    bed.add_node().unwrap();
+
+    // The device has a queue per thread pair.
+    let listing = bed
+        .node(hub)
+        .netns
+        .exec(&["ls", "/sys/class/net/veil-wg0/queues"])
+        .unwrap();
+    let listing = String::from_utf8_lossy(&listing.stdout);
+    for q in 0..QUEUES {
+        assert!(listing.contains(&format!("tx-{q}")), "queue {q}: {listing}");
+    }
+
+    let a = bed.add_pod(hub, "a").unwrap();
+    let remote = [bed.add_pod(1, "b").unwrap(), bed.add_pod(2, "c").unwrap()];
+    for pod in &remote {
+        eventually("cross-node ping", Duration::from_secs(20), || {
+            Ok(pod.ping(a.ip).ok())
+        })
+        .unwrap();
+    }
+    let pinned: Vec<usize> = (1..=2)
+        .map(|n| {
+            let status = peers(&bed, hub);
+            let peer = status.iter().find(|p| p.node == bed.node(n).name).unwrap();
+            peer.queue
+        })
+        .collect();
+    assert_ne!(
+        pinned[0], pinned[1],
+        "two peers added one after the other get different queues"
+    );
+
+    // Each remote pod sends to `a` in turn: the hub decrypts only on that peer's queue,
+    // and sends its ACKs from the same queue (the kernel steers a flow's replies to the
+    // TUN queue its packets were written on).
+    for (pod, queue) in remote.iter().zip(&pinned) {
+        let before = queue_packets(&bed, hub);
+        let data = marked_payload(4 << 20);
+        let server = a.tcp_receive_once(9100).unwrap();
+        pod.tcp_send(SocketAddr::from((a.ip, 9100)), data.clone())
+            .unwrap();
+        assert!(server.join().unwrap().unwrap() == data);
+        let after = queue_packets(&bed, hub);
+        let rx: Vec<u64> = (0..QUEUES).map(|q| after[q].1 - before[q].1).collect();
+        let tx: Vec<u64> = (0..QUEUES).map(|q| after[q].0 - before[q].0).collect();
+        assert!(
+            rx[*queue] > 0,
+            "{}: nothing on its queue {queue}: rx {rx:?}",
+            pod.name
+        );
+        assert_eq!(
+            rx.iter().sum::<u64>(),
+            rx[*queue],
+            "{}: decrypted outside its queue {queue}: rx {rx:?}",
+            pod.name
+        );
+        assert!(
+            tx[*queue] * 10 >= tx.iter().sum::<u64>() * 9,
+            "{}: replies not from its queue {queue}: tx {tx:?}",
+            pod.name
+        );
+    }
+}

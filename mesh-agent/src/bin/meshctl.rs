@@ -59,8 +59,15 @@ fn wireguard(cli: &Cli, action: &Option<WireguardAction>) -> ExitCode {
             public_key,
             peers,
             dropped_no_peer,
+            queues,
         }) => {
             println!("public key {public_key}; dropped without a peer: {dropped_no_peer}");
+            let queues: Vec<String> = queues
+                .iter()
+                .enumerate()
+                .map(|(i, q)| format!("{i}: tx {} rx {}", q.tx_packets, q.rx_packets))
+                .collect();
+            println!("queues (packets) {}", queues.join(", "));
             println!(
                 "{:<16} {:<22} {:<18} {:>10} {:>12} {:>12} {:>8}",
                 "PEER", "ENDPOINT", "POD-CIDR", "HANDSHAKE", "TX-BYTES", "RX-BYTES", "SPOOFED"

@@ -100,6 +100,9 @@ pub enum AgentResponse {
         peers: Vec<crate::wireguard::PeerStatus>,
         /// Packets dropped because no peer with a key covered their destination.
         dropped_no_peer: u64,
+        /// Packets through each queue.
+        #[serde(default)]
+        queues: Vec<crate::wireguard::QueueStatus>,
     },
     /// Answer to `RotateKey`: the new public key, published.
     Rotated {

@@ -1,7 +1,14 @@
-//! The WireGuard packet path: a TUN device with offloads (TSO in, GRO out), a UDP socket
-//! with GSO and GRO, one `boringtun::noise::Tunn` per peer behind its own lock, and three
-//! threads: TUN → encrypt → UDP, UDP → decrypt → TUN, and the per-peer timers. No global
-//! lock: the peer table is an immutable snapshot swapped whole by the control plane.
+//! The WireGuard packet path: a multi-queue TUN device with offloads (TSO in, GRO out),
+//! UDP sockets with GSO and GRO sharing the port (SO_REUSEPORT), one
+//! `boringtun::noise::Tunn` per peer behind its own lock, and per queue two threads:
+//! TUN → encrypt → UDP and UDP → decrypt → TUN; one more drives the per-peer timers. No
+//! global lock: the peer table is an immutable snapshot swapped whole by the control plane.
+//!
+//! Each peer is pinned to one queue: a reuseport program picks the receiving socket from
+//! the session index in the WireGuard header (which encodes the peer), the receive thread
+//! writes into its own TUN queue, and the kernel steers a flow's outgoing packets to the
+//! queue its incoming ones were written on. A peer's packets so stay on one thread pair
+//! (its session lock is never fought over), while different peers use different cores.
 
 use std::io::IoSliceMut;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -53,10 +60,53 @@ pub struct Peer {
     pub pod_cidr: Ipv4Net,
     /// Its public key.
     pub public_key: [u8; 32],
+    /// The index its sessions are numbered from (boringtun shifts it left by 8).
+    pub index: u32,
     /// The Noise state; locked per packet batch, never across peers.
     pub tunn: Mutex<Tunn>,
     /// Its counters.
     pub counters: PeerCounters,
+}
+
+/// Counters of one queue (a TUN queue, a socket and their two threads).
+#[derive(Debug, Default)]
+pub struct QueueCounters {
+    /// Packets read from the device and encrypted.
+    pub tx_packets: AtomicU64,
+    /// Packets decrypted and written to the device.
+    pub rx_packets: AtomicU64,
+}
+
+/// One queue: a TUN queue and the socket its threads use.
+pub struct Queue {
+    tun: SyncDevice,
+    socket: UdpSocket,
+    udp: UdpSocketState,
+    /// Its counters.
+    pub counters: QueueCounters,
+}
+
+impl Queue {
+    /// Pairs a TUN queue with a socket, making the socket's buffers fit a fast flow.
+    pub fn new(tun: SyncDevice, socket: UdpSocket) -> std::io::Result<Self> {
+        force_buffer(&socket, libc::SO_RCVBUFFORCE)?;
+        force_buffer(&socket, libc::SO_SNDBUFFORCE)?;
+        let udp = UdpSocketState::new((&socket).into())?;
+        Ok(Queue {
+            tun,
+            socket,
+            udp,
+            counters: QueueCounters::default(),
+        })
+    }
+}
+
+impl Peer {
+    /// The queue the reuseport program pins this peer's datagrams to (see
+    /// `steer_by_session`): the low byte of its index, modulo the queue count.
+    pub fn queue(&self, queues: usize) -> usize {
+        (self.index & 0xff) as usize % queues.max(1)
+    }
 }
 
 /// An immutable set of peers.
@@ -104,10 +154,9 @@ pub struct DeviceCounters {
 /// State the threads share with the control plane.
 pub struct Shared {
     table: RwLock<Arc<PeerTable>>,
-    socket: UdpSocket,
-    udp: UdpSocketState,
-    tun: SyncDevice,
-    /// Whether the socket is IPv6 (dual-stack), so IPv4 peers are addressed mapped.
+    /// The queues; every one has at least one.
+    pub queues: Vec<Queue>,
+    /// Whether the sockets are IPv6 (dual-stack), so IPv4 peers are addressed mapped.
     ipv6_socket: bool,
     offset: usize,
     mtu: usize,
@@ -116,19 +165,21 @@ pub struct Shared {
 }
 
 impl Shared {
-    /// Wraps the device and socket.
-    pub fn new(tun: SyncDevice, socket: UdpSocket, mtu: usize) -> std::io::Result<Self> {
-        force_buffer(&socket, libc::SO_RCVBUFFORCE)?;
-        force_buffer(&socket, libc::SO_SNDBUFFORCE)?;
-        let udp = UdpSocketState::new((&socket).into())?;
-        let offset = if tun.tcp_gso() { VIRTIO_NET_HDR_LEN } else { 0 };
-        let ipv6_socket = socket.local_addr()?.is_ipv6();
+    /// Wraps the queues (at least one; all of one device, sockets of one family).
+    pub fn new(queues: Vec<Queue>, mtu: usize) -> std::io::Result<Self> {
+        let first = queues
+            .first()
+            .ok_or_else(|| std::io::Error::new(std::io::ErrorKind::InvalidInput, "no queues"))?;
+        let offset = if first.tun.tcp_gso() {
+            VIRTIO_NET_HDR_LEN
+        } else {
+            0
+        };
+        let ipv6_socket = first.socket.local_addr()?.is_ipv6();
         Ok(Shared {
             ipv6_socket,
             table: RwLock::new(Arc::default()),
-            socket,
-            udp,
-            tun,
+            queues,
             offset,
             mtu,
             counters: DeviceCounters::default(),
@@ -145,7 +196,7 @@ impl Shared {
         *self.table.write().expect("peer table lock poisoned") = Arc::new(table);
     }
 
-    fn send(&self, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
+    fn send(&self, queue: usize, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
         let destination = match dst {
             SocketAddr::V4(v4) if self.ipv6_socket => {
                 SocketAddr::from((v4.ip().to_ipv6_mapped(), v4.port()))
@@ -159,7 +210,8 @@ impl Shared {
             segment_size: segment,
             src_ip: None,
         };
-        if let Err(e) = self.udp.try_send((&self.socket).into(), &transmit) {
+        let q = &self.queues[queue];
+        if let Err(e) = q.udp.try_send((&q.socket).into(), &transmit) {
             tracing::debug!(peer = %dst, error = %e, "send to peer");
         }
     }
@@ -215,6 +267,7 @@ fn ipv4_destination(packet: &[u8]) -> Option<Ipv4Addr> {
 /// Encrypted packets waiting to go out as one GSO send: equal-sized segments, the last
 /// may be shorter.
 struct GsoRun {
+    queue: usize,
     dst: Option<SocketAddr>,
     start: usize,
     end: usize,
@@ -223,8 +276,9 @@ struct GsoRun {
 }
 
 impl GsoRun {
-    fn new() -> Self {
+    fn new(queue: usize) -> Self {
         GsoRun {
+            queue,
             dst: None,
             start: 0,
             end: 0,
@@ -236,7 +290,7 @@ impl GsoRun {
     fn flush(&mut self, shared: &Shared, out: &[u8]) {
         if let Some(dst) = self.dst.filter(|_| self.count > 0) {
             let segment = (self.count > 1).then_some(self.segment);
-            shared.send(dst, &out[self.start..self.end], segment);
+            shared.send(self.queue, dst, &out[self.start..self.end], segment);
         }
         self.count = 0;
         self.start = self.end;
@@ -269,17 +323,18 @@ impl GsoRun {
     }
 }
 
-/// TUN → encrypt → UDP, in batches.
-pub fn run_tx(shared: Arc<Shared>) {
+/// TUN → encrypt → UDP, in batches, for queue `q`.
+pub fn run_tx(shared: Arc<Shared>, q: usize) {
+    let queue = &shared.queues[q];
     let slot = shared.mtu + ENCAP_OVERHEAD + MIN_DST;
     let mut original = vec![0u8; VIRTIO_NET_HDR_LEN + 65535];
     let mut bufs = vec![vec![0u8; shared.mtu.max(1500) + 64]; IDEAL_BATCH_SIZE];
     let mut sizes = vec![0usize; IDEAL_BATCH_SIZE];
     let mut out = vec![0u8; IDEAL_BATCH_SIZE * slot];
-    let max_segments = shared.udp.max_gso_segments().max(1);
+    let max_segments = queue.udp.max_gso_segments().max(1);
     loop {
-        wait_readable(std::os::fd::AsRawFd::as_raw_fd(&shared.tun));
-        let n = match shared
+        wait_readable(std::os::fd::AsRawFd::as_raw_fd(&queue.tun));
+        let n = match queue
             .tun
             .recv_multiple(&mut original, &mut bufs, &mut sizes, 0)
         {
@@ -290,8 +345,12 @@ pub fn run_tx(shared: Arc<Shared>) {
                 continue;
             }
         };
+        queue
+            .counters
+            .tx_packets
+            .fetch_add(n as u64, Ordering::Relaxed);
         let table = shared.table();
-        let mut run = GsoRun::new();
+        let mut run = GsoRun::new(q);
         let mut held: Option<(&Arc<Peer>, std::sync::MutexGuard<'_, Tunn>)> = None;
         for i in 0..n {
             let packet = &bufs[i][..sizes[i]];
@@ -331,27 +390,34 @@ pub fn run_tx(shared: Arc<Shared>) {
     }
 }
 
-/// UDP → decrypt → TUN, in batches, with cryptokey routing on the inner source.
-pub fn run_rx(shared: Arc<Shared>) {
+/// UDP → decrypt → TUN, in batches, for queue `q`, with cryptokey routing on the inner
+/// source.
+pub fn run_rx(shared: Arc<Shared>, q: usize) {
     const DATAGRAMS: usize = 32;
-    let gro = shared.udp.gro_segments().max(1);
-    let mut storage = vec![vec![0u8; 65535.max(gro * 1600)]; DATAGRAMS];
+    let queue = &shared.queues[q];
+    let gro = queue.udp.gro_segments().max(1);
+    let mut storage: [Vec<u8>; DATAGRAMS] =
+        std::array::from_fn(|_| vec![0u8; 65535.max(gro * 1600)]);
     let mut metas = vec![RecvMeta::default(); DATAGRAMS];
     let mut plain = vec![0u8; 65535];
     let offset = shared.offset;
+    // Full capacity up front: tun-rs coalesces packets into a buffer only if it already
+    // has room for the result, so lazily grown buffers would silently disable GRO (the
+    // pages are touched only as coalescing fills them).
     let mut tun_bufs: Vec<Vec<u8>> = (0..IDEAL_BATCH_SIZE)
         .map(|_| Vec::with_capacity(65535 + offset))
         .collect();
     let mut pending = 0usize;
     let mut gro_table = GROTable::default();
     loop {
-        wait_readable(std::os::fd::AsRawFd::as_raw_fd(&shared.socket));
+        wait_readable(std::os::fd::AsRawFd::as_raw_fd(&queue.socket));
         let count = {
-            let mut slices: Vec<IoSliceMut<'_>> =
-                storage.iter_mut().map(|b| IoSliceMut::new(b)).collect();
-            match shared
+            let mut slices: [IoSliceMut<'_>; DATAGRAMS] = storage
+                .each_mut()
+                .map(|b| IoSliceMut::new(b.as_mut_slice()));
+            match queue
                 .udp
-                .recv((&shared.socket).into(), &mut slices, &mut metas)
+                .recv((&queue.socket).into(), &mut slices, &mut metas)
             {
                 Ok(count) => count,
                 Err(e) => {
@@ -381,7 +447,7 @@ pub fn run_rx(shared: Arc<Shared>) {
                 loop {
                     match result {
                         TunnResult::WriteToNetwork(reply) => {
-                            shared.send(meta.addr, reply, None);
+                            shared.send(q, meta.addr, reply, None);
                             // Flush packets queued behind a handshake.
                             result = tunn.decapsulate(None, &[], &mut plain);
                             continue;
@@ -397,7 +463,7 @@ pub fn run_rx(shared: Arc<Shared>) {
                                 buf.extend_from_slice(packet);
                                 pending += 1;
                                 if pending == tun_bufs.len() {
-                                    write_tun(&shared, &mut gro_table, &mut tun_bufs[..pending]);
+                                    write_tun(&shared, q, &mut gro_table, &mut tun_bufs[..pending]);
                                     pending = 0;
                                 }
                             } else {
@@ -416,14 +482,19 @@ pub fn run_rx(shared: Arc<Shared>) {
             }
         }
         if pending > 0 {
-            write_tun(&shared, &mut gro_table, &mut tun_bufs[..pending]);
+            write_tun(&shared, q, &mut gro_table, &mut tun_bufs[..pending]);
             pending = 0;
         }
     }
 }
 
-fn write_tun(shared: &Shared, gro_table: &mut GROTable, bufs: &mut [Vec<u8>]) {
-    if let Err(e) = shared.tun.send_multiple(gro_table, bufs, shared.offset) {
+fn write_tun(shared: &Shared, q: usize, gro_table: &mut GROTable, bufs: &mut [Vec<u8>]) {
+    let queue = &shared.queues[q];
+    queue
+        .counters
+        .rx_packets
+        .fetch_add(bufs.len() as u64, Ordering::Relaxed);
+    if let Err(e) = queue.tun.send_multiple(gro_table, bufs, shared.offset) {
         tracing::debug!(error = %e, "write to WireGuard device");
     }
 }
@@ -436,7 +507,7 @@ pub fn run_timers(shared: Arc<Shared>) {
         for peer in shared.table().peers() {
             let mut tunn = peer.tunn.lock().expect("tunn lock poisoned");
             match tunn.update_timers(&mut buf) {
-                TunnResult::WriteToNetwork(packet) => shared.send(peer.endpoint, packet, None),
+                TunnResult::WriteToNetwork(packet) => shared.send(0, peer.endpoint, packet, None),
                 TunnResult::Err(e) => tracing::trace!(peer = peer.name, error = ?e, "timers"),
                 _ => {}
             }

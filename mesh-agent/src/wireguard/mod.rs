@@ -14,7 +14,7 @@ use boringtun::noise::Tunn;
 use boringtun::x25519::PublicKey;
 
 use crate::k8s::{NodeInfo, WireguardEndpoint};
-use datapath::{Peer, PeerCounters, PeerTable, Shared};
+use datapath::{Peer, PeerCounters, PeerTable, Queue, Shared};
 use keys::{KeyError, NodeKey};
 
 /// The WireGuard device's name on every node.
@@ -54,27 +54,134 @@ fn set_persistent(tun: &tun_rs::SyncDevice) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Binds the WireGuard port on every address of both families, so peers reach this node
-/// over an IPv4 or an IPv6 underlay alike; IPv4 alone where the kernel has no IPv6.
-fn bind(port: u16) -> std::io::Result<UdpSocket> {
+/// Binds `count` sockets to the WireGuard port on every address of both families (so peers
+/// reach this node over an IPv4 or an IPv6 underlay alike; IPv4 alone where the kernel has
+/// no IPv6), sharing the port with SO_REUSEPORT when there are several, which are then
+/// steered by [`steer_by_session`].
+fn bind(port: u16, count: usize) -> std::io::Result<Vec<UdpSocket>> {
     use socket2::{Domain, Protocol, Socket, Type};
-    let dual_stack = || -> std::io::Result<UdpSocket> {
-        let socket = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
-        socket.set_only_v6(false)?;
-        socket.bind(&SocketAddr::from((Ipv6Addr::UNSPECIFIED, port)).into())?;
+    let one = |ipv6: bool| -> std::io::Result<UdpSocket> {
+        let domain = if ipv6 { Domain::IPV6 } else { Domain::IPV4 };
+        let socket = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+        if count > 1 {
+            socket.set_reuse_port(true)?;
+        }
+        let addr = if ipv6 {
+            socket.set_only_v6(false)?;
+            SocketAddr::from((Ipv6Addr::UNSPECIFIED, port))
+        } else {
+            SocketAddr::from((Ipv4Addr::UNSPECIFIED, port))
+        };
+        socket.bind(&addr.into())?;
         Ok(socket.into())
     };
-    match dual_stack() {
-        Ok(socket) => Ok(socket),
+    let first = match one(true) {
+        Ok(socket) => socket,
         Err(e) if e.raw_os_error() == Some(libc::EAFNOSUPPORT) => {
             tracing::info!(
                 port,
                 "no IPv6 in this kernel; WireGuard listens on IPv4 only"
             );
-            UdpSocket::bind(SocketAddr::from((Ipv4Addr::UNSPECIFIED, port)))
+            one(false)?
         }
-        Err(e) => Err(e),
+        Err(e) => return Err(e),
+    };
+    let ipv6 = first.local_addr()?.is_ipv6();
+    let mut sockets = vec![first];
+    for _ in 1..count {
+        sockets.push(one(ipv6)?);
     }
+    if count > 1 {
+        steer_by_session(&sockets[0], count)?;
+    }
+    Ok(sockets)
+}
+
+/// Attaches a classic BPF program to the port's reuseport group that hands each datagram
+/// to socket `peer % count`, `peer` being the byte of our session index that
+/// [`Wireguard::set_peers`] numbers peers by (boringtun puts the index it is given above
+/// 8 bits of session counter; the receiver index is little-endian at offset 4 of the UDP
+/// payload, at 8 in a handshake response). A handshake initiation names no index of ours
+/// and lands anywhere, which is fine: any queue can serve any peer; pinning only keeps a
+/// peer's bulk on one thread pair.
+fn steer_by_session(socket: &UdpSocket, count: usize) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    /// SO_ATTACH_REUSEPORT_CBPF in asm-generic/socket.h (x86_64, arm64); libc lacks it.
+    const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
+    // Opcodes from linux/filter.h.
+    const LD_B_ABS: u16 = 0x30;
+    const LD_W_ABS: u16 = 0x20;
+    const JEQ_K: u16 = 0x15;
+    const JA: u16 = 0x05;
+    const RSH_K: u16 = 0x74;
+    const AND_K: u16 = 0x54;
+    const MOD_K: u16 = 0x94;
+    const RET_A: u16 = 0x16;
+    let op = |code: u16, jt: u8, jf: u8, k: u32| libc::sock_filter { code, jt, jf, k };
+    let program = [
+        // The message type; a handshake response (2) carries our index at 8, others at 4.
+        op(LD_B_ABS, 0, 0, 0),
+        op(JEQ_K, 0, 2, 2),
+        op(LD_W_ABS, 0, 0, 8),
+        op(JA, 0, 0, 1),
+        op(LD_W_ABS, 0, 0, 4),
+        // Loaded big-endian, so the index's byte 1 (the peer's number) is bits 16..24.
+        op(RSH_K, 0, 0, 16),
+        op(AND_K, 0, 0, 0xff),
+        op(MOD_K, 0, 0, count as u32),
+        // The socket's position in the group.
+        op(RET_A, 0, 0, 0),
+    ];
+    let fprog = libc::sock_fprog {
+        len: program.len() as u16,
+        filter: program.as_ptr() as *mut libc::sock_filter,
+    };
+    // SAFETY: a valid sock_fprog pointing at `program`, alive for the call (the kernel
+    // copies it).
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_ATTACH_REUSEPORT_CBPF,
+            (&fprog as *const libc::sock_fprog).cast(),
+            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Opens `count` queues of the device; one if the persistent device was made without
+/// multi-queue by an older agent (deleting it would open a moment without strict routes).
+fn open_device(mtu: u32, count: usize) -> std::io::Result<Vec<tun_rs::SyncDevice>> {
+    let build = |multi_queue: bool| {
+        tun_rs::DeviceBuilder::new()
+            .name(DEVICE_NAME)
+            .mtu(mtu as u16)
+            .offload(true)
+            .multi_queue(multi_queue)
+            .enable(true)
+            .build_sync()
+    };
+    let first = match build(count > 1) {
+        Ok(tun) => tun,
+        Err(e) if count > 1 && e.raw_os_error() == Some(libc::EINVAL) => {
+            tracing::warn!(
+                device = DEVICE_NAME,
+                "the existing device has one queue; using it (delete the device while no pods run to get more)"
+            );
+            return Ok(vec![build(false)?]);
+        }
+        Err(e) => return Err(e),
+    };
+    let mut queues = Vec::with_capacity(count);
+    for _ in 1..count {
+        queues.push(first.try_clone()?);
+    }
+    queues.insert(0, first);
+    Ok(queues)
 }
 
 /// One peer as `meshctl wireguard` shows it.
@@ -94,6 +201,18 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Packets dropped by cryptokey routing.
     pub rx_spoofed: u64,
+    /// The queue its traffic is pinned to.
+    #[serde(default)]
+    pub queue: usize,
+}
+
+/// One queue as `meshctl wireguard` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct QueueStatus {
+    /// Packets read from the device and encrypted on this queue.
+    pub tx_packets: u64,
+    /// Packets decrypted and written to the device on this queue.
+    pub rx_packets: u64,
 }
 
 /// The running WireGuard path of this node.
@@ -105,36 +224,56 @@ pub struct Wireguard {
 }
 
 impl Wireguard {
-    /// Loads (or makes) the key at `key_path`, opens the device with `mtu` and binds `port`,
-    /// and starts the packet threads. The device persists across agent restarts, so routes
-    /// into it stay and traffic waits (or drops) instead of leaking while no agent runs.
-    pub fn start(key_path: &Path, port: u16, mtu: u32) -> Result<Arc<Self>, WireguardError> {
+    /// Loads (or makes) the key at `key_path`, opens `queues` queues of the device with
+    /// `mtu`, binds `port` once per queue, and starts the packet threads. The device
+    /// persists across agent restarts, so routes into it stay and traffic waits (or drops)
+    /// instead of leaking while no agent runs.
+    pub fn start(
+        key_path: &Path,
+        port: u16,
+        mtu: u32,
+        queues: usize,
+    ) -> Result<Arc<Self>, WireguardError> {
         let key = NodeKey::load_or_create(key_path)?;
-        let tun = tun_rs::DeviceBuilder::new()
-            .name(DEVICE_NAME)
-            .mtu(mtu as u16)
-            .offload(true)
-            .enable(true)
-            .build_sync()
+        let tuns = open_device(mtu, queues.max(1)).map_err(WireguardError::Tun)?;
+        set_persistent(&tuns[0]).map_err(WireguardError::Tun)?;
+        let sockets =
+            bind(port, tuns.len()).map_err(|source| WireguardError::Bind { port, source })?;
+        let queues = tuns
+            .into_iter()
+            .zip(sockets)
+            .map(|(tun, socket)| Queue::new(tun, socket))
+            .collect::<std::io::Result<Vec<_>>>()
             .map_err(WireguardError::Tun)?;
-        set_persistent(&tun).map_err(WireguardError::Tun)?;
-        let socket = bind(port).map_err(|source| WireguardError::Bind { port, source })?;
-        let shared = Arc::new(Shared::new(tun, socket, mtu as usize).map_err(WireguardError::Tun)?);
-        for (name, run) in [
-            ("wg-tx", datapath::run_tx as fn(Arc<Shared>)),
-            ("wg-rx", datapath::run_rx),
-            ("wg-timers", datapath::run_timers),
-        ] {
-            let shared = shared.clone();
+        let shared = Arc::new(Shared::new(queues, mtu as usize).map_err(WireguardError::Tun)?);
+        let spawn = |name: String, run: Box<dyn FnOnce() + Send>| {
             std::thread::Builder::new()
-                .name(name.into())
-                .spawn(move || run(shared))
-                .map_err(WireguardError::Tun)?;
+                .name(name)
+                .spawn(run)
+                .map(|_| ())
+                .map_err(WireguardError::Tun)
+        };
+        for q in 0..shared.queues.len() {
+            let (tx, rx) = (shared.clone(), shared.clone());
+            spawn(
+                format!("wg-tx{q}"),
+                Box::new(move || datapath::run_tx(tx, q)),
+            )?;
+            spawn(
+                format!("wg-rx{q}"),
+                Box::new(move || datapath::run_rx(rx, q)),
+            )?;
         }
+        let timers = shared.clone();
+        spawn(
+            "wg-timers".into(),
+            Box::new(move || datapath::run_timers(timers)),
+        )?;
         tracing::info!(
             device = DEVICE_NAME,
             port,
             mtu,
+            queues = shared.queues.len(),
             public_key = keys::encode(key.public().as_bytes()),
             "WireGuard up"
         );
@@ -181,6 +320,7 @@ impl Wireguard {
                     endpoint,
                     pod_cidr: node.pod_cidr,
                     public_key: wg.public_key,
+                    index,
                     tunn: Mutex::new(tunn),
                     counters: PeerCounters::default(),
                 }))
@@ -228,7 +368,20 @@ impl Wireguard {
                     tx_bytes: p.counters.tx_bytes.load(Relaxed),
                     rx_bytes: p.counters.rx_bytes.load(Relaxed),
                     rx_spoofed: p.counters.rx_spoofed.load(Relaxed),
+                    queue: p.queue(self.shared.queues.len()),
                 }
+            })
+            .collect()
+    }
+
+    /// Packets through each queue.
+    pub fn queues(&self) -> Vec<QueueStatus> {
+        self.shared
+            .queues
+            .iter()
+            .map(|q| QueueStatus {
+                tx_packets: q.counters.tx_packets.load(Ordering::Relaxed),
+                rx_packets: q.counters.rx_packets.load(Ordering::Relaxed),
             })
             .collect()
     }
