@@ -214,16 +214,25 @@ impl Shared {
 
 /// Sets a socket buffer past `net.core.[rw]mem_max` (the agent runs as root).
 fn force_buffer(socket: &UdpSocket, option: libc::c_int) -> std::io::Result<()> {
+    set_socket_option(socket, option, &SOCKET_BUFFER_BYTES)
+}
+
+/// `setsockopt(SOL_SOCKET, option)` with `value`, for the options `std` and `socket2` lack.
+/// `T` must be the C type the kernel expects for `option`.
+pub(crate) fn set_socket_option<T>(
+    socket: &UdpSocket,
+    option: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
     use std::os::fd::AsRawFd;
-    let size = SOCKET_BUFFER_BYTES;
-    // SAFETY: setsockopt with a pointer to an int of the stated size.
+    // SAFETY: a pointer to a live `T` and its size; the kernel copies what it reads.
     let rc = unsafe {
         libc::setsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
             option,
-            (&size as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc != 0 {

@@ -105,7 +105,6 @@ fn bind(port: u16, count: usize) -> std::io::Result<Vec<UdpSocket>> {
 /// and lands anywhere, which is fine: any queue can serve any peer; pinning only keeps a
 /// peer's bulk on one thread pair.
 fn steer_by_session(socket: &UdpSocket, count: usize) -> std::io::Result<()> {
-    use std::os::fd::AsRawFd;
     /// SO_ATTACH_REUSEPORT_CBPF in asm-generic/socket.h (x86_64, arm64); libc lacks it.
     const SO_ATTACH_REUSEPORT_CBPF: libc::c_int = 51;
     // Opcodes from linux/filter.h.
@@ -136,21 +135,8 @@ fn steer_by_session(socket: &UdpSocket, count: usize) -> std::io::Result<()> {
         len: program.len() as u16,
         filter: program.as_ptr() as *mut libc::sock_filter,
     };
-    // SAFETY: a valid sock_fprog pointing at `program`, alive for the call (the kernel
-    // copies it).
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            SO_ATTACH_REUSEPORT_CBPF,
-            (&fprog as *const libc::sock_fprog).cast(),
-            std::mem::size_of::<libc::sock_fprog>() as libc::socklen_t,
-        )
-    };
-    if rc != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    Ok(())
+    // `fprog` points into `program`, which outlives the call; the kernel copies both.
+    datapath::set_socket_option(socket, SO_ATTACH_REUSEPORT_CBPF, &fprog)
 }
 
 /// Opens `count` queues of the device; one if the persistent device was made without
