@@ -620,3 +620,31 @@ fn wireguard_multi_queue_device_pins_each_peer_to_one_queue() {
         );
     }
 }
+
+#[test]
+fn wireguard_agent_adopts_a_single_queue_device_left_by_an_older_agent() {
+    let mut bed = TestBed::start(BedConfig {
+        nodes: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let old = bed.add_bare_node().unwrap();
+    // What an agent before multi-queue left behind: a persistent single-queue device.
+    bed.node(old)
+        .netns
+        .ip(&["tuntap", "add", "dev", "veil-wg0", "mode", "tun"])
+        .unwrap();
+    bed.set_agent_args(old, vec!["--wireguard-queues".into(), "2".into()]);
+    bed.start_agent(old).unwrap();
+    let (a, c) = connected_pods(&bed);
+    assert_eq!(
+        queue_packets(&bed, old).len(),
+        1,
+        "the old device's one queue"
+    );
+    let data = marked_payload(1 << 20);
+    let server = a.tcp_receive_once(9200).unwrap();
+    c.tcp_send(SocketAddr::from((a.ip, 9200)), data.clone())
+        .unwrap();
+    assert!(server.join().unwrap().unwrap() == data);
+}
