@@ -11,6 +11,7 @@ pub mod bed;
 pub mod bins;
 pub mod capture;
 pub mod control_plane;
+pub mod issuer;
 pub mod net;
 pub mod objects;
 pub mod pki;

@@ -11,9 +11,7 @@
 //! The client processes are this test binary re-run under `ip netns exec`, as in
 //! identity_workload_api.rs (attestation looks at the calling process's namespace).
 
-use std::collections::BTreeSet;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
 use std::time::Duration;
 use veil_testbed::objects::{meta, pod};
 
@@ -22,9 +20,8 @@ use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::PostParams;
 use kube::Api;
-use veil_identity::issuer::{serve, IssuerService, IssuerSettings, DEFAULT_AUDIENCE};
-use veil_identity::k8s::{self, KubePods, TokenReviewAuthenticator};
-use veil_identity::{trust_domain, workload_id};
+use veil_identity::issuer::DEFAULT_AUDIENCE;
+use veil_identity::trust_domain;
 use veil_testbed::net::{child_field, Netns};
 use veil_testbed::{BedConfig, TestBed};
 
@@ -227,47 +224,17 @@ fn identity_agent_serves_each_pod_its_own_svid() {
     // The issuer: CA in its Secret, bundle published, serving on the underlay gateway so
     // the agent (in the node's namespace) reaches it.
     let gateway = format!("198.18.{}.1", bed.index);
-    let (running, _stop) = bed.block_on(async {
-        let set = k8s::load_or_create_ca(
+    // The agent derives the issuer's ID by default (no --issuer-id).
+    let issuer = bed
+        .block_on(veil_testbed::issuer::start(
             &admin,
-            SYSTEM_NS,
-            "veil-issuer-ca",
             &td,
-            Duration::from_secs(86400),
-        )
-        .await
-        .unwrap();
-        k8s::publish_bundle(&admin, SYSTEM_NS, "veil-trust-bundle", &set.bundle())
-            .await
-            .unwrap();
-        let service = IssuerService::new(
-            IssuerSettings {
-                trust_domain: td.clone(),
-                svid_ttl: Duration::from_secs(3600),
-                agents: BTreeSet::from([format!("system:serviceaccount:{SYSTEM_NS}:veil-agent")]),
-            },
-            Arc::new(RwLock::new(set)),
-            Arc::new(TokenReviewAuthenticator::new(
-                admin.clone(),
-                vec![DEFAULT_AUDIENCE.into()],
-            )),
-            Arc::new(KubePods::new(admin.clone())),
-        );
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        // The agent derives this ID by default (no --issuer-id).
-        let id = workload_id(&td, SYSTEM_NS, "veil-issuer").unwrap();
-        let running = serve(
+            SYSTEM_NS,
+            DEFAULT_AUDIENCE,
             format!("{gateway}:0").parse().unwrap(),
-            id,
-            service,
-            async {
-                let _ = stop_rx.await;
-            },
-        )
-        .await
+        ))
         .unwrap();
-        (running, stop_tx)
-    });
+    let running = &issuer.running;
 
     let socket = bed.node(node).dir.join("workload.sock");
     bed.set_agent_args(

@@ -4,8 +4,6 @@
 //! token, a token of a non-agent or one bound to no node. The issuer runs with its own
 //! ServiceAccount and only the RBAC the chart will grant it.
 
-use std::collections::BTreeSet;
-use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use veil_testbed::objects::{meta, pod};
 
@@ -20,10 +18,10 @@ use k8s_openapi::api::rbac::v1::{
 use kube::api::PostParams;
 use kube::Api;
 use veil_identity::client::{ClientError, Code, IssuerClient, PodRef, TokenSource};
-use veil_identity::issuer::{serve, IssuerService, IssuerSettings, NODE_NAME_EXTRA};
-use veil_identity::k8s::{self, KubePods, TokenReviewAuthenticator};
+use veil_identity::issuer::NODE_NAME_EXTRA;
+use veil_identity::k8s;
 use veil_identity::tls::{KeyUsage, UnixTime};
-use veil_identity::{parse_svid, trust_domain, workload_id};
+use veil_identity::{parse_svid, trust_domain};
 use veil_testbed::{BedConfig, TestBed};
 
 const AUDIENCE: &str = "veil-issuer";
@@ -313,59 +311,27 @@ fn identity_issuer_signs_only_for_pods_on_the_agents_node() {
             .unwrap();
         kube::Client::try_from(config).unwrap()
     });
-    let (running, _stop) = bed.block_on(async {
-        let set = k8s::load_or_create_ca(
+    let issuer = bed
+        .block_on(veil_testbed::issuer::start(
+            &issuer_client,
+            &td,
+            SYSTEM_NS,
+            AUDIENCE,
+            "127.0.0.1:0".parse().unwrap(),
+        ))
+        .unwrap();
+    let running = &issuer.running;
+    // A second start reads the same CA back.
+    let again = bed
+        .block_on(k8s::load_or_create_ca(
             &issuer_client,
             SYSTEM_NS,
-            "veil-issuer-ca",
+            veil_testbed::issuer::CA_SECRET,
             &td,
             Duration::from_secs(86400),
-        )
-        .await
+        ))
         .unwrap();
-        // A second start reads the same CA back.
-        let again = k8s::load_or_create_ca(
-            &issuer_client,
-            SYSTEM_NS,
-            "veil-issuer-ca",
-            &td,
-            Duration::from_secs(86400),
-        )
-        .await
-        .unwrap();
-        assert_eq!(again.bundle(), set.bundle());
-        k8s::publish_bundle(
-            &issuer_client,
-            SYSTEM_NS,
-            "veil-trust-bundle",
-            &set.bundle(),
-        )
-        .await
-        .unwrap();
-        let service = IssuerService::new(
-            IssuerSettings {
-                trust_domain: td.clone(),
-                svid_ttl: Duration::from_secs(3600),
-                agents: BTreeSet::from(
-                    ["system:serviceaccount:veil-system:veil-agent".to_string()],
-                ),
-            },
-            Arc::new(RwLock::new(set)),
-            Arc::new(TokenReviewAuthenticator::new(
-                issuer_client.clone(),
-                vec![AUDIENCE.into()],
-            )),
-            Arc::new(KubePods::new(issuer_client.clone())),
-        );
-        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let id = workload_id(&td, SYSTEM_NS, "veil-issuer").unwrap();
-        let running = serve("127.0.0.1:0".parse().unwrap(), id, service, async {
-            let _ = stop_rx.await;
-        })
-        .await
-        .unwrap();
-        (running, stop_tx)
-    });
+    assert_eq!(again.bundle(), issuer.ca.bundle());
 
     // The agent: reads the published bundle, trusts only the issuer's ID.
     let bundle = bed
