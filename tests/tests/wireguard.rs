@@ -332,34 +332,65 @@ fn wireguard_peers_follow_nodes_restarts_and_key_changes() {
     )
     .unwrap();
 
-    // A key change (rotation on demand) is followed by the peers.
+    // Traffic to node-2 too, so both of node-0's peers have counters to lose.
+    let e = bed.add_pod(2, "e").unwrap();
+    eventually("ping node-2's pod", Duration::from_secs(20), || {
+        Ok(a.ping(e.ip).ok())
+    })
+    .unwrap();
+    let sent_to = |node: usize| {
+        let name = &bed.node(node).name;
+        peers(&bed, 0)
+            .iter()
+            .find(|p| &p.node == name)
+            .map(|p| p.tx_bytes)
+    };
+
+    // A key change (rotation on demand) is followed by the peers; node-0's session with
+    // node-2 is left alone (a replaced peer would start its counters from zero).
+    let node2_before = sent_to(2).unwrap();
     let rotated = match bed.ask_agent(1, AgentRequest::RotateKey).unwrap() {
         AgentResponse::Rotated { public_key } => public_key,
         other => panic!("{other:?}"),
     };
     assert_ne!(Some(rotated.clone()), key_before);
     assert_eq!(bed.node_annotation(1, KEY).unwrap(), Some(rotated));
+    let started = std::time::Instant::now();
     eventually(
         "ping after node-1's key changed",
         Duration::from_secs(20),
         || Ok(a.ping(c.ip).ok()),
     )
     .unwrap();
+    eprintln!(
+        "traffic to node-1 resumed {:?} after its key changed",
+        started.elapsed()
+    );
+    assert!(
+        sent_to(2).unwrap() >= node2_before,
+        "node-1's key change disturbed the session with node-2"
+    );
 
-    // Node removal removes the peer.
+    // Node removal removes the peer, and leaves the other alone.
+    let node1_before = sent_to(1).unwrap();
+    assert!(node1_before > 0);
     bed.delete_node_object(2).unwrap();
+    let started = std::time::Instant::now();
     eventually(
         "node-0 drops the removed node",
         Duration::from_secs(10),
-        || {
-            Ok(peers(&bed, 0)
-                .iter()
-                .all(|p| p.node != bed.node(2).name)
-                .then_some(()))
-        },
+        || Ok(sent_to(2).is_none().then_some(())),
     )
     .unwrap();
+    eprintln!(
+        "node-0 dropped the removed node's peer in {:?}",
+        started.elapsed()
+    );
     a.ping(c.ip).unwrap();
+    assert!(
+        sent_to(1).unwrap() > node1_before,
+        "node-2's removal disturbed the session with node-1"
+    );
     bed.check_agent(0).unwrap();
 }
 
