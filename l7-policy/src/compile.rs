@@ -415,28 +415,34 @@ fn compile_peer(
 
 /// Builds a regex that must match the whole input.
 fn full_match_regex(at: &str, re: &str, errors: &mut Vec<FieldError>) -> Option<Regex> {
-    if !check_string(at, re, errors) {
-        return None;
-    }
-    RegexBuilder::new(&format!("^(?:{re})$"))
+    let pattern = anchored(at, re, errors)?;
+    let built = RegexBuilder::new(&pattern)
         .size_limit(REGEX_SIZE_LIMIT)
-        .build()
-        .map_err(|e| {
-            errors.push(FieldError::new(
-                at,
-                format!("invalid regex (RE2 syntax): {e}"),
-            ))
-        })
-        .ok()
+        .build();
+    regex_or_error(at, built, errors)
 }
 
+/// Builds a regex over bytes that must match the whole input.
 fn full_match_bytes_regex(at: &str, re: &str, errors: &mut Vec<FieldError>) -> Option<BytesRegex> {
-    if !check_string(at, re, errors) {
-        return None;
-    }
-    BytesRegexBuilder::new(&format!("^(?:{re})$"))
+    let pattern = anchored(at, re, errors)?;
+    let built = BytesRegexBuilder::new(&pattern)
         .size_limit(REGEX_SIZE_LIMIT)
-        .build()
+        .build();
+    regex_or_error(at, built, errors)
+}
+
+/// `re` anchored at both ends, if it is an acceptable string at all.
+fn anchored(at: &str, re: &str, errors: &mut Vec<FieldError>) -> Option<String> {
+    check_string(at, re, errors).then(|| format!("^(?:{re})$"))
+}
+
+/// The built regex, or an error naming the field.
+fn regex_or_error<R>(
+    at: &str,
+    built: Result<R, regex::Error>,
+    errors: &mut Vec<FieldError>,
+) -> Option<R> {
+    built
         .map_err(|e| {
             errors.push(FieldError::new(
                 at,

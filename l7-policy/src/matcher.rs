@@ -305,32 +305,21 @@ impl PortMatcher {
         path: &str,
         out: &mut [&'s [u32]; MAX_LISTS],
     ) -> Option<usize> {
-        let mut n = 0;
-        let mut add = |l: &'s [u32]| {
-            if l.is_empty() {
-                return true;
-            }
-            if n == MAX_LISTS {
-                return false;
-            }
-            out[n] = l;
-            n += 1;
-            true
-        };
-        let get = |m: &'s Map<Box<str>, Vec<u32>>, k: &str| m.get(k).map_or(&[][..], Vec::as_slice);
-        let mut ok = add(&self.path_other) && add(get(&self.path_exact, path));
+        let mut lists = Lists::new(out);
+        lists.add(&self.path_other);
+        lists.add(get(&self.path_exact, path));
         if !self.path_prefix.is_empty() {
-            ok &= add(get(&self.path_prefix, "/"));
+            lists.add(get(&self.path_prefix, "/"));
             for (i, b) in path.bytes().enumerate().skip(1) {
                 if b == b'/' {
-                    ok &= add(get(&self.path_prefix, &path[..i]));
+                    lists.add(get(&self.path_prefix, &path[..i]));
                 }
             }
             if path.len() > 1 && !path.ends_with('/') {
-                ok &= add(get(&self.path_prefix, path));
+                lists.add(get(&self.path_prefix, path));
             }
         }
-        ok.then_some(n)
+        lists.count()
     }
 
     /// Fills `out` with the lists of alternatives whose `from` may match the source; `None`
@@ -340,39 +329,67 @@ impl PortMatcher {
         src: &Source<'_>,
         out: &mut [&'s [u32]; MAX_LISTS],
     ) -> Option<usize> {
-        let mut n = 0;
-        let mut add = |l: &'s [u32]| {
-            if l.is_empty() {
-                return true;
-            }
-            if n == MAX_LISTS {
-                return false;
-            }
-            out[n] = l;
-            n += 1;
-            true
-        };
-        let get = |m: &'s Map<Box<str>, Vec<u32>>, k: &str| m.get(k).map_or(&[][..], Vec::as_slice);
-        let mut ok = add(&self.id_other);
+        let mut lists = Lists::new(out);
+        lists.add(&self.id_other);
         if let Some(ns) = src.namespace {
-            ok &= add(get(&self.id_namespace, ns));
+            lists.add(get(&self.id_namespace, ns));
             if let (Some(sa), Some(names)) = (src.service_account, self.id_service_account.get(ns))
             {
-                ok &= add(names.get(sa).map_or(&[][..], Vec::as_slice));
+                lists.add(get(names, sa));
             }
         }
         if let Some(id) = src.spiffe_id {
-            ok &= add(get(&self.id_spiffe, id));
+            lists.add(get(&self.id_spiffe, id));
             if !self.id_spiffe_prefix.is_empty() {
                 let start = "spiffe://".len().min(id.len());
                 for (i, b) in id.bytes().enumerate().skip(start) {
                     if b == b'/' {
-                        ok &= add(get(&self.id_spiffe_prefix, &id[..i]));
+                        lists.add(get(&self.id_spiffe_prefix, &id[..i]));
                     }
                 }
             }
         }
-        ok.then_some(n)
+        lists.count()
+    }
+}
+
+/// The alternatives listed under `key`, or none.
+fn get<'s>(map: &'s Map<Box<str>, Vec<u32>>, key: &str) -> &'s [u32] {
+    map.get(key).map_or(&[][..], Vec::as_slice)
+}
+
+/// Candidate lists gathered into a fixed array, so evaluation allocates nothing; more
+/// than [`MAX_LISTS`] non-empty lists make the caller fall back to scanning every rule.
+struct Lists<'s, 'o> {
+    out: &'o mut [&'s [u32]; MAX_LISTS],
+    n: usize,
+    overflowed: bool,
+}
+
+impl<'s, 'o> Lists<'s, 'o> {
+    fn new(out: &'o mut [&'s [u32]; MAX_LISTS]) -> Self {
+        Lists {
+            out,
+            n: 0,
+            overflowed: false,
+        }
+    }
+
+    fn add(&mut self, list: &'s [u32]) {
+        if list.is_empty() {
+            return;
+        }
+        if self.n == MAX_LISTS {
+            self.overflowed = true;
+            return;
+        }
+        self.out[self.n] = list;
+        self.n += 1;
+    }
+
+    /// How many lists were gathered; `None` if some did not fit.
+    fn count(self) -> Option<usize> {
+        (!self.overflowed).then_some(self.n)
     }
 }
 
