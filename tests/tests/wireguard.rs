@@ -679,3 +679,62 @@ fn wireguard_agent_adopts_a_single_queue_device_left_by_an_older_agent() {
         .unwrap();
     assert!(server.join().unwrap().unwrap() == data);
 }
+
+/// Runs the real `meshctl` with `--socket <socket>`; whether it succeeded, and what it said.
+fn meshctl(socket: &std::path::Path, args: &[&str]) -> (bool, String) {
+    let out = std::process::Command::new(veil_testbed::bins::veil("meshctl").unwrap())
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+#[test]
+fn wireguard_meshctl_shows_key_peers_and_queues_and_rotates() {
+    let bed = TestBed::start(BedConfig::default()).unwrap();
+    let (a, c) = connected_pods(&bed);
+    let socket = bed.node(0).socket();
+
+    let (ok, out) = meshctl(&socket, &["wireguard"]);
+    assert!(ok, "{out}");
+    let key = bed.node_annotation(0, KEY).unwrap().unwrap();
+    assert!(out.contains(&format!("public key {key}")), "{out}");
+    let peer = bed.node(1);
+    for field in [
+        peer.name.clone(),
+        peer.pod_cidr.to_string(),
+        format!("{}:51871", peer.ip),
+    ] {
+        assert!(out.contains(&field), "no {field} in: {out}");
+    }
+    assert!(out.contains("queues (packets) 0: tx "), "{out}");
+
+    let (ok, out) = meshctl(&socket, &["wireguard", "rotate"]);
+    assert!(ok, "{out}");
+    let rotated = out
+        .trim()
+        .strip_prefix("rotated; new public key ")
+        .unwrap_or_else(|| panic!("{out}"))
+        .to_string();
+    assert_ne!(rotated, key);
+    assert_eq!(bed.node_annotation(0, KEY).unwrap(), Some(rotated));
+    eventually("ping after rotating", Duration::from_secs(20), || {
+        Ok(a.ping(c.ip).ok())
+    })
+    .unwrap();
+
+    let (ok, out) = meshctl(&socket, &["pods"]);
+    assert!(ok && out.contains(&a.ip.to_string()), "{out}");
+
+    // No agent there: a failure that names the socket.
+    let missing = bed.dir().join("no-agent.sock");
+    let (ok, out) = meshctl(&missing, &["wireguard"]);
+    assert!(!ok && out.contains("no-agent.sock"), "{out}");
+}

@@ -69,16 +69,30 @@ fn wireguard(cli: &Cli, action: &Option<WireguardAction>) -> ExitCode {
                 .collect();
             println!("queues (packets) {}", queues.join(", "));
             println!(
-                "{:<16} {:<22} {:<18} {:>10} {:>12} {:>12} {:>8}",
-                "PEER", "ENDPOINT", "POD-CIDR", "HANDSHAKE", "TX-BYTES", "RX-BYTES", "SPOOFED"
+                "{:<16} {:<40} {:<18} {:>10} {:>12} {:>12} {:>8} {:>6}",
+                "PEER",
+                "ENDPOINT",
+                "POD-CIDR",
+                "HANDSHAKE",
+                "TX-BYTES",
+                "RX-BYTES",
+                "SPOOFED",
+                "QUEUE"
             );
             for p in peers {
                 let handshake = p
                     .last_handshake_secs
                     .map_or("never".to_string(), |s| format!("{s}s ago"));
                 println!(
-                    "{:<16} {:<22} {:<18} {:>10} {:>12} {:>12} {:>8}",
-                    p.node, p.endpoint, p.pod_cidr, handshake, p.tx_bytes, p.rx_bytes, p.rx_spoofed
+                    "{:<16} {:<40} {:<18} {:>10} {:>12} {:>12} {:>8} {:>6}",
+                    p.node,
+                    p.endpoint,
+                    p.pod_cidr,
+                    handshake,
+                    p.tx_bytes,
+                    p.rx_bytes,
+                    p.rx_spoofed,
+                    p.queue
                 );
             }
             ExitCode::SUCCESS
