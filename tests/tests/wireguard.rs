@@ -95,6 +95,16 @@ fn exchange_marked_payloads(bed: &TestBed, a: &Pod, c: &Pod) -> Vec<String> {
     seen.lines
 }
 
+/// Whether a command succeeded, and what it printed (stdout, then stderr).
+fn outcome(out: &std::process::Output) -> (bool, String) {
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
 /// The pod's interface MTU.
 fn pod_mtu(pod: &Pod) -> usize {
     let out = pod.netns.exec(&["cat", "/sys/class/net/eth0/mtu"]).unwrap();
@@ -119,12 +129,7 @@ fn ping_df(from: &Pod, to: &Pod, payload: usize) -> (bool, String) {
             &to.ip.to_string(),
         ])
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), said)
+    outcome(&out)
 }
 
 /// Packets of exactly the pod MTU with DF set cross in both directions (the encrypted
@@ -688,12 +693,7 @@ fn meshctl(socket: &std::path::Path, args: &[&str]) -> (bool, String) {
         .args(args)
         .output()
         .unwrap();
-    let said = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), said)
+    outcome(&out)
 }
 
 #[test]
