@@ -227,6 +227,18 @@ impl CertificateAuthority {
     }
 }
 
+/// A fresh CA for `cluster.local`, a trust bundle holding it, and the trust domain, for
+/// unit tests. `CaSet` takes a CA by value; the one returned is a copy read back from its
+/// PEM, kept to sign with.
+#[cfg(test)]
+pub(crate) fn test_ca() -> (TrustDomain, CertificateAuthority, crate::TrustBundle) {
+    let td = crate::trust_domain("cluster.local").unwrap();
+    let ca = CertificateAuthority::generate(&td, DEFAULT_CA_LIFETIME, SystemTime::now()).unwrap();
+    let copy = CertificateAuthority::from_pem(&td, ca.cert_pem(), ca.key_pem()).unwrap();
+    let bundle = crate::CaSet::new(copy).bundle();
+    (td, ca, bundle)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

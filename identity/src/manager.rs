@@ -194,9 +194,8 @@ mod tests {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 
     use super::*;
-    use crate::bundle::CaSet;
-    use crate::ca::{CertificateAuthority, DEFAULT_CA_LIFETIME};
-    use crate::id::{trust_domain, workload_id};
+    use crate::ca::CertificateAuthority;
+    use crate::id::workload_id;
     use crate::svid::new_key_and_csr;
 
     /// Signs directly with a CA (the issuer's own signing path, without the network).
@@ -241,12 +240,7 @@ mod tests {
 
     #[tokio::test]
     async fn identity_svid_is_renewed_before_expiry_and_never_served_expired() {
-        let td = trust_domain("cluster.local").unwrap();
-        let ca =
-            CertificateAuthority::generate(&td, DEFAULT_CA_LIFETIME, SystemTime::now()).unwrap();
-        let bundle =
-            CaSet::new(CertificateAuthority::from_pem(&td, ca.cert_pem(), ca.key_pem()).unwrap())
-                .bundle();
+        let (_, ca, bundle) = crate::ca::test_ca();
         let source = Arc::new(DirectCa {
             ca,
             ttl: Duration::from_secs(4),

@@ -384,9 +384,8 @@ mod tests {
     use std::time::{Duration, SystemTime};
 
     use super::*;
-    use crate::bundle::CaSet;
     use crate::ca::{CertificateAuthority, DEFAULT_CA_LIFETIME};
-    use crate::id::{trust_domain, workload_id};
+    use crate::id::workload_id;
     use crate::svid::new_key_and_csr;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -435,12 +434,7 @@ mod tests {
 
     #[tokio::test]
     async fn identity_tls_handshake_checks_the_peer_spiffe_id() {
-        let td = trust_domain("cluster.local").unwrap();
-        let ca =
-            CertificateAuthority::generate(&td, DEFAULT_CA_LIFETIME, SystemTime::now()).unwrap();
-        let bundle =
-            CaSet::new(CertificateAuthority::from_pem(&td, ca.cert_pem(), ca.key_pem()).unwrap())
-                .bundle();
+        let (td, ca, bundle) = crate::ca::test_ca();
         let (alice, bob, mallory) = (
             issue(&ca, "alice"),
             issue(&ca, "bob"),

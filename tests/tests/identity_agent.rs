@@ -13,9 +13,8 @@
 
 use std::path::Path;
 use std::time::Duration;
-use veil_testbed::objects::{meta, pod};
+use veil_testbed::objects::{meta, pod, service_account_token};
 
-use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{Namespace, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{PolicyRule, Role, RoleBinding, RoleRef, Subject};
 use kube::api::PostParams;
@@ -196,28 +195,16 @@ fn identity_agent_serves_each_pod_its_own_svid() {
     });
 
     // The agent's projected token: audience veil-issuer, bound to its pod (so to the node).
-    let token = bed.block_on(async {
-        let req = TokenRequest {
-            spec: TokenRequestSpec {
-                audiences: vec![DEFAULT_AUDIENCE.into()],
-                expiration_seconds: Some(3600),
-                bound_object_ref: Some(BoundObjectReference {
-                    api_version: Some("v1".into()),
-                    kind: Some("Pod".into()),
-                    name: agent_pod.metadata.name.clone(),
-                    uid: agent_pod.metadata.uid.clone(),
-                }),
-            },
-            ..Default::default()
-        };
-        Api::<ServiceAccount>::namespaced(admin.clone(), SYSTEM_NS)
-            .create_token_request("veil-agent", &PostParams::default(), &req)
-            .await
-            .unwrap()
-            .status
-            .unwrap()
-            .token
-    });
+    let token = bed
+        .block_on(service_account_token(
+            &admin,
+            SYSTEM_NS,
+            "veil-agent",
+            Some(&agent_pod),
+            vec![DEFAULT_AUDIENCE.into()],
+            Duration::from_secs(3600),
+        ))
+        .unwrap();
     let token_file = bed.dir().join("agent-token");
     std::fs::write(&token_file, token).unwrap();
 

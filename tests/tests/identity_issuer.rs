@@ -5,12 +5,10 @@
 //! ServiceAccount and only the RBAC the chart will grant it.
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
-use veil_testbed::objects::{meta, pod};
+use veil_testbed::objects::{meta, pod, service_account_token};
 
 use base64::Engine;
-use k8s_openapi::api::authentication::v1::{
-    BoundObjectReference, TokenRequest, TokenRequestSpec, TokenReview, TokenReviewSpec,
-};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
 use k8s_openapi::api::core::v1::{Namespace, Node, Pod, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{
     ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding, RoleRef, Subject,
@@ -70,26 +68,9 @@ async fn token_for(
     bound: Option<&Pod>,
     audiences: Vec<String>,
 ) -> String {
-    let req = TokenRequest {
-        spec: TokenRequestSpec {
-            audiences,
-            expiration_seconds: Some(600),
-            bound_object_ref: bound.map(|p| BoundObjectReference {
-                api_version: Some("v1".into()),
-                kind: Some("Pod".into()),
-                name: p.metadata.name.clone(),
-                uid: p.metadata.uid.clone(),
-            }),
-        },
-        ..Default::default()
-    };
-    Api::<ServiceAccount>::namespaced(client.clone(), ns)
-        .create_token_request(sa, &PostParams::default(), &req)
+    service_account_token(client, ns, sa, bound, audiences, Duration::from_secs(600))
         .await
         .unwrap()
-        .status
-        .unwrap()
-        .token
 }
 
 fn b64() -> base64::engine::GeneralPurpose {

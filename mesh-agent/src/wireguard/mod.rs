@@ -162,11 +162,11 @@ fn open_device(mtu: u32, count: usize) -> std::io::Result<Vec<tun_rs::SyncDevice
         }
         Err(e) => return Err(e),
     };
-    let mut queues = Vec::with_capacity(count);
+    let mut queues = vec![first];
     for _ in 1..count {
-        queues.push(first.try_clone()?);
+        let queue = queues[0].try_clone()?;
+        queues.push(queue);
     }
-    queues.insert(0, first);
     Ok(queues)
 }
 

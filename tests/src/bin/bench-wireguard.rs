@@ -13,6 +13,12 @@ use veil_testbed::{bed::Pod, bins, eventually, process::Proc, BedConfig, TestBed
 /// Seconds per iperf3 run: long enough for TCP to settle, short enough for CI.
 const SECONDS: u32 = 8;
 
+/// The unit of /proc's CPU times.
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
 /// CPU seconds (user + system) a process has used.
 fn cpu_seconds(pid: u32) -> f64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
@@ -21,9 +27,7 @@ fn cpu_seconds(pid: u32) -> f64 {
     let fields: Vec<&str> = rest.split_whitespace().collect();
     let ticks: u64 = fields.get(11).and_then(|f| f.parse().ok()).unwrap_or(0)
         + fields.get(12).and_then(|f| f.parse().ok()).unwrap_or(0);
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / hz
+    ticks as f64 / clock_ticks_per_second()
 }
 
 /// CPU seconds the whole machine has spent busy (everything but idle and I/O wait): all
@@ -41,9 +45,7 @@ fn machine_busy_seconds() -> f64 {
         .filter(|(i, _)| *i != 3 && *i != 4 && *i < 8)
         .filter_map(|(_, v)| v.parse::<u64>().ok())
         .sum();
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
-    ticks as f64 / hz
+    ticks as f64 / clock_ticks_per_second()
 }
 
 /// One measured flow.
