@@ -65,3 +65,16 @@ pub async fn start(
         _stop: stop,
     })
 }
+
+/// What the Workload API at `socket` answers this test process, which runs in no pod:
+/// the error's debug text. Panics if it hands out an SVID.
+pub async fn workload_api_refusal(socket: &std::path::Path) -> String {
+    let client = spiffe::WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
+        .await
+        .expect("connect to the Workload API");
+    let refused = client.fetch_x509_svid().await;
+    format!(
+        "{:?}",
+        refused.expect_err("a process in no pod gets no SVID")
+    )
+}

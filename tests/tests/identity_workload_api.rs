@@ -176,16 +176,7 @@ fn identity_workload_api_serves_each_pod_its_own_svid() {
     }
 
     // This process runs in no pod: refused.
-    let refused = rt.block_on(async {
-        let client = spiffe::WorkloadApiClient::connect_to(format!("unix:{}", socket.display()))
-            .await
-            .unwrap();
-        client.fetch_x509_svid().await
-    });
-    let err = format!(
-        "{:?}",
-        refused.expect_err("a process in no pod gets no SVID")
-    );
+    let err = rt.block_on(veil_testbed::issuer::workload_api_refusal(&socket));
     assert!(err.contains("PermissionDenied"), "{err}");
     server.abort();
 }
