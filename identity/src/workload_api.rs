@@ -49,6 +49,23 @@ pub trait Attestor: Send + Sync + 'static {
     fn attest(&self, caller: &CallerProcess) -> Option<PodKey>;
 }
 
+/// Why a namespace was not registered to a pod.
+#[derive(Debug, thiserror::Error)]
+pub enum RegisterError {
+    /// The namespace file could not be read.
+    #[error("stat the network namespace: {0}")]
+    Stat(std::io::Error),
+    /// It is the node's own namespace.
+    #[error("the node's own network namespace is never a pod's")]
+    HostNamespace,
+    /// Another pod holds it.
+    #[error("the network namespace is already registered to pod {holder}")]
+    Taken {
+        /// `namespace/name` of the pod that holds it.
+        holder: String,
+    },
+}
+
 /// Attests by network namespace: the agent registers each pod's netns (the path CNI ADD
 /// got); a PID belongs to the pod whose netns `/proc/<pid>/ns/net` is. Host-network pods
 /// share the node's namespace and are never registered, so never attested.
@@ -69,18 +86,41 @@ impl NetnsAttestor {
     }
 
     /// Records that the namespace at `netns` (e.g. `/run/netns/x`, `/proc/<pid>/ns/net`)
-    /// belongs to `pod`.
-    pub fn register(&self, netns: &Path, pod: PodKey) -> std::io::Result<()> {
-        let id = Self::ns_id(netns)?;
-        self.by_ns.write().expect("netns lock").insert(id, pod);
-        Ok(())
+    /// belongs to `pod`; see [`NetnsAttestor::register_namespace`].
+    pub fn register(&self, netns: &Path, pod: PodKey) -> Result<(), RegisterError> {
+        let id = Self::ns_id(netns).map_err(RegisterError::Stat)?;
+        self.register_namespace(id, pod)
+    }
+
+    /// Records that the network namespace with nsfs identity `id` (device, inode)
+    /// belongs to `pod`. Refuses the caller's own namespace (the agent runs in the
+    /// node's, which is never a pod's) and a namespace already registered to another pod:
+    /// an identity never moves silently from one pod to another.
+    pub fn register_namespace(&self, id: (u64, u64), pod: PodKey) -> Result<(), RegisterError> {
+        let own = Self::ns_id(Path::new("/proc/self/ns/net")).map_err(RegisterError::Stat)?;
+        if id == own {
+            return Err(RegisterError::HostNamespace);
+        }
+        let mut by_ns = self
+            .by_ns
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        match by_ns.get(&id) {
+            Some(other) if *other != pod => Err(RegisterError::Taken {
+                holder: format!("{}/{}", other.0, other.1),
+            }),
+            _ => {
+                by_ns.insert(id, pod);
+                Ok(())
+            }
+        }
     }
 
     /// Forgets `pod`.
     pub fn unregister(&self, pod: &PodKey) {
         self.by_ns
             .write()
-            .expect("netns lock")
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
             .retain(|_, p| p != pod);
     }
 }
@@ -289,4 +329,35 @@ pub fn serve(
             tracing::error!(socket = %socket_path, error = %e, "Workload API failed");
         }
     }))
+}
+
+#[cfg(test)]
+mod register_tests {
+    use super::*;
+
+    #[test]
+    fn hardening_attestor_refuses_the_host_namespace_and_a_second_pod() {
+        let attestor = NetnsAttestor::new();
+        let own = NetnsAttestor::ns_id(Path::new("/proc/self/ns/net")).unwrap();
+        assert!(matches!(
+            attestor.register_namespace(own, ("shop".into(), "a".into())),
+            Err(RegisterError::HostNamespace)
+        ));
+        let pod_ns = (own.0, own.1 + 1);
+        attestor
+            .register_namespace(pod_ns, ("shop".into(), "a".into()))
+            .unwrap();
+        // Registering again for the same pod is fine (a restarted agent does it).
+        attestor
+            .register_namespace(pod_ns, ("shop".into(), "a".into()))
+            .unwrap();
+        let err = attestor
+            .register_namespace(pod_ns, ("shop".into(), "b".into()))
+            .unwrap_err();
+        assert!(err.to_string().contains("shop/a"), "{err}");
+        attestor.unregister(&("shop".into(), "a".into()));
+        attestor
+            .register_namespace(pod_ns, ("shop".into(), "b".into()))
+            .unwrap();
+    }
 }

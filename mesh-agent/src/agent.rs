@@ -62,6 +62,8 @@ pub struct Agent {
     rotate_rx:
         Option<tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, String>>>>,
     identity: Option<Identity>,
+    fatal: crate::fatal::Fatal,
+    died: crate::fatal::FatalReceiver,
 }
 
 /// Publishes the node's WireGuard key, retrying until the API server takes it: peers
@@ -125,6 +127,7 @@ fn enable_forwarding() -> Result<(), StartError> {
 impl Agent {
     /// Does everything that can fail before serving, so failures surface at start.
     pub async fn build(config: Config) -> Result<Self, StartError> {
+        let (fatal, died) = crate::fatal::channel();
         let client = k8s::client(config.kubeconfig.as_deref()).await?;
         let node = k8s::wait_for_own_node(&client, &config.node_name).await;
         tracing::info!(node = node.name, pod_cidr = %node.pod_cidr, internal_ip = %node.internal_ip, "own node");
@@ -143,6 +146,7 @@ impl Agent {
                     config.wireguard_port,
                     pod_mtu,
                     config.wireguard_queues(),
+                    &fatal,
                 )?;
                 let device = crate::podnet::link_by_name(&netlink, wireguard::DEVICE_NAME)
                     .await
@@ -186,6 +190,8 @@ impl Agent {
             wireguard,
             rotate_rx,
             identity,
+            fatal,
+            died,
         })
     }
 
@@ -235,25 +241,45 @@ impl Agent {
             .map(|identity| tokio::spawn(identity.run(self.client.clone())));
         let serve = tokio::spawn(server::serve(listener, self.service.clone()));
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: stopping"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: stopping"),
-        }
-        serve.abort();
-        watch.abort();
-        routes.abort();
-        if let Some(rotation) = rotation {
-            rotation.abort();
-        }
-        if let Some(identity) = identity {
-            identity.abort();
-            let _ = identity.await;
+        let mut tasks = vec![
+            ("node watch", watch),
+            ("route reconciler", routes),
+            ("CNI server", serve),
+        ];
+        tasks.extend(rotation.map(|t| ("key rotation", t)));
+        tasks.extend(identity.map(|t| ("identity", t)));
+        // Every task runs for the agent's lifetime: one that ends has died.
+        let fatal = self.fatal.clone();
+        let watchers = tasks
+            .into_iter()
+            .map(|(part, task)| {
+                let fatal = fatal.clone();
+                let abort = task.abort_handle();
+                let watcher = tokio::spawn(async move {
+                    let reason = match task.await {
+                        Ok(()) => "returned".to_string(),
+                        Err(e) if e.is_cancelled() => return,
+                        Err(e) => format!("panicked: {e}"),
+                    };
+                    fatal.report(part, &reason);
+                });
+                (abort, watcher)
+            })
+            .collect::<Vec<_>>();
+        let outcome = tokio::select! {
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); Ok(()) }
+            reason = self.died.died() => Err(anyhow::anyhow!(reason)),
+        };
+        for (abort, watcher) in watchers {
+            abort.abort();
+            let _ = watcher.await;
         }
         if let Some(socket) = workload_socket {
             let _ = std::fs::remove_file(socket);
         }
         let _ = std::fs::remove_file(&self.config.cni_socket);
-        Ok(())
+        outcome
     }
 }
 

@@ -12,6 +12,11 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::cni::protocol::AttachmentKey;
+use crate::netns::NsId;
+
+/// Where files that are no allocation of this pool are moved, beside the pool directory:
+/// kept for an operator to look at, out of the way of the next start.
+const STALE_DIR: &str = "ipam-stale";
 
 /// Errors of address management.
 #[derive(Debug, thiserror::Error)]
@@ -62,6 +67,10 @@ struct Record {
     /// Added after the first release: files written before it load with `None`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     netns: Option<String>,
+    /// The namespace's identity when it was attached, so a restarted agent can tell
+    /// whether the path still names the same namespace. Absent in older records.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    netns_id: Option<NsId>,
 }
 
 /// One allocated address.
@@ -74,6 +83,8 @@ pub struct Allocation {
     /// The pod's network namespace path (`CNI_NETNS`), so a restarted agent can attest
     /// the pod's processes again.
     pub netns: Option<String>,
+    /// The identity of that namespace at ADD (nsfs device and inode).
+    pub netns_id: Option<NsId>,
 }
 
 impl Allocation {
@@ -83,6 +94,61 @@ impl Allocation {
         Some((ns.to_string(), name.to_string()))
     }
 }
+
+/// Reads one allocation file, or says why it is none of this pool's.
+fn read_record(path: &Path, name: &str, pool: Ipv4Net) -> Result<(Ipv4Addr, Allocation), String> {
+    let ip: Ipv4Addr = name
+        .parse()
+        .map_err(|_| "file name is not an IPv4 address".to_string())?;
+    if !pool.contains(&ip) {
+        return Err(format!(
+            "address is outside the node's pod CIDR {pool}; did the node's podCIDR change?"
+        ));
+    }
+    let meta = fs::symlink_metadata(path).map_err(|e| format!("stat: {e}"))?;
+    if !meta.is_file() || meta.len() > MAX_RECORD_BYTES {
+        return Err(format!(
+            "not a regular file of at most {MAX_RECORD_BYTES} bytes"
+        ));
+    }
+    let bytes = fs::read(path).map_err(|e| format!("read: {e}"))?;
+    let record: Record =
+        serde_json::from_slice(&bytes).map_err(|e| format!("not a record: {e}"))?;
+    let key = AttachmentKey {
+        container_id: record.container_id,
+        ifname: record.ifname,
+    };
+    key.validate().map_err(|e| e.msg)?;
+    Ok((
+        ip,
+        Allocation {
+            key,
+            pod: record.pod,
+            netns: record.netns,
+            netns_id: record.netns_id,
+        },
+    ))
+}
+
+/// Moves a file that is no allocation into [`STALE_DIR`] beside `dir`, and reports it.
+fn set_aside(dir: &Path, path: &Path, reason: &str) {
+    let stale = dir.with_file_name(STALE_DIR);
+    let moved = fs::create_dir_all(&stale).and_then(|()| {
+        let name = path.file_name().unwrap_or_default();
+        fs::rename(path, stale.join(name))
+    });
+    match moved {
+        Ok(()) => {
+            tracing::error!(file = %path.display(), moved_to = %stale.display(), reason, "not an allocation of this node; set aside")
+        }
+        Err(e) => {
+            tracing::error!(file = %path.display(), reason, error = %e, "not an allocation of this node, and it cannot be moved; ignored")
+        }
+    }
+}
+
+/// An allocation record is a few hundred bytes; anything much larger is not one.
+const MAX_RECORD_BYTES: u64 = 64 << 10;
 
 struct State {
     by_ip: BTreeMap<Ipv4Addr, Allocation>,
@@ -105,11 +171,16 @@ impl Ipam {
         if pool.prefix_len() > 29 {
             return Err(IpamError::PoolTooSmall(pool));
         }
-        fs::create_dir_all(dir).map_err(|source| IpamError::Io {
-            action: "create",
-            path: dir.into(),
-            source,
-        })?;
+        fs::create_dir_all(dir)
+            .and_then(|()| {
+                use std::os::unix::fs::PermissionsExt;
+                fs::set_permissions(dir, fs::Permissions::from_mode(0o700))
+            })
+            .map_err(|source| IpamError::Io {
+                action: "create",
+                path: dir.into(),
+                source,
+            })?;
         let mut by_ip = BTreeMap::new();
         let entries = fs::read_dir(dir).map_err(|source| IpamError::Io {
             action: "read",
@@ -130,37 +201,14 @@ impl Ipam {
                 let _ = fs::remove_file(&path);
                 continue;
             }
-            let ip: Ipv4Addr = name.parse().map_err(|_| IpamError::Corrupt {
-                path: path.clone(),
-                reason: "file name is not an IPv4 address".into(),
-            })?;
-            let bytes = fs::read(&path).map_err(|source| IpamError::Io {
-                action: "read",
-                path: path.clone(),
-                source,
-            })?;
-            let record: Record =
-                serde_json::from_slice(&bytes).map_err(|e| IpamError::Corrupt {
-                    path: path.clone(),
-                    reason: e.to_string(),
-                })?;
-            if !pool.contains(&ip) {
-                return Err(IpamError::Corrupt {
-                    path,
-                    reason: format!("address is outside the node's pod CIDR {pool}; did the node's podCIDR change?"),
-                });
+            match read_record(&path, &name, pool) {
+                Ok((ip, allocation)) => {
+                    by_ip.insert(ip, allocation);
+                }
+                // Refusing to start would crash-loop the agent and take every pod's network
+                // management down with one bad file; moving it aside loses nothing.
+                Err(reason) => set_aside(dir, &path, &reason),
             }
-            by_ip.insert(
-                ip,
-                Allocation {
-                    key: AttachmentKey {
-                        container_id: record.container_id,
-                        ifname: record.ifname,
-                    },
-                    pod: record.pod,
-                    netns: record.netns,
-                },
-            );
         }
         let last = by_ip
             .keys()
@@ -194,15 +242,16 @@ impl Ipam {
     /// Allocates an address for `key`, or returns the one it already has (ADD is retried
     /// by runtimes, and a retry must not take a second address).
     pub fn allocate(&self, key: &AttachmentKey, pod: Option<&str>) -> Result<Ipv4Addr, IpamError> {
-        self.allocate_in(key, pod, None)
+        self.allocate_in(key, pod, None, None)
     }
 
-    /// [`Ipam::allocate`], recording the pod's network namespace path as well.
+    /// [`Ipam::allocate`], recording the pod's network namespace path and identity too.
     pub fn allocate_in(
         &self,
         key: &AttachmentKey,
         pod: Option<&str>,
         netns: Option<&str>,
+        netns_id: Option<NsId>,
     ) -> Result<Ipv4Addr, IpamError> {
         let mut state = self.state.lock().expect("ipam lock poisoned");
         if let Some((ip, _)) = state.by_ip.iter().find(|(_, a)| a.key == *key) {
@@ -224,6 +273,7 @@ impl Ipam {
             key: key.clone(),
             pod: pod.map(str::to_string),
             netns: netns.map(str::to_string),
+            netns_id,
         };
         self.write_record(free, &allocation)?;
         state.by_ip.insert(free, allocation);
@@ -254,6 +304,14 @@ impl Ipam {
                 })
             }
         }
+        // The removal must survive a crash too, or a restart would resurrect the address.
+        fs::File::open(&self.dir)
+            .and_then(|d| d.sync_all())
+            .map_err(|source| IpamError::Io {
+                action: "sync",
+                path: self.dir.clone(),
+                source,
+            })?;
         state.by_ip.remove(&ip);
         Ok(Some(ip))
     }
@@ -288,6 +346,7 @@ impl Ipam {
             ifname: allocation.key.ifname.clone(),
             pod: allocation.pod.clone(),
             netns: allocation.netns.clone(),
+            netns_id: allocation.netns_id,
         };
         let tmp = self.dir.join(format!(".{ip}.tmp"));
         let path = self.dir.join(ip.to_string());
@@ -299,9 +358,22 @@ impl Ipam {
                 source,
             }
         }
-        let mut file = fs::File::create(&tmp).map_err(io("create", &tmp))?;
-        file.write_all(&serde_json::to_vec(&record).expect("records serialise"))
-            .map_err(io("write", &tmp))?;
+        let bytes = serde_json::to_vec(&record).map_err(|e| IpamError::Corrupt {
+            path: tmp.clone(),
+            reason: e.to_string(),
+        })?;
+        // Records name pods and their namespaces: root-only, whatever the umask.
+        let mut file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)
+                .map_err(io("create", &tmp))?
+        };
+        file.write_all(&bytes).map_err(io("write", &tmp))?;
         file.sync_all().map_err(io("sync", &tmp))?;
         fs::rename(&tmp, &path).map_err(io("rename", &path))?;
         fs::File::open(&self.dir)
@@ -389,25 +461,65 @@ mod tests {
         )
         .unwrap();
         let ipam = Ipam::open(pool, dir.path()).unwrap();
-        ipam.allocate_in(&key("new"), Some("default/new"), Some("/run/netns/new"))
-            .unwrap();
+        let id = NsId {
+            dev: 4,
+            ino: 4026532000,
+        };
+        ipam.allocate_in(
+            &key("new"),
+            Some("default/new"),
+            Some("/run/netns/new"),
+            Some(id),
+        )
+        .unwrap();
         let ipam = Ipam::open(pool, dir.path()).unwrap();
         let old = ipam.allocation(&key("old")).unwrap();
         assert_eq!(old.netns, None);
         assert_eq!(old.pod_key(), Some(("default".into(), "old".into())));
         let new = ipam.allocation(&key("new")).unwrap();
         assert_eq!(new.netns.as_deref(), Some("/run/netns/new"));
+        assert_eq!(new.netns_id, Some(id));
         assert_eq!(new.pod_key(), Some(("default".into(), "new".into())));
     }
 
     #[test]
-    fn cni_ipam_corrupt_file_is_named() {
-        let dir = tempfile::tempdir().unwrap();
-        fs::write(dir.path().join("198.19.3.9"), b"{oops").unwrap();
-        let err = Ipam::open("198.19.3.0/24".parse().unwrap(), dir.path())
-            .err()
-            .unwrap();
-        assert!(err.to_string().contains("198.19.3.9"), "{err}");
+    fn hardening_ipam_stray_corrupt_and_foreign_files_are_set_aside_not_fatal() {
+        use std::os::unix::fs::PermissionsExt;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("ipam");
+        fs::create_dir(&dir).unwrap();
+        fs::write(dir.join("198.19.3.9"), b"{oops").unwrap();
+        fs::write(dir.join("README"), b"stray").unwrap();
+        // From before a podCIDR change: outside today's pool.
+        fs::write(
+            dir.join("198.19.7.2"),
+            br#"{"containerId":"old","ifname":"eth0"}"#,
+        )
+        .unwrap();
+        // A record whose key could not have come from a runtime.
+        fs::write(
+            dir.join("198.19.3.10"),
+            br#"{"containerId":"../../etc","ifname":"eth0"}"#,
+        )
+        .unwrap();
+        fs::write(
+            dir.join("198.19.3.11"),
+            br#"{"containerId":"good","ifname":"eth0"}"#,
+        )
+        .unwrap();
+        let ipam = Ipam::open("198.19.3.0/24".parse().unwrap(), &dir).unwrap();
+        assert_eq!(ipam.allocations().len(), 1, "only the good record is kept");
+        assert!(ipam.lookup(&key("good")).is_some());
+        let stale: Vec<_> = fs::read_dir(root.path().join(STALE_DIR))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        assert_eq!(stale.len(), 4, "{stale:?}");
+        // New records and the directory are root-only.
+        let ip = ipam.allocate(&key("new"), None).unwrap();
+        let mode = |p: &Path| fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode(&dir.join(ip.to_string())), 0o600);
+        assert_eq!(mode(&dir), 0o700);
     }
 
     #[test]

@@ -4,6 +4,7 @@
 pub mod agent;
 pub mod cni;
 pub mod config;
+pub mod fatal;
 pub mod identity;
 pub mod ipam;
 pub mod k8s;

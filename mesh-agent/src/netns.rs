@@ -37,14 +37,104 @@ pub enum NetnsError {
     /// The helper thread died.
     #[error("namespace thread for {0} panicked")]
     Thread(PathBuf),
+    /// The path is something other than a network namespace (a FIFO, a regular file, a
+    /// directory, another kind of namespace).
+    #[error("{path} is not a network namespace ({what})")]
+    NotNetns {
+        /// The path.
+        path: PathBuf,
+        /// What it is instead.
+        what: &'static str,
+    },
+    /// The path is the node's own network namespace, which is never a pod's.
+    #[error("{0} is the node's own network namespace, not a pod's")]
+    HostNamespace(PathBuf),
 }
 
-/// Opens a namespace file, naming it in the error.
+/// A network namespace's identity: the nsfs device and inode, which stay the same
+/// whatever path names it.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize,
+)]
+pub struct NsId {
+    /// `st_dev` of the namespace file.
+    pub dev: u64,
+    /// `st_ino` of the namespace file.
+    pub ino: u64,
+}
+
+/// `NSFS_MAGIC` from linux/magic.h: the filesystem of namespace files.
+const NSFS_MAGIC: i64 = 0x6e73_6673;
+/// `NS_GET_NSTYPE` from linux/nsfs.h: `_IO(0xb7, 0x3)`.
+const NS_GET_NSTYPE: libc::c_ulong = 0xb703;
+
+/// Opens a network namespace file, refusing at once anything else: the open never
+/// blocks (`O_NONBLOCK`, so a FIFO cannot stall a worker), and the opened file must be
+/// on nsfs and be a network namespace.
 pub fn open(path: &Path) -> Result<File, NetnsError> {
-    File::open(path).map_err(|source| NetnsError::Open {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY | libc::O_CLOEXEC)
+        .open(path)
+        .map_err(|source| NetnsError::Open {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let not = |what| NetnsError::NotNetns {
+        path: path.to_path_buf(),
+        what,
+    };
+    let fs = nix::sys::statfs::fstatfs(&file).map_err(|e| NetnsError::Open {
+        path: path.to_path_buf(),
+        source: e.into(),
+    })?;
+    if fs.filesystem_type().0 as i64 != NSFS_MAGIC {
+        let kind = file.metadata().map(|m| m.file_type()).ok();
+        return Err(not(match kind {
+            Some(t) if t.is_dir() => "a directory",
+            Some(t) if std::os::unix::fs::FileTypeExt::is_fifo(&t) => "a FIFO",
+            Some(t) if std::os::unix::fs::FileTypeExt::is_socket(&t) => "a socket",
+            Some(t) if std::os::unix::fs::FileTypeExt::is_char_device(&t) => "a device",
+            Some(t) if t.is_file() => "a regular file",
+            _ => "not on nsfs",
+        }));
+    }
+    // SAFETY: an ioctl without arguments on a descriptor we own.
+    let kind = unsafe { libc::ioctl(file.as_raw_fd(), NS_GET_NSTYPE as _) };
+    if kind != libc::CLONE_NEWNET {
+        return Err(not("another kind of namespace"));
+    }
+    Ok(file)
+}
+
+/// The identity of an opened namespace file.
+pub fn id_of(file: &File) -> std::io::Result<NsId> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    Ok(NsId {
+        dev: meta.dev(),
+        ino: meta.ino(),
+    })
+}
+
+/// Opens the pod network namespace at `path` and returns its identity, refusing the
+/// agent's own namespace (the node's: the agent runs in the host network).
+pub fn pod_netns_id(path: &Path) -> Result<NsId, NetnsError> {
+    let file = open(path)?;
+    let io = |source| NetnsError::Open {
         path: path.to_path_buf(),
         source,
-    })
+    };
+    let id = id_of(&file).map_err(io)?;
+    let own = File::open("/proc/self/ns/net")
+        .and_then(|f| id_of(&f))
+        .map_err(io)?;
+    if id == own {
+        return Err(NetnsError::HostNamespace(path.to_path_buf()));
+    }
+    Ok(id)
 }
 
 /// Runs `work` on a fresh OS thread inside the network namespace at `path`.

@@ -10,7 +10,9 @@ use rtnetlink::Handle;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 
-use crate::cni::protocol::{AgentRequest, AgentResponse, Attachment, AttachmentKey, PodInfo};
+use crate::cni::protocol::{
+    decode_request, AgentRequest, AgentResponse, Attachment, AttachmentKey, PodInfo,
+};
 use crate::cni::spec::{CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
 use crate::ipam::{Ipam, IpamError};
 use crate::pod_counters::PodCounters;
@@ -66,9 +68,7 @@ impl PodService {
     /// their namespaces with the attestor again.
     pub async fn restore(&self) {
         for (ip, allocation) in self.ipam.allocations() {
-            if let (Some(netns), Some(pod)) = (&allocation.netns, allocation.pod_key()) {
-                self.register_netns(Path::new(netns), pod);
-            }
+            self.reregister(&allocation);
             let ifname = podnet::host_ifname(&allocation.key);
             match podnet::link_by_name(&self.netlink, &ifname).await {
                 Ok(Some(link)) => match self.counters.attach(&ifname, link.header.index) {
@@ -108,11 +108,16 @@ impl PodService {
                 "ADD needs the pod's namespace",
             )
         })?;
+        // Refused at once when it is no network namespace (a FIFO would block the open)
+        // or the node's own: ADD would otherwise move host interfaces.
+        let netns_id = crate::netns::pod_netns_id(Path::new(netns)).map_err(PodNetError::Netns)?;
         let pod = match (&a.pod_namespace, &a.pod_name) {
             (Some(ns), Some(name)) => Some(format!("{ns}/{name}")),
             _ => None,
         };
-        let ip = self.ipam.allocate_in(&a.key, pod.as_deref(), Some(netns))?;
+        let ip = self
+            .ipam
+            .allocate_in(&a.key, pod.as_deref(), Some(netns), Some(netns_id))?;
         let attached = match self.attach(a, Path::new(netns), ip).await {
             Ok(attached) => attached,
             Err(e) => {
@@ -126,7 +131,7 @@ impl PodService {
         };
         tracing::info!(container = a.key.container_id, pod, %ip, host_ifname = attached.host_ifname, "pod attached");
         if let (Some(ns), Some(name)) = (&a.pod_namespace, &a.pod_name) {
-            self.register_netns(Path::new(netns), (ns.clone(), name.clone()));
+            self.register_netns(netns_id, (ns.clone(), name.clone()));
         }
         Ok(CniResult {
             cni_version: a.cni_version.clone(),
@@ -173,18 +178,55 @@ impl PodService {
         Ok(attached)
     }
 
-    /// Tells the attestor (if identity is on) that `netns` is `pod`'s. A failure costs the
-    /// pod its identity, never its network, so it is only logged.
-    fn register_netns(&self, netns: &Path, pod: (String, String)) {
+    /// Tells the attestor (if identity is on) that the namespace `id` is `pod`'s. A
+    /// failure costs the pod its identity, never its network, so it is only logged.
+    fn register_netns(&self, id: crate::netns::NsId, pod: (String, String)) {
         let Some(attestor) = &self.attestor else {
             return;
         };
-        match attestor.register(netns, pod.clone()) {
+        match attestor.register_namespace((id.dev, id.ino), pod.clone()) {
             Ok(()) => {
-                tracing::debug!(namespace = pod.0, pod = pod.1, netns = %netns.display(), "netns registered for attestation")
+                tracing::debug!(
+                    namespace = pod.0,
+                    pod = pod.1,
+                    netns_inode = id.ino,
+                    "netns registered for attestation"
+                )
             }
             Err(e) => {
-                tracing::warn!(namespace = pod.0, pod = pod.1, netns = %netns.display(), error = %e, "cannot register netns for attestation; the pod gets no identity")
+                tracing::warn!(namespace = pod.0, pod = pod.1, netns_inode = id.ino, error = %e, "cannot register netns for attestation; the pod gets no identity")
+            }
+        }
+    }
+
+    /// Registers a recorded allocation's namespace again (after a restart, or when an
+    /// older sandbox of the same pod goes). The recorded path is opened again, and used
+    /// only if it still names the namespace recorded at ADD: a path re-used for another
+    /// namespace since must not hand this pod's identity to whoever is in it.
+    fn reregister(&self, allocation: &crate::ipam::Allocation) {
+        let (Some(netns), Some(pod)) = (&allocation.netns, allocation.pod_key()) else {
+            return;
+        };
+        if self.attestor.is_none() {
+            return;
+        }
+        match (
+            crate::netns::pod_netns_id(Path::new(netns)),
+            allocation.netns_id,
+        ) {
+            (Ok(now), Some(recorded)) if now == recorded => self.register_netns(now, pod),
+            (Ok(_), Some(_)) => {
+                tracing::warn!(
+                    namespace = pod.0,
+                    pod = pod.1,
+                    netns,
+                    "the recorded netns path now names another namespace; the pod gets no identity"
+                )
+            }
+            // Records from before identities were kept: the path is all there is.
+            (Ok(now), None) => self.register_netns(now, pod),
+            (Err(e), _) => {
+                tracing::warn!(namespace = pod.0, pod = pod.1, netns, error = %e, "recorded netns unusable; the pod gets no identity")
             }
         }
     }
@@ -197,9 +239,7 @@ impl PodService {
                 // keeps its registration.
                 for (_, other) in self.ipam.allocations() {
                     if other.key != *key && other.pod_key().as_ref() == Some(&pod) {
-                        if let Some(netns) = &other.netns {
-                            self.register_netns(Path::new(netns), pod.clone());
-                        }
+                        self.reregister(&other);
                     }
                 }
             }
@@ -291,8 +331,19 @@ impl PodService {
     }
 }
 
-/// Binds the socket, replacing a stale one from an earlier run.
+/// Connections served at once: mesh-cni calls are short and a node runs at most a few
+/// hundred pods, so 64 leaves room for bursts while a flood of idle connections cannot
+/// exhaust the agent's file descriptors or tasks.
+pub const MAX_CONNECTIONS: usize = 64;
+/// How long a client may take to send its request line: mesh-cni writes it at once, so
+/// 10 s only ever ends slow or stalled clients.
+pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// Binds the socket, replacing a stale one from an earlier run. The socket is root-only
+/// whatever the umask: it is created under a umask of 0o177 (so it is never reachable by
+/// others, not even for a moment), then set to 0600.
 pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
+    use std::os::unix::fs::PermissionsExt;
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir)?;
     }
@@ -301,45 +352,92 @@ pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    UnixListener::bind(path)
+    // umask is process-wide; bind is only called at start, before any other file is made.
+    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixListener::bind(path);
+    nix::sys::stat::umask(old);
+    let listener = bound?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(listener)
 }
 
-/// Serves connections until the listener fails.
+/// Why a connection was turned away before its request was read.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectionError {
+    /// The peer's credentials could not be read.
+    #[error("read the caller's credentials (SO_PEERCRED): {0}")]
+    Credentials(std::io::Error),
+    /// The peer is not root.
+    #[error("caller uid {uid} (pid {pid:?}) is not root")]
+    NotRoot {
+        /// The caller's uid.
+        uid: u32,
+        /// The caller's pid, when known.
+        pid: Option<i32>,
+    },
+    /// The request did not arrive in time.
+    #[error("no request within {0:?}")]
+    Timeout(std::time::Duration),
+    /// Reading or writing failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// Serves connections until the listener fails: root callers only, at most
+/// [`MAX_CONNECTIONS`] at once (others wait in the backlog), each with
+/// [`REQUEST_TIMEOUT`] to send its request.
 pub async fn serve(listener: UnixListener, service: Arc<PodService>) {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let mut delay = std::time::Duration::from_millis(10);
     loop {
+        let Ok(slot) = slots.clone().acquire_owned().await else {
+            return;
+        };
         match listener.accept().await {
             Ok((stream, _)) => {
+                delay = std::time::Duration::from_millis(10);
                 let service = service.clone();
                 tokio::spawn(async move {
+                    let _slot = slot;
                     if let Err(e) = serve_one(stream, &service).await {
-                        tracing::warn!(error = %e, "CNI connection failed");
+                        tracing::warn!(error = %e, "CNI connection refused or failed");
                     }
                 });
             }
             Err(e) => {
-                tracing::error!(error = %e, "accept on CNI socket");
-                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                // EMFILE and friends: back off instead of spinning on the error.
+                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "accept on CNI socket");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(std::time::Duration::from_secs(1));
             }
         }
     }
 }
 
-async fn serve_one(stream: UnixStream, service: &PodService) -> std::io::Result<()> {
+async fn serve_one(stream: UnixStream, service: &PodService) -> Result<(), ConnectionError> {
+    let cred = stream.peer_cred().map_err(ConnectionError::Credentials)?;
+    if cred.uid() != 0 {
+        return Err(ConnectionError::NotRoot {
+            uid: cred.uid(),
+            pid: cred.pid(),
+        });
+    }
     let (read, mut write) = stream.into_split();
-    let mut line = String::new();
-    BufReader::new(read.take(MAX_REQUEST_BYTES))
-        .read_line(&mut line)
-        .await?;
-    let response = match serde_json::from_str::<AgentRequest>(&line) {
+    let mut line = Vec::new();
+    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
+    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line))
+        .await
+        .map_err(|_| ConnectionError::Timeout(REQUEST_TIMEOUT))??;
+    let response = match decode_request(&line) {
         Ok(request) => service.handle(request).await,
-        Err(e) => AgentResponse::Failed(CniError::new(
-            ErrorCode::DecodingFailure,
-            "mesh-agent could not decode the request",
-            e.to_string(),
-        )),
+        Err(e) => AgentResponse::Failed(e),
     };
-    let mut out = serde_json::to_vec(&response).expect("responses serialise");
+    // Plain data always serialises; an empty line would tell the client something broke.
+    let mut out = serde_json::to_vec(&response).unwrap_or_default();
     out.push(b'\n');
-    write.write_all(&out).await?;
-    write.shutdown().await
+    tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(&out))
+        .await
+        .map_err(|_| ConnectionError::Timeout(REQUEST_TIMEOUT))??;
+    write.shutdown().await?;
+    Ok(())
 }

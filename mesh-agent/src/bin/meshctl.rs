@@ -69,7 +69,7 @@ fn wireguard(cli: &Cli, action: &Option<WireguardAction>) -> ExitCode {
                 .collect();
             println!("queues (packets) {}", queues.join(", "));
             println!(
-                "{:<16} {:<40} {:<18} {:>10} {:>12} {:>12} {:>8} {:>6}",
+                "{:<16} {:<40} {:<18} {:>10} {:>12} {:>12} {:>8} {:>9} {:>6}",
                 "PEER",
                 "ENDPOINT",
                 "POD-CIDR",
@@ -77,6 +77,7 @@ fn wireguard(cli: &Cli, action: &Option<WireguardAction>) -> ExitCode {
                 "TX-BYTES",
                 "RX-BYTES",
                 "SPOOFED",
+                "MALFORMED",
                 "QUEUE"
             );
             for p in peers {
@@ -84,7 +85,7 @@ fn wireguard(cli: &Cli, action: &Option<WireguardAction>) -> ExitCode {
                     .last_handshake_secs
                     .map_or("never".to_string(), |s| format!("{s}s ago"));
                 println!(
-                    "{:<16} {:<40} {:<18} {:>10} {:>12} {:>12} {:>8} {:>6}",
+                    "{:<16} {:<40} {:<18} {:>10} {:>12} {:>12} {:>8} {:>9} {:>6}",
                     p.node,
                     p.endpoint,
                     p.pod_cidr,
@@ -92,6 +93,7 @@ fn wireguard(cli: &Cli, action: &Option<WireguardAction>) -> ExitCode {
                     p.tx_bytes,
                     p.rx_bytes,
                     p.rx_spoofed,
+                    p.rx_malformed,
                     p.queue
                 );
             }

@@ -83,47 +83,23 @@ fn attachment(
             "the runtime must name the container",
         ));
     }
-    if !container_id
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
-    {
-        return Err(invalid(
-            format!("CNI_CONTAINERID {container_id:?} has characters the spec does not allow"),
-            "allowed: letters, digits, underscore, period, hyphen",
-        ));
-    }
-    let ifname = env.get("CNI_IFNAME").cloned().unwrap_or_default();
-    if ifname.is_empty()
-        || ifname.len() > 15
-        || ifname == "."
-        || ifname == ".."
-        || ifname
-            .chars()
-            .any(|c| c == '/' || c == ':' || c.is_whitespace())
-    {
-        return Err(invalid(
-            format!("CNI_IFNAME {ifname:?} is not a valid interface name"),
-            "1 to 15 characters, none of '/', ':' or white space",
-        ));
-    }
     let netns = env.get("CNI_NETNS").filter(|s| !s.is_empty()).cloned();
-    if needs_netns && netns.is_none() {
-        return Err(invalid(
-            "CNI_NETNS is not set".into(),
-            "ADD and CHECK need the path of the container's network namespace",
-        ));
-    }
     let args = parse_cni_args(env.get("CNI_ARGS").map(String::as_str).unwrap_or(""));
-    Ok(Attachment {
+    let attachment = Attachment {
         key: AttachmentKey {
             container_id,
-            ifname,
+            ifname: env.get("CNI_IFNAME").cloned().unwrap_or_default(),
         },
         netns,
         cni_version: version.to_string(),
         pod_namespace: args.get("K8S_POD_NAMESPACE").map(|s| s.to_string()),
         pod_name: args.get("K8S_POD_NAME").map(|s| s.to_string()),
-    })
+    };
+    // The agent checks the same again: the socket is not only this plugin's.
+    attachment
+        .validate(needs_netns)
+        .map_err(|e| e.in_version(version))?;
+    Ok(attachment)
 }
 
 /// `CNI_ARGS` is `K=V;K=V`; entries without `=` are ignored, as the reference plugins do.

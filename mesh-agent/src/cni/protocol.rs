@@ -39,6 +39,147 @@ pub struct Attachment {
     pub pod_name: Option<String>,
 }
 
+/// The longest `CNI_CONTAINERID` accepted: runtimes use 64 hex digits; the bound keeps
+/// a hostile caller from growing state files and log lines.
+pub const MAX_CONTAINER_ID: usize = 256;
+/// The longest `CNI_NETNS` path accepted (`PATH_MAX`).
+pub const MAX_NETNS_PATH: usize = 4096;
+/// The longest pod namespace or name accepted (a DNS subdomain, RFC 1123).
+pub const MAX_POD_NAME: usize = 253;
+/// The most attachments a GC request may list: far above the pods a node can run.
+pub const MAX_GC_ATTACHMENTS: usize = 65_536;
+
+/// Why a request's fields are refused; the message names the field and the value.
+fn refuse(field: &str, value: &str, rule: &str) -> CniError {
+    let shown: String = value.chars().take(64).collect();
+    CniError::new(
+        ErrorCode::InvalidEnvironment,
+        format!("{field} {shown:?} is not valid"),
+        rule,
+    )
+}
+
+impl AttachmentKey {
+    /// Checks the fields against the CNI spec: they name interfaces and files, so
+    /// anything else is refused before use.
+    pub fn validate(&self) -> Result<(), CniError> {
+        let id = &self.container_id;
+        if id.is_empty()
+            || id.len() > MAX_CONTAINER_ID
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || "_.-".contains(c))
+        {
+            return Err(refuse(
+                "CNI_CONTAINERID",
+                id,
+                "1 to 256 letters, digits, underscores, periods or hyphens",
+            ));
+        }
+        let ifname = &self.ifname;
+        if ifname.is_empty()
+            || ifname.len() > 15
+            || ifname == "."
+            || ifname == ".."
+            || ifname
+                .chars()
+                .any(|c| c == '/' || c == ':' || c.is_whitespace() || c.is_control())
+        {
+            return Err(refuse(
+                "CNI_IFNAME",
+                ifname,
+                "1 to 15 characters, none of '/', ':' or white space",
+            ));
+        }
+        Ok(())
+    }
+}
+
+impl Attachment {
+    /// Checks every field; `needs_netns` is false for DEL.
+    pub fn validate(&self, needs_netns: bool) -> Result<(), CniError> {
+        self.key.validate()?;
+        match &self.netns {
+            None if needs_netns => {
+                return Err(CniError::new(
+                    ErrorCode::InvalidEnvironment,
+                    "CNI_NETNS is not set",
+                    "ADD and CHECK need the path of the container's network namespace",
+                ))
+            }
+            Some(path)
+                if !path.starts_with('/') || path.len() > MAX_NETNS_PATH || path.contains('\0') =>
+            {
+                return Err(refuse(
+                    "CNI_NETNS",
+                    path,
+                    "an absolute path of at most 4096 bytes",
+                ))
+            }
+            _ => {}
+        }
+        let names = [
+            ("K8S_POD_NAMESPACE", &self.pod_namespace),
+            ("K8S_POD_NAME", &self.pod_name),
+        ];
+        for (field, value) in names {
+            if let Some(value) = value {
+                let dns = value.len() <= MAX_POD_NAME
+                    && !value.is_empty()
+                    && value
+                        .chars()
+                        .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || "-.".contains(c));
+                if !dns {
+                    return Err(refuse(
+                        field,
+                        value,
+                        "a DNS subdomain (RFC 1123), at most 253 characters",
+                    ));
+                }
+            }
+        }
+        if self.cni_version.len() > 16 {
+            return Err(refuse(
+                "cniVersion",
+                &self.cni_version,
+                "a CNI version such as 1.0.0",
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// Decodes one request line from the socket and checks its fields; the agent acts on
+/// nothing that fails here.
+pub fn decode_request(line: &[u8]) -> Result<AgentRequest, CniError> {
+    let request: AgentRequest = serde_json::from_slice(line).map_err(|e| {
+        CniError::new(
+            ErrorCode::DecodingFailure,
+            "mesh-agent could not decode the request",
+            e.to_string(),
+        )
+    })?;
+    match &request {
+        AgentRequest::Add(a) | AgentRequest::Check(a) => a.validate(true)?,
+        AgentRequest::Del(a) => a.validate(false)?,
+        AgentRequest::Gc { valid } => {
+            if valid.len() > MAX_GC_ATTACHMENTS {
+                return Err(CniError::new(
+                    ErrorCode::InvalidEnvironment,
+                    format!("GC lists {} attachments", valid.len()),
+                    "at most 65536",
+                ));
+            }
+            valid.iter().try_for_each(AttachmentKey::validate)?;
+        }
+        AgentRequest::Status
+        | AgentRequest::ListPods
+        | AgentRequest::WireguardStatus
+        | AgentRequest::RotateKey => {}
+    }
+    Ok(request)
+}
+
 /// A request to the agent.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "request", rename_all = "snake_case")]

@@ -43,6 +43,9 @@ pub struct PeerCounters {
     pub rx_bytes: AtomicU64,
     /// Decrypted packets dropped because their source is outside the peer's pod CIDR.
     pub rx_spoofed: AtomicU64,
+    /// Datagrams from the peer's address that did not decrypt or parse (empty,
+    /// truncated, forged, replayed).
+    pub rx_malformed: AtomicU64,
 }
 
 /// One remote node.
@@ -183,12 +186,18 @@ impl Shared {
 
     /// The current peers.
     pub fn table(&self) -> Arc<PeerTable> {
-        self.table.read().expect("peer table lock poisoned").clone()
+        self.table
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Swaps in a new peer set.
     pub fn set_table(&self, table: PeerTable) {
-        *self.table.write().expect("peer table lock poisoned") = Arc::new(table);
+        *self
+            .table
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(table);
     }
 
     fn send(&self, queue: usize, dst: SocketAddr, contents: &[u8], segment: Option<usize>) {
@@ -348,7 +357,7 @@ pub fn run_tx(shared: Arc<Shared>, q: usize) {
         let mut run = GsoRun::new(q);
         let mut held: Option<(&Arc<Peer>, std::sync::MutexGuard<'_, Tunn>)> = None;
         for i in 0..n {
-            let packet = &bufs[i][..sizes[i]];
+            let packet = bufs[i].get(..sizes[i]).unwrap_or_default();
             let Some(peer) = ipv4_destination(packet).and_then(|d| table.by_destination(d)) else {
                 shared.counters.tx_no_peer.fetch_add(1, Ordering::Relaxed);
                 continue;
@@ -362,9 +371,11 @@ pub fn run_tx(shared: Arc<Shared>, q: usize) {
             if held.as_ref().is_none_or(|(p, _)| !Arc::ptr_eq(p, peer)) {
                 // Release the previous peer's lock before taking the next one.
                 drop(held.take());
-                held = Some((peer, peer.tunn.lock().expect("tunn lock poisoned")));
+                held = Some((peer, lock_session(peer)));
             }
-            let (peer, tunn) = held.as_mut().expect("just set");
+            let Some((peer, tunn)) = held.as_mut() else {
+                continue;
+            };
             peer.counters
                 .tx_bytes
                 .fetch_add(packet.len() as u64, Ordering::Relaxed);
@@ -431,54 +442,110 @@ pub fn run_rx(shared: Arc<Shared>, q: usize) {
                     .fetch_add(1, Ordering::Relaxed);
                 continue;
             };
-            let mut tunn = peer.tunn.lock().expect("tunn lock poisoned");
-            let stride = if meta.stride == 0 {
-                meta.len
-            } else {
-                meta.stride
-            };
-            for datagram in buf[..meta.len].chunks(stride) {
-                let mut result = tunn.decapsulate(Some(meta.addr.ip()), datagram, &mut plain);
-                loop {
-                    match result {
-                        TunnResult::WriteToNetwork(reply) => {
-                            shared.send(q, meta.addr, reply, None);
-                            // Flush packets queued behind a handshake.
-                            result = tunn.decapsulate(None, &[], &mut plain);
-                            continue;
+            // `meta.len` comes from the kernel, but clamp it: a slice past the buffer
+            // would panic with the peer's session locked.
+            let received = buf.get(..meta.len).unwrap_or(buf);
+            let mut tunn = lock_session(peer);
+            decrypt_datagrams(
+                peer,
+                &mut tunn,
+                meta.addr.ip(),
+                received,
+                meta.stride,
+                &mut plain,
+                |output| match output {
+                    Decrypted::Reply(reply) => shared.send(q, meta.addr, reply, None),
+                    Decrypted::Packet(packet) => {
+                        let buf = &mut tun_bufs[pending];
+                        buf.clear();
+                        buf.resize(offset, 0);
+                        buf.extend_from_slice(packet);
+                        pending += 1;
+                        if pending == tun_bufs.len() {
+                            write_tun(&shared, q, &mut gro_table, &mut tun_bufs[..pending]);
+                            pending = 0;
                         }
-                        TunnResult::WriteToTunnelV4(packet, source) => {
-                            if peer.pod_cidr.contains(&source) {
-                                peer.counters
-                                    .rx_bytes
-                                    .fetch_add(packet.len() as u64, Ordering::Relaxed);
-                                let buf = &mut tun_bufs[pending];
-                                buf.clear();
-                                buf.resize(offset, 0);
-                                buf.extend_from_slice(packet);
-                                pending += 1;
-                                if pending == tun_bufs.len() {
-                                    write_tun(&shared, q, &mut gro_table, &mut tun_bufs[..pending]);
-                                    pending = 0;
-                                }
-                            } else {
-                                peer.counters.rx_spoofed.fetch_add(1, Ordering::Relaxed);
-                                tracing::debug!(peer = peer.name, %source, "dropped: inner source outside the peer's pod CIDR");
-                            }
-                        }
-                        TunnResult::WriteToTunnelV6(..) => {}
-                        TunnResult::Err(e) => {
-                            tracing::debug!(peer = peer.name, error = ?e, "decapsulate")
-                        }
-                        TunnResult::Done => {}
                     }
-                    break;
-                }
-            }
+                },
+            );
         }
         if pending > 0 {
             write_tun(&shared, q, &mut gro_table, &mut tun_bufs[..pending]);
             pending = 0;
+        }
+    }
+}
+
+/// What decrypting a peer's datagrams produced.
+pub enum Decrypted<'a> {
+    /// A handshake or cookie message to send back to the peer.
+    Reply(&'a [u8]),
+    /// A decrypted IPv4 packet whose source the peer may send from.
+    Packet(&'a [u8]),
+}
+
+/// Locks a peer's session. A poisoned lock means a packet thread panicked with it held;
+/// that thread's death already stops the agent (see `crate::fatal`), so the session is
+/// still used until then rather than taking every other thread down with it.
+pub(crate) fn lock_session(peer: &Peer) -> std::sync::MutexGuard<'_, Tunn> {
+    peer.tunn
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Decrypts what one receive returned from `peer` (at `src`): `received` holds one
+/// datagram, or several of `stride` bytes each (UDP GRO; the last may be shorter), and
+/// every byte of it is the sender's choice. Empty, truncated, oversized, garbage and
+/// replayed datagrams are counted and dropped; nothing here may panic, because the
+/// caller holds the peer's session lock. Inner packets from outside the peer's pod CIDR
+/// are dropped (cryptokey routing); what survives goes to `emit`.
+pub fn decrypt_datagrams(
+    peer: &Peer,
+    tunn: &mut Tunn,
+    src: IpAddr,
+    received: &[u8],
+    stride: usize,
+    plain: &mut [u8],
+    mut emit: impl FnMut(Decrypted<'_>),
+) {
+    // A stride of 0 means "one datagram"; `chunks(0)` would panic.
+    let stride = if stride == 0 { received.len() } else { stride };
+    if received.is_empty() {
+        peer.counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+        return;
+    }
+    for datagram in received.chunks(stride.max(1)) {
+        let mut result = tunn.decapsulate(Some(src), datagram, plain);
+        loop {
+            match result {
+                TunnResult::WriteToNetwork(reply) => {
+                    emit(Decrypted::Reply(reply));
+                    // Flush packets queued behind a handshake.
+                    result = tunn.decapsulate(None, &[], plain);
+                    continue;
+                }
+                TunnResult::WriteToTunnelV4(packet, source) => {
+                    if peer.pod_cidr.contains(&source) {
+                        peer.counters
+                            .rx_bytes
+                            .fetch_add(packet.len() as u64, Ordering::Relaxed);
+                        emit(Decrypted::Packet(packet));
+                    } else {
+                        peer.counters.rx_spoofed.fetch_add(1, Ordering::Relaxed);
+                        tracing::debug!(peer = peer.name, %source, "dropped: inner source outside the peer's pod CIDR");
+                    }
+                }
+                // Pods are IPv4 only: an IPv6 inner packet is no pod's.
+                TunnResult::WriteToTunnelV6(..) => {
+                    peer.counters.rx_spoofed.fetch_add(1, Ordering::Relaxed);
+                }
+                TunnResult::Err(e) => {
+                    peer.counters.rx_malformed.fetch_add(1, Ordering::Relaxed);
+                    tracing::trace!(peer = peer.name, error = ?e, "decapsulate");
+                }
+                TunnResult::Done => {}
+            }
+            break;
         }
     }
 }
@@ -500,7 +567,7 @@ pub fn run_timers(shared: Arc<Shared>) {
     loop {
         std::thread::sleep(TIMER_TICK);
         for peer in shared.table().peers() {
-            let mut tunn = peer.tunn.lock().expect("tunn lock poisoned");
+            let mut tunn = lock_session(peer);
             match tunn.update_timers(&mut buf) {
                 TunnResult::WriteToNetwork(packet) => shared.send(0, peer.endpoint, packet, None),
                 TunnResult::Err(e) => tracing::trace!(peer = peer.name, error = ?e, "timers"),

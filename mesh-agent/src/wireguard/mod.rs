@@ -187,6 +187,9 @@ pub struct PeerStatus {
     pub rx_bytes: u64,
     /// Packets dropped by cryptokey routing.
     pub rx_spoofed: u64,
+    /// Datagrams from its address that did not decrypt or parse.
+    #[serde(default)]
+    pub rx_malformed: u64,
     /// The queue its traffic is pinned to.
     #[serde(default)]
     pub queue: usize,
@@ -213,12 +216,14 @@ impl Wireguard {
     /// Loads (or makes) the key at `key_path`, opens `queues` queues of the device with
     /// `mtu`, binds `port` once per queue, and starts the packet threads. The device
     /// persists across agent restarts, so routes into it stay and traffic waits (or drops)
-    /// instead of leaking while no agent runs.
+    /// instead of leaking while no agent runs. A packet thread that dies is reported to
+    /// `fatal`.
     pub fn start(
         key_path: &Path,
         port: u16,
         mtu: u32,
         queues: usize,
+        fatal: &crate::fatal::Fatal,
     ) -> Result<Arc<Self>, WireguardError> {
         let key = NodeKey::load_or_create(key_path)?;
         let tuns = open_device(mtu, queues.max(1)).map_err(WireguardError::Tun)?;
@@ -233,11 +238,7 @@ impl Wireguard {
             .map_err(WireguardError::Tun)?;
         let shared = Arc::new(Shared::new(queues, mtu as usize).map_err(WireguardError::Tun)?);
         let spawn = |name: String, run: Box<dyn FnOnce() + Send>| {
-            std::thread::Builder::new()
-                .name(name)
-                .spawn(run)
-                .map(|_| ())
-                .map_err(WireguardError::Tun)
+            fatal.spawn_thread(name, run).map_err(WireguardError::Tun)
         };
         for q in 0..shared.queues.len() {
             let (tx, rx) = (shared.clone(), shared.clone());
@@ -322,10 +323,7 @@ impl Wireguard {
         let mut key = self.key.lock().expect("key lock");
         key.rotate()?;
         for peer in self.shared.table().peers() {
-            peer.tunn
-                .lock()
-                .expect("tunn lock poisoned")
-                .set_static_private(key.secret(), key.public(), None);
+            datapath::lock_session(peer).set_static_private(key.secret(), key.public(), None);
         }
         tracing::info!(
             public_key = keys::encode(key.public().as_bytes()),
@@ -345,7 +343,7 @@ impl Wireguard {
             .peers()
             .iter()
             .map(|p| {
-                let (since, ..) = p.tunn.lock().expect("tunn lock poisoned").stats();
+                let (since, ..) = datapath::lock_session(p).stats();
                 PeerStatus {
                     node: p.name.clone(),
                     endpoint: p.endpoint,
@@ -354,6 +352,7 @@ impl Wireguard {
                     tx_bytes: p.counters.tx_bytes.load(Relaxed),
                     rx_bytes: p.counters.rx_bytes.load(Relaxed),
                     rx_spoofed: p.counters.rx_spoofed.load(Relaxed),
+                    rx_malformed: p.counters.rx_malformed.load(Relaxed),
                     queue: p.queue(self.shared.queues.len()),
                 }
             })
