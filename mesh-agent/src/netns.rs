@@ -184,3 +184,47 @@ pub fn netlink_here() -> Result<rtnetlink::Handle, NetnsError> {
     tokio::spawn(connection);
     Ok(handle)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Runs `pod_netns_id` on a thread so that a blocking open fails the test instead
+    /// of hanging it.
+    fn check(path: &Path) -> Result<NsId, NetnsError> {
+        let path = path.to_path_buf();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(pod_netns_id(&path)));
+        rx.recv_timeout(std::time::Duration::from_secs(5))
+            .expect("the check returned at once (a FIFO must not block it)")
+    }
+
+    #[test]
+    fn hardening_netns_paths_that_are_no_pod_namespace_are_refused_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let file = dir.path().join("file");
+        std::fs::write(&file, b"not a namespace").unwrap();
+        let cases = [
+            (fifo.as_path(), "a FIFO"),
+            (file.as_path(), "a regular file"),
+            (dir.path(), "a directory"),
+            (Path::new("/proc/self/ns/mnt"), "another kind of namespace"),
+        ];
+        for (path, what) in cases {
+            match check(path) {
+                Err(NetnsError::NotNetns { what: said, .. }) => assert_eq!(said, what, "{path:?}"),
+                other => panic!("{path:?}: {other:?}"),
+            }
+        }
+        assert!(matches!(
+            check(Path::new("/proc/self/ns/net")),
+            Err(NetnsError::HostNamespace(_))
+        ));
+        assert!(matches!(
+            check(&dir.path().join("missing")),
+            Err(NetnsError::Open { .. })
+        ));
+    }
+}

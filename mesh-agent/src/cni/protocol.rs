@@ -311,6 +311,59 @@ mod tests {
     use super::*;
 
     #[test]
+    fn hardening_agent_refuses_requests_whose_fields_name_other_things() {
+        let add = |id: &str, ifname: &str, netns: Option<&str>, pod: &str| {
+            serde_json::to_vec(&AgentRequest::Add(Attachment {
+                key: AttachmentKey {
+                    container_id: id.into(),
+                    ifname: ifname.into(),
+                },
+                netns: netns.map(str::to_string),
+                cni_version: "1.0.0".into(),
+                pod_namespace: Some("default".into()),
+                pod_name: Some(pod.into()),
+            }))
+            .unwrap()
+        };
+        assert!(decode_request(&add("c1", "eth0", Some("/run/netns/p"), "web-0")).is_ok());
+        let long = "a".repeat(MAX_CONTAINER_ID + 1);
+        let refused = [
+            (
+                add("../../etc", "eth0", Some("/run/netns/p"), "web"),
+                "CNI_CONTAINERID",
+            ),
+            (
+                add(&long, "eth0", Some("/run/netns/p"), "web"),
+                "CNI_CONTAINERID",
+            ),
+            (add("c1", "a/b", Some("/run/netns/p"), "web"), "CNI_IFNAME"),
+            (
+                add("c1", "eth0\n", Some("/run/netns/p"), "web"),
+                "CNI_IFNAME",
+            ),
+            (add("c1", "eth0", None, "web"), "CNI_NETNS"),
+            (add("c1", "eth0", Some("relative/p"), "web"), "CNI_NETNS"),
+            (
+                add("c1", "eth0", Some("/run/netns/p"), "Web/x"),
+                "K8S_POD_NAME",
+            ),
+            (b"{not json".to_vec(), "decode"),
+        ];
+        for (line, field) in refused {
+            let err = decode_request(&line).unwrap_err();
+            assert!(err.msg.contains(field), "{field}: {}", err.msg);
+        }
+        let gc = serde_json::to_vec(&AgentRequest::Gc {
+            valid: vec![AttachmentKey {
+                container_id: "ok".into(),
+                ifname: "eth0/../x".into(),
+            }],
+        })
+        .unwrap();
+        assert!(decode_request(&gc).is_err());
+    }
+
+    #[test]
     fn cni_protocol_round_trips_requests() {
         let req = AgentRequest::Del(Attachment {
             key: AttachmentKey {

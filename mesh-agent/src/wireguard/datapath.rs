@@ -581,6 +581,124 @@ pub fn run_timers(shared: Arc<Shared>) {
 mod tests {
     use super::*;
 
+    /// A peer as node B sees node A (pod CIDR 198.19.1.0/24), and A's session to B.
+    fn pair() -> (Peer, Tunn) {
+        use boringtun::x25519::{PublicKey, StaticSecret};
+        let (sa, sb) = (
+            StaticSecret::random_from_rng(rand_core::OsRng),
+            StaticSecret::random_from_rng(rand_core::OsRng),
+        );
+        let (pa, pb) = (PublicKey::from(&sa), PublicKey::from(&sb));
+        let a = Tunn::new(sa, pb, None, None, 1, None);
+        let b_view = Tunn::new(sb, pa, None, None, 2, None);
+        let peer = Peer {
+            name: "node-a".into(),
+            endpoint: "198.18.0.2:51871".parse().unwrap(),
+            pod_cidr: "198.19.1.0/24".parse().unwrap(),
+            public_key: *pa.as_bytes(),
+            index: 2,
+            tunn: Mutex::new(b_view),
+            counters: PeerCounters::default(),
+        };
+        (peer, a)
+    }
+
+    fn ipv4_packet(src: [u8; 4]) -> Vec<u8> {
+        let mut p = vec![0u8; 28];
+        p[0] = 0x45;
+        p[2..4].copy_from_slice(&28u16.to_be_bytes());
+        p[8] = 64;
+        p[9] = 17;
+        p[12..16].copy_from_slice(&src);
+        p[16..20].copy_from_slice(&[198, 19, 2, 9]);
+        p
+    }
+
+    /// Feeds `datagram` to B; returns B's replies and delivered packets.
+    fn feed(peer: &Peer, datagram: &[u8], stride: usize) -> (Vec<Vec<u8>>, Vec<Vec<u8>>) {
+        let mut plain = vec![0u8; 65535];
+        let (mut replies, mut packets) = (Vec::new(), Vec::new());
+        let src = peer.endpoint.ip();
+        let mut tunn = lock_session(peer);
+        decrypt_datagrams(
+            peer,
+            &mut tunn,
+            src,
+            datagram,
+            stride,
+            &mut plain,
+            |out| match out {
+                Decrypted::Reply(r) => replies.push(r.to_vec()),
+                Decrypted::Packet(p) => packets.push(p.to_vec()),
+            },
+        );
+        (replies, packets)
+    }
+
+    /// A's first data packet to B after a completed handshake (and B delivered nothing yet).
+    fn established(peer: &Peer, a: &mut Tunn, packet: &[u8]) -> Vec<u8> {
+        let mut buf = vec![0u8; 65535];
+        let init = match a.encapsulate(packet, &mut buf) {
+            TunnResult::WriteToNetwork(init) => init.to_vec(),
+            _ => panic!("expected a handshake initiation"),
+        };
+        let (replies, _) = feed(peer, &init, 0);
+        let response = replies.first().expect("a handshake response").clone();
+        let mut out = Vec::new();
+        let mut result = a.decapsulate(None, &response, &mut buf);
+        while let TunnResult::WriteToNetwork(msg) = result {
+            out.push(msg.to_vec());
+            result = a.decapsulate(None, &[], &mut buf);
+        }
+        // The keepalive first, then the packet queued behind the handshake.
+        out.into_iter()
+            .max_by_key(Vec::len)
+            .expect("the queued packet")
+    }
+
+    #[test]
+    fn hardening_rx_survives_empty_truncated_garbage_and_replayed_datagrams() {
+        let (peer, mut a) = pair();
+        let packet = ipv4_packet([198, 19, 1, 7]);
+        let data = established(&peer, &mut a, &packet);
+
+        // What used to panic with the session locked: an empty datagram (stride 0).
+        assert_eq!(feed(&peer, &[], 0), (vec![], vec![]));
+        // Every truncation of a real data packet, garbage, and odd strides.
+        for len in 0..data.len() {
+            let (_, delivered) = feed(&peer, &data[..len], 0);
+            assert!(
+                delivered.is_empty(),
+                "a truncated datagram of {len} bytes delivered"
+            );
+        }
+        for stride in [1, 3, 16, 31] {
+            feed(&peer, &data, stride);
+        }
+        feed(&peer, &[0xff; 4096], 0);
+        feed(&peer, &[1, 0, 0, 0], 0);
+        assert!(peer.counters.rx_malformed.load(Ordering::Relaxed) > data.len() as u64);
+
+        // The real packet still decrypts once; its replay does not.
+        let (_, delivered) = feed(&peer, &data, 0);
+        assert_eq!(delivered, vec![packet]);
+        let (_, replayed) = feed(&peer, &data, 0);
+        assert!(
+            replayed.is_empty(),
+            "a replayed datagram was delivered again"
+        );
+        assert!(!peer.tunn.is_poisoned());
+    }
+
+    #[test]
+    fn hardening_rx_drops_inner_sources_outside_the_peer_cidr() {
+        let (peer, mut a) = pair();
+        let data = established(&peer, &mut a, &ipv4_packet([198, 19, 9, 9]));
+        let (_, delivered) = feed(&peer, &data, 0);
+        assert!(delivered.is_empty());
+        assert_eq!(peer.counters.rx_spoofed.load(Ordering::Relaxed), 1);
+    }
+
     #[test]
     fn wireguard_destination_parsing() {
         let mut packet = [0u8; 20];
