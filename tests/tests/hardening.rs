@@ -1,0 +1,236 @@
+//! Hardening on the test bed: what a hostile peer, local user or API object can do to a
+//! node must leave its pods' traffic, its identities and its encryption intact. Every
+//! test is named `hardening_*` so `cargo test --workspace hardening` runs them.
+
+use std::net::{SocketAddr, UdpSocket};
+use std::os::unix::process::CommandExt;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use veil_testbed::{eventually, AgentRequest, AgentResponse, BedConfig, CniCall, Pod, TestBed};
+
+/// uid and gid of `nobody` on Debian.
+const NOBODY: u32 = 65534;
+
+/// Pod `a` on node 0 and pod `c` on node 1, once they reach each other.
+fn connected_pods(bed: &TestBed) -> (Pod, Pod) {
+    let a = bed.add_pod(0, "a").unwrap();
+    let c = bed.add_pod(1, "c").unwrap();
+    eventually("cross-node ping", Duration::from_secs(20), || {
+        Ok(a.ping(c.ip).ok())
+    })
+    .unwrap();
+    (a, c)
+}
+
+/// Everything node `i`'s agents have logged so far.
+fn agent_logs(bed: &TestBed, i: usize) -> String {
+    let mut all = String::new();
+    for entry in std::fs::read_dir(&bed.node(i).dir).unwrap().flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        if name.starts_with("agent-") && name.ends_with(".log") {
+            all += &std::fs::read_to_string(entry.path()).unwrap_or_default();
+        }
+    }
+    all
+}
+
+/// Runs the real `meshctl` against `socket`, as `uid` when given.
+fn meshctl(socket: &Path, args: &[&str], uid: Option<u32>) -> (bool, String) {
+    let mut cmd = std::process::Command::new(veil_testbed::bins::veil("meshctl").unwrap());
+    cmd.arg("--socket").arg(socket).args(args);
+    if let Some(uid) = uid {
+        // std drops supplementary groups when root sets a uid.
+        cmd.uid(uid).gid(uid);
+    }
+    let out = cmd.output().unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), said)
+}
+
+/// Child process (run inside a node's namespace by the test below): drops to `nobody`
+/// and sends the WireGuard port of `VEIL_TARGET` every kind of malformed datagram.
+#[test]
+#[ignore = "run by hardening_garbage_datagrams_from_a_peer_as_nobody_leave_traffic_and_meshctl_working"]
+fn child_send_malformed_datagrams_as_nobody() {
+    let Ok(target) = std::env::var("VEIL_TARGET") else {
+        return;
+    };
+    let target: SocketAddr = target.parse().unwrap();
+    nix::unistd::setgroups(&[]).unwrap();
+    nix::unistd::setgid(nix::unistd::Gid::from_raw(NOBODY)).unwrap();
+    nix::unistd::setuid(nix::unistd::Uid::from_raw(NOBODY)).unwrap();
+    let socket = UdpSocket::bind("0.0.0.0:0").unwrap();
+    let mut sent = 0;
+    // Empty; truncated headers of each message type; full-size garbage; a data header
+    // with a counter but no tag; a flood of handshake-initiation-sized junk.
+    let mut datagrams: Vec<Vec<u8>> = vec![vec![]];
+    for kind in 1u8..=4 {
+        for len in [1, 3, 4, 5, 8, 15, 16, 31, 32, 63, 147, 148, 149] {
+            let mut d = vec![0u8; len];
+            d[0] = kind;
+            datagrams.push(d);
+        }
+    }
+    datagrams.push(vec![0xa5; 1400]);
+    datagrams.push(vec![0xff; 65_000]);
+    for _ in 0..500 {
+        let mut init = vec![0x5a; 148];
+        init[..4].copy_from_slice(&[1, 0, 0, 0]);
+        datagrams.push(init);
+    }
+    for d in &datagrams {
+        if socket.send_to(d, target).is_ok() {
+            sent += 1;
+        }
+    }
+    println!("SENT={sent}");
+}
+
+#[test]
+fn hardening_garbage_datagrams_from_a_peer_as_nobody_leave_traffic_and_meshctl_working() {
+    let bed = TestBed::start(BedConfig::default()).unwrap();
+    let (a, c) = connected_pods(&bed);
+    let target = SocketAddr::from((bed.node(0).ip, 51871));
+    let out = bed.node(1).netns.run_test_child(
+        "child_send_malformed_datagrams_as_nobody",
+        &[("VEIL_TARGET", target.to_string().as_ref())],
+    );
+    let sent: usize = veil_testbed::net::child_field(&out, "SENT")
+        .parse()
+        .unwrap();
+    assert!(sent > 500, "{out}");
+
+    // Both directions still carry traffic, the agent still answers, nothing panicked.
+    for (from, to) in [(&a, &c), (&c, &a)] {
+        eventually("ping after the garbage", Duration::from_secs(10), || {
+            Ok(from.ping(to.ip).ok())
+        })
+        .unwrap();
+    }
+    let (ok, said) = meshctl(&bed.node(0).socket(), &["wireguard"], None);
+    assert!(ok, "{said}");
+    let peers = match bed.ask_agent(0, AgentRequest::WireguardStatus).unwrap() {
+        AgentResponse::Wireguard { peers, .. } => peers,
+        other => panic!("{other:?}"),
+    };
+    assert!(
+        peers[0].rx_malformed > 0,
+        "the malformed datagrams were counted: {peers:?}"
+    );
+    for i in 0..2 {
+        let logs = agent_logs(&bed, i);
+        assert!(!logs.contains("panicked"), "node-{i} agent log:\n{logs}");
+    }
+}
+
+#[test]
+fn hardening_local_sockets_refuse_unprivileged_callers_and_outlast_slow_clients() {
+    use std::os::unix::fs::PermissionsExt;
+    let bed = TestBed::start(BedConfig {
+        nodes: 1,
+        ..BedConfig::default()
+    })
+    .unwrap();
+    let socket = bed.node(0).socket();
+    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "the CNI socket is root-only");
+    let key = bed
+        .node_annotation(0, "veil.dev/wireguard-public-key")
+        .unwrap();
+
+    // Let nobody reach the socket through the bed's private directories, so that what
+    // refuses it is the socket's own protection.
+    for dir in socket
+        .ancestors()
+        .skip(1)
+        .take_while(|d| d.starts_with(bed.dir()))
+    {
+        let mode = std::fs::metadata(dir).unwrap().permissions().mode();
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(mode | 0o001)).unwrap();
+    }
+    // The file mode stops nobody first...
+    let (ok, said) = meshctl(&socket, &["wireguard", "rotate"], Some(NOBODY));
+    assert!(!ok && said.contains("ermission denied"), "{said}");
+    // ...and with the mode opened up, the agent's own check (SO_PEERCRED) still does.
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let (ok, said) = meshctl(&socket, &["wireguard", "rotate"], Some(NOBODY));
+    assert!(!ok, "nobody rotated the key: {said}");
+    let (ok, said) = meshctl(&socket, &["pods"], Some(NOBODY));
+    assert!(!ok, "nobody listed pods: {said}");
+    assert_eq!(
+        bed.node_annotation(0, "veil.dev/wireguard-public-key")
+            .unwrap(),
+        key,
+        "the key did not change"
+    );
+    assert!(agent_logs(&bed, 0).contains("is not root"));
+
+    // A hundred clients that connect and say nothing hold no slot for long: root's
+    // request is served once the agent has timed them out.
+    let idle: Vec<_> = (0..100)
+        .filter_map(|_| std::os::unix::net::UnixStream::connect(&socket).ok())
+        .collect();
+    assert!(idle.len() >= 64, "{} idle connections", idle.len());
+    let started = Instant::now();
+    let (ok, said) = meshctl(&socket, &["wireguard"], None);
+    assert!(ok, "{said}");
+    assert!(
+        started.elapsed() < Duration::from_secs(25),
+        "served after {:?}",
+        started.elapsed()
+    );
+    drop(idle);
+}
+
+#[test]
+fn hardening_cni_add_refuses_what_is_no_pod_network_namespace_at_once() {
+    let bed = TestBed::start(BedConfig {
+        nodes: 1,
+        ..BedConfig::default()
+    })
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let file = dir.path().join("file");
+    std::fs::write(&file, b"x").unwrap();
+    let cases = [
+        (fifo, "not a network namespace (a FIFO)"),
+        (file, "not a network namespace (a regular file)"),
+        (
+            dir.path().to_path_buf(),
+            "not a network namespace (a directory)",
+        ),
+        (bed.node(0).netns.path(), "the node's own network namespace"),
+    ];
+    for (i, (netns, says)) in cases.into_iter().enumerate() {
+        let started = Instant::now();
+        let out = bed
+            .cni(
+                0,
+                &CniCall {
+                    command: "ADD".into(),
+                    container_id: format!("bad-{i}"),
+                    netns: Some(netns.clone()),
+                    ifname: "eth0".into(),
+                    args: "K8S_POD_NAMESPACE=default;K8S_POD_NAME=bad".into(),
+                    stdin: None,
+                },
+            )
+            .unwrap();
+        assert!(!out.success, "{netns:?}: {}", out.stdout);
+        assert_eq!(out.error_code(), Some(4), "{}", out.stdout);
+        assert!(out.error_msg().contains(says), "{}", out.stdout);
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    // Nothing was allocated, and the agent still serves real pods.
+    assert!(bed.agent_pods(0).unwrap().is_empty());
+    let pod = bed.add_pod(0, "good").unwrap();
+    assert_eq!(bed.agent_pods(0).unwrap().len(), 1);
+    bed.delete_pod(pod).unwrap();
+}
