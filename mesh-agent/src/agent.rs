@@ -15,6 +15,7 @@ use crate::identity::Identity;
 use crate::ipam::Ipam;
 use crate::k8s::{self, NodeInfo};
 use crate::netns;
+use crate::peers::{Candidate, KnownCidrs};
 use crate::pod_counters::PodCounters;
 use crate::routes;
 use crate::server::{self, PodService};
@@ -62,6 +63,9 @@ pub struct Agent {
     rotate_rx:
         Option<tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, String>>>>,
     identity: Option<Identity>,
+    watch: Option<tokio::task::JoinHandle<()>>,
+    routes: Option<PeerRoutes>,
+    peers_rx: watch::Receiver<Option<Vec<Candidate>>>,
     fatal: crate::fatal::Fatal,
     died: crate::fatal::FatalReceiver,
 }
@@ -175,6 +179,27 @@ impl Agent {
             attestor: identity.as_ref().map(|i| i.attestor.clone()),
         });
         service.restore().await;
+        // Pods get their network only once routes for every known peer are in place:
+        // before the first complete Node list, a new pod could reach other nodes' pods
+        // along the default route, in clear.
+        let (peers_tx, mut peers_rx) = watch::channel(None);
+        let watch = tokio::spawn(k8s::watch_nodes(client.clone(), peers_tx));
+        let mut routes = PeerRoutes {
+            netlink: service.netlink.clone(),
+            wireguard: wireguard.clone(),
+            known: KnownCidrs::load(&config.state_dir.join(KNOWN_CIDRS_FILE)),
+            own: node.clone(),
+            catch_all: config.cluster_pod_cidr,
+            excluded: Vec::new(),
+        };
+        tracing::info!("waiting for the first complete Node list");
+        let first = peers_rx
+            .wait_for(Option::is_some)
+            .await
+            .map_err(|_| StartError::Network("the node watch stopped before listing".into()))?
+            .clone()
+            .unwrap_or_default();
+        routes.apply(&first).await;
         let listener = server::bind(&config.cni_socket).map_err(|source| StartError::Bind {
             path: config.cni_socket.clone(),
             source,
@@ -190,6 +215,9 @@ impl Agent {
             wireguard,
             rotate_rx,
             identity,
+            watch: Some(watch),
+            routes: Some(routes),
+            peers_rx,
             fatal,
             died,
         })
@@ -198,30 +226,16 @@ impl Agent {
     /// Serves until SIGTERM or SIGINT, then removes the socket. Pods keep their network:
     /// veths, addresses and routes live in the kernel, and the next agent adopts them.
     pub async fn run(mut self) -> anyhow::Result<()> {
-        let listener = self.listener.take().expect("run is called once");
-        let (peers_tx, mut peers_rx) = watch::channel(Vec::new());
-        let watch = tokio::spawn(k8s::watch_peers(
-            self.client.clone(),
-            self.config.node_name.clone(),
-            peers_tx,
-        ));
-        let netlink = self.service.netlink.clone();
-        let wireguard = self.wireguard.clone();
-        let catch_all = self.config.cluster_pod_cidr;
+        let (Some(listener), Some(watch), Some(mut reconciler)) =
+            (self.listener.take(), self.watch.take(), self.routes.take())
+        else {
+            anyhow::bail!("Agent::run called twice");
+        };
+        let mut peers_rx = self.peers_rx.clone();
         let routes = tokio::spawn(async move {
             while peers_rx.changed().await.is_ok() {
-                let peers = peers_rx.borrow_and_update().clone();
-                if let Some((wg, _)) = &wireguard {
-                    wg.set_peers(&peers);
-                }
-                let want = routes::desired(
-                    &peers,
-                    wireguard.as_ref().map(|(_, index)| *index),
-                    catch_all,
-                );
-                if let Err(e) = routes::reconcile(&netlink, &want).await {
-                    tracing::warn!(error = %e, "peer routes not fully reconciled");
-                }
+                let set = peers_rx.borrow_and_update().clone().unwrap_or_default();
+                reconciler.apply(&set).await;
             }
         });
         let rotation = match (self.wireguard.clone(), self.rotate_rx.take()) {
@@ -280,6 +294,67 @@ impl Agent {
         }
         let _ = std::fs::remove_file(&self.config.cni_socket);
         outcome
+    }
+}
+
+/// Where the pod CIDRs of every peer ever accepted are kept (see [`KnownCidrs`]).
+const KNOWN_CIDRS_FILE: &str = "known-pod-cidrs.json";
+
+/// Keeps the kernel's peer routes and the WireGuard peer table equal to the peer set.
+struct PeerRoutes {
+    netlink: rtnetlink::Handle,
+    wireguard: Option<(Arc<Wireguard>, u32)>,
+    known: KnownCidrs,
+    own: NodeInfo,
+    catch_all: Option<ipnet::Ipv4Net>,
+    /// The nodes excluded last time, so each change is reported once.
+    excluded: Vec<crate::peers::Excluded>,
+}
+
+impl PeerRoutes {
+    /// Checks the Nodes and applies the peer set: WireGuard peers first, then routes
+    /// (strict: every remembered pod CIDR and the cluster range go into the device even
+    /// without a peer).
+    async fn apply(&mut self, nodes: &[Candidate]) {
+        let known = &self.known;
+        let set = crate::peers::validate(&self.own, self.catch_all, nodes.to_vec(), |n| {
+            known.holds(n)
+        });
+        if set.excluded != self.excluded {
+            for e in &set.excluded {
+                tracing::warn!(
+                    node = e.node,
+                    reason = e.reason,
+                    "node excluded from the peer set"
+                );
+            }
+            self.excluded = set.excluded.clone();
+        }
+        let set = &set;
+        self.known.remember(&set.peers);
+        let device = self.wireguard.as_ref().map(|(wg, index)| {
+            wg.set_peers(set);
+            *index
+        });
+        let drops: Vec<_> = match device {
+            Some(_) => self
+                .known
+                .strict_drops(&self.own, &set.peers)
+                .into_iter()
+                .chain(self.catch_all)
+                .collect(),
+            None => Vec::new(),
+        };
+        let want = routes::desired(&set.peers, device, &drops);
+        tracing::info!(
+            peers = set.peers.len(),
+            excluded = set.excluded.len(),
+            strict_drops = drops.len(),
+            "peer set changed"
+        );
+        if let Err(e) = routes::reconcile(&self.netlink, &want).await {
+            tracing::warn!(error = %e, "peer routes not fully reconciled");
+        }
     }
 }
 

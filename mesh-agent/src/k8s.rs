@@ -11,6 +11,8 @@ use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
 use tokio::sync::watch;
 
+use crate::peers::Candidate;
+
 /// Errors of talking to the API server or reading a Node.
 #[derive(Debug, thiserror::Error)]
 pub enum K8sError {
@@ -212,44 +214,54 @@ pub async fn wait_for_own_node(client: &Client, name: &str) -> NodeInfo {
     }
 }
 
-/// The other nodes that can be routed to, sorted by name.
-pub fn peers(nodes: &[std::sync::Arc<Node>], own: &str) -> Vec<NodeInfo> {
-    let mut peers: Vec<NodeInfo> = nodes
+/// Every Node as a [`Candidate`] for the peer set (this node's own included; the
+/// check skips it).
+pub fn candidates(nodes: &[std::sync::Arc<Node>]) -> Vec<Candidate> {
+    nodes
         .iter()
-        .filter(|n| n.metadata.name.as_deref() != Some(own))
-        .filter_map(|n| match node_info(n) {
-            Ok(info) => Some(info),
-            Err(e) => {
-                tracing::debug!(error = %e, "node not routable yet");
-                None
-            }
+        .map(|n| Candidate {
+            name: n.metadata.name.clone().unwrap_or_default(),
+            created: n
+                .metadata
+                .creation_timestamp
+                .as_ref()
+                .map(|t| t.0.to_string())
+                .unwrap_or_default(),
+            info: node_info(n).map_err(|e| e.to_string()),
         })
-        .collect();
-    peers.sort_by(|a, b| a.name.cmp(&b.name));
-    peers
+        .collect()
 }
 
-/// Watches Nodes and publishes the peer set whenever it changes. When the API server is
-/// unreachable the watcher retries with backoff and the last published set stays.
-pub async fn watch_peers(client: Client, own: String, tx: watch::Sender<Vec<NodeInfo>>) {
+/// Watches Nodes and publishes them, unchecked, whenever they change, from the first
+/// complete list on (`None` until then: nothing is routed or served on a partial view).
+/// When the API server is unreachable the watcher retries with backoff and the last
+/// published list stays.
+pub async fn watch_nodes(client: Client, tx: watch::Sender<Option<Vec<Candidate>>>) {
     let (reader, writer) = reflector::store::<Node>();
     let nodes: Api<Node> = Api::all(client);
-    // Recompute on every event, not only on touched objects: the store swaps in the
-    // initial list only at `InitDone`, which touches no object.
     let stream = watcher(nodes, watcher::Config::default())
         .default_backoff()
         .reflect(writer);
     futures::pin_mut!(stream);
+    let mut listed = false;
     while let Some(event) = stream.next().await {
-        if let Err(e) = event {
-            tracing::warn!(error = %e, "node watch interrupted; keeping last known peers");
+        match event {
+            Err(e) => {
+                tracing::warn!(error = %e, "node watch interrupted; keeping last known peers");
+                continue;
+            }
+            Ok(watcher::Event::InitDone) => listed = true,
+            Ok(_) => {}
+        }
+        if !listed {
             continue;
         }
-        let peers = peers(&reader.state(), &own);
+        let mut nodes = candidates(&reader.state());
+        nodes.sort_by(|a, b| a.name.cmp(&b.name));
         tx.send_if_modified(|current| {
-            let changed = *current != peers;
+            let changed = current.as_ref() != Some(&nodes);
             if changed {
-                *current = peers.clone();
+                *current = Some(nodes);
             }
             changed
         });

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod ipam;
 pub mod k8s;
 pub mod netns;
+pub mod peers;
 pub mod pod_counters;
 pub mod podnet;
 pub mod routes;

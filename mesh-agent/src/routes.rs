@@ -97,13 +97,10 @@ fn message(route: &PeerRoute) -> RouteMessage {
 
 /// The routes for `peers`: through the WireGuard device when `device` is set (strict: a
 /// peer without a key is routed there too, and dropped, never sent in clear), else
-/// plainly via the peer's node address. `catch_all` (the cluster's pod range) goes into
-/// the device as well, so pods of nodes not yet known are never sent in clear either.
-pub fn desired(
-    peers: &[NodeInfo],
-    device: Option<u32>,
-    catch_all: Option<Ipv4Net>,
-) -> BTreeSet<PeerRoute> {
+/// plainly via the peer's node address. With a device, `drops` (the cluster's pod range,
+/// the ranges of nodes that are gone) go into it as well, so pods no peer serves are
+/// never sent in clear either.
+pub fn desired(peers: &[NodeInfo], device: Option<u32>, drops: &[Ipv4Net]) -> BTreeSet<PeerRoute> {
     let mut want: BTreeSet<PeerRoute> = peers
         .iter()
         .map(|p| PeerRoute {
@@ -111,11 +108,16 @@ pub fn desired(
             next_hop: device.map_or(NextHop::Via(p.internal_ip), NextHop::Device),
         })
         .collect();
-    if let (Some(index), Some(cidr)) = (device, catch_all) {
-        want.insert(PeerRoute {
-            dst: cidr,
-            next_hop: NextHop::Device(index),
-        });
+    if let Some(index) = device {
+        for &cidr in drops {
+            // A peer's own route to the same range already goes into the device.
+            if !want.iter().any(|r| r.dst == cidr) {
+                want.insert(PeerRoute {
+                    dst: cidr,
+                    next_hop: NextHop::Device(index),
+                });
+            }
+        }
     }
     want
 }
@@ -179,10 +181,14 @@ mod tests {
     #[test]
     fn wireguard_strict_routes_send_every_peer_and_the_catch_all_into_the_device() {
         let peers = [node("a", "198.19.1.0/24", "198.18.0.2")];
-        let want = desired(&peers, Some(9), Some("198.19.0.0/16".parse().unwrap()));
+        let drops = [
+            "198.19.0.0/16".parse().unwrap(),
+            "198.19.1.0/24".parse().unwrap(),
+        ];
+        let want = desired(&peers, Some(9), &drops);
         assert!(want.iter().all(|r| r.next_hop == NextHop::Device(9)));
         assert_eq!(want.len(), 2);
-        let plain = desired(&peers, None, Some("198.19.0.0/16".parse().unwrap()));
+        let plain = desired(&peers, None, &drops);
         assert_eq!(plain.len(), 1, "no catch-all without encryption");
         assert_eq!(
             plain.first().unwrap().next_hop,

@@ -285,6 +285,7 @@ impl PodService {
             peers: wg.status(),
             dropped_no_peer: wg.dropped_no_peer(),
             queues: wg.queues(),
+            excluded: wg.excluded(),
         })
     }
 

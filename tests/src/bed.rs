@@ -44,6 +44,9 @@ pub struct BedConfig {
     /// and it is their Node's only InternalIP: node-to-node traffic crosses over IPv6.
     /// The API server stays on IPv4.
     pub ipv6_underlay: bool,
+    /// Agents get `--cluster-pod-cidr` [`CLUSTER_POD_CIDR`] (the default); without it,
+    /// strictness rests on the pod CIDRs each agent has seen.
+    pub cluster_pod_cidr: bool,
 }
 
 impl Default for BedConfig {
@@ -53,6 +56,7 @@ impl Default for BedConfig {
             pod_prefix_len: 24,
             encryption: "wireguard",
             ipv6_underlay: false,
+            cluster_pod_cidr: true,
         }
     }
 }
@@ -502,7 +506,9 @@ impl TestBed {
         }
     }
 
-    fn create_node_object(&self, name: &str, pod_cidr: Ipv4Net, node_ip: IpAddr) -> Result<()> {
+    /// Creates a Node object with `pod_cidr` and InternalIP `node_ip` (no namespace, no
+    /// agent: the bed's nodes get theirs through [`TestBed::add_node`]).
+    pub fn create_node_object(&self, name: &str, pod_cidr: Ipv4Net, node_ip: IpAddr) -> Result<()> {
         let node: KubeNode = serde_json::from_value(json!({
             "apiVersion": "v1",
             "kind": "Node",
@@ -554,8 +560,13 @@ impl TestBed {
             .arg(node.socket())
             .arg("--encryption")
             .arg(self.config.encryption)
-            .arg("--cluster-pod-cidr")
-            .arg(CLUSTER_POD_CIDR)
+            .args(
+                self.config
+                    .cluster_pod_cidr
+                    .then_some(["--cluster-pod-cidr", CLUSTER_POD_CIDR])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&node.agent_args)
             .env("RUST_LOG", "info,mesh_agent=debug")
             .env("RUST_BACKTRACE", "0");

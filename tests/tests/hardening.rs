@@ -234,3 +234,135 @@ fn hardening_cni_add_refuses_what_is_no_pod_network_namespace_at_once() {
     assert_eq!(bed.agent_pods(0).unwrap().len(), 1);
     bed.delete_pod(pod).unwrap();
 }
+
+/// A tcpdump filter for every IPv4 packet on the underlay.
+const ALL_IPV4: &str = "ip";
+
+/// Sends a marked payload and a ping from `a` to `c` while the underlay is captured, and
+/// checks that nothing of it crossed in clear: no marker, no packet addressed between
+/// the pods, only WireGuard UDP between nodes.
+fn assert_nothing_leaves_in_clear(bed: &TestBed, a: &Pod, c: &Pod, port: u16) {
+    let marker = format!("VEIL-STRICT-MARKER-{}-", std::process::id()).into_bytes();
+    let capture =
+        veil_testbed::capture::Capture::start(bed.underlay(), ALL_IPV4, bed.dir()).unwrap();
+    let payload: Vec<u8> = marker.iter().copied().cycle().take(4096).collect();
+    let _ = a.tcp_send(SocketAddr::from((c.ip, port)), payload);
+    let _ = a.ping(c.ip);
+    let seen = capture.stop().unwrap();
+    assert!(!seen.contains(&marker), "plaintext crossed the underlay");
+    // tcpdump prints `IP <src>[.port] > <dst>[.port]:`.
+    let from_a = [format!("IP {} >", a.ip), format!("IP {}.", a.ip)];
+    for line in &seen.lines {
+        assert!(
+            !from_a.iter().any(|f| line.contains(f.as_str())),
+            "a pod packet crossed in clear: {line}"
+        );
+    }
+}
+
+#[test]
+fn hardening_deleting_a_node_without_cluster_pod_cidr_sends_no_plaintext() {
+    let mut bed = TestBed::start(BedConfig {
+        cluster_pod_cidr: false,
+        ..BedConfig::default()
+    })
+    .unwrap();
+    // Real nodes have a default route; here it leads to node-1 itself, so a packet for
+    // node-1's pods that loses its peer route would cross the underlay in clear.
+    let via = bed.node(1).ip.to_string();
+    bed.node(0)
+        .netns
+        .ip(&["route", "add", "default", "via", &via])
+        .unwrap();
+    let (a, c) = connected_pods(&bed);
+    bed.delete_node_object(1).unwrap();
+    eventually("node-0 forgets node-1", Duration::from_secs(10), || {
+        Ok(match bed.ask_agent(0, AgentRequest::WireguardStatus)? {
+            AgentResponse::Wireguard { peers, .. } => peers.is_empty().then_some(()),
+            _ => None,
+        })
+    })
+    .unwrap();
+    assert_nothing_leaves_in_clear(&bed, &a, &c, 9101);
+
+    // An agent restart does not forget the range either (it is remembered on disk).
+    bed.restart_agent(0).unwrap();
+    let out = bed
+        .node(0)
+        .netns
+        .exec(&["ip", "route", "show", &bed.node(1).pod_cidr.to_string()])
+        .unwrap();
+    let route = String::from_utf8_lossy(&out.stdout);
+    assert!(route.contains("dev veil-wg0"), "{route}");
+    assert_nothing_leaves_in_clear(&bed, &a, &c, 9102);
+}
+
+#[test]
+fn hardening_a_single_node_has_its_strict_routes_before_it_serves_pods() {
+    let bed = TestBed::start(BedConfig {
+        nodes: 1,
+        ..BedConfig::default()
+    })
+    .unwrap();
+    // The bed waits for the agent to serve; by then the cluster range must be routed
+    // into the device, although no peer ever appeared.
+    let out = bed
+        .node(0)
+        .netns
+        .exec(&["ip", "route", "show", veil_testbed::bed::CLUSTER_POD_CIDR])
+        .unwrap();
+    let route = String::from_utf8_lossy(&out.stdout);
+    assert!(route.contains("dev veil-wg0"), "{route}");
+}
+
+#[test]
+fn hardening_node_objects_that_would_capture_traffic_are_excluded_and_reported() {
+    let bed = TestBed::start(BedConfig::default()).unwrap();
+    let (a, c) = connected_pods(&bed);
+    let n1 = bed.node(1);
+    // Newer objects claiming node-1's pods, node-0's address, or every address.
+    let half = ipnet::Ipv4Net::new(n1.pod_cidr.network(), 25).unwrap();
+    bed.create_node_object("impostor-cidr", half, "198.18.250.1".parse().unwrap())
+        .unwrap();
+    bed.create_node_object(
+        "impostor-ip",
+        "198.19.250.0/24".parse().unwrap(),
+        bed.node(0).internal_ip(),
+    )
+    .unwrap();
+    bed.create_node_object(
+        "impostor-all",
+        "0.0.0.0/0".parse().unwrap(),
+        "198.18.250.3".parse().unwrap(),
+    )
+    .unwrap();
+    let excluded = eventually("impostors reported", Duration::from_secs(10), || {
+        Ok(match bed.ask_agent(0, AgentRequest::WireguardStatus)? {
+            AgentResponse::Wireguard { excluded, .. } => {
+                // The bed writes a Node's addresses just after creating it.
+                let settled = excluded.len() == 3
+                    && excluded.iter().all(|e| !e.reason.contains("no InternalIP"));
+                settled.then_some(excluded)
+            }
+            _ => None,
+        })
+    })
+    .unwrap();
+    let said = format!("{excluded:?}");
+    assert!(
+        said.contains(&format!("overlaps node {}", n1.name)),
+        "{said}"
+    );
+    assert!(said.contains("is this node's"), "{said}");
+    assert!(said.contains("covers every address"), "{said}");
+    let (ok, out) = meshctl(&bed.node(0).socket(), &["wireguard"], None);
+    assert!(ok && out.contains("excluded node impostor-all"), "{out}");
+    // The real node keeps its place: traffic still flows, encrypted.
+    a.ping(c.ip).unwrap();
+    let out = bed
+        .node(0)
+        .netns
+        .exec(&["ip", "route", "show", "0.0.0.0/0", "dev", "veil-wg0"])
+        .unwrap();
+    assert!(out.stdout.is_empty(), "no default route into the device");
+}

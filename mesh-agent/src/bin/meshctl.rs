@@ -60,6 +60,7 @@ fn wireguard(cli: &Cli, action: &Option<WireguardAction>) -> ExitCode {
             peers,
             dropped_no_peer,
             queues,
+            excluded,
         }) => {
             println!("public key {public_key}; dropped without a peer: {dropped_no_peer}");
             let queues: Vec<String> = queues
@@ -68,6 +69,9 @@ fn wireguard(cli: &Cli, action: &Option<WireguardAction>) -> ExitCode {
                 .map(|(i, q)| format!("{i}: tx {} rx {}", q.tx_packets, q.rx_packets))
                 .collect();
             println!("queues (packets) {}", queues.join(", "));
+            for e in &excluded {
+                println!("excluded node {}: {}", e.node, e.reason);
+            }
             println!(
                 "{:<16} {:<40} {:<18} {:>10} {:>12} {:>12} {:>8} {:>9} {:>6}",
                 "PEER",

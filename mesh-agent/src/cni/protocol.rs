@@ -244,6 +244,9 @@ pub enum AgentResponse {
         /// Packets through each queue.
         #[serde(default)]
         queues: Vec<crate::wireguard::QueueStatus>,
+        /// Nodes left out of the peer set because their objects could capture traffic.
+        #[serde(default)]
+        excluded: Vec<crate::peers::Excluded>,
     },
     /// Answer to `RotateKey`: the new public key, published.
     Rotated {

@@ -13,7 +13,7 @@ use std::sync::{Arc, Mutex};
 use boringtun::noise::Tunn;
 use boringtun::x25519::PublicKey;
 
-use crate::k8s::{NodeInfo, WireguardEndpoint};
+use crate::k8s::WireguardEndpoint;
 use datapath::{Peer, PeerCounters, PeerTable, Queue, Shared};
 use keys::{KeyError, NodeKey};
 
@@ -210,6 +210,7 @@ pub struct Wireguard {
     key: Mutex<NodeKey>,
     port: u16,
     next_index: AtomicU32,
+    excluded: Mutex<Vec<crate::peers::Excluded>>,
 }
 
 impl Wireguard {
@@ -269,6 +270,7 @@ impl Wireguard {
             key: Mutex::new(key),
             port,
             next_index: AtomicU32::new(1),
+            excluded: Mutex::default(),
         }))
     }
 
@@ -282,7 +284,12 @@ impl Wireguard {
 
     /// Makes the peer set equal to the nodes with a published key; unchanged peers keep
     /// their sessions, so established connections are not disturbed.
-    pub fn set_peers(&self, nodes: &[NodeInfo]) {
+    pub fn set_peers(&self, set: &crate::peers::PeerSet) {
+        let nodes = &set.peers;
+        *self
+            .excluded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = set.excluded.clone();
         // Hold the key for the whole swap: a rotation between reading the key and
         // installing the table would leave new sessions on the old key for good.
         let key = self.key.lock().expect("key lock");
@@ -369,6 +376,14 @@ impl Wireguard {
                 rx_packets: q.counters.rx_packets.load(Ordering::Relaxed),
             })
             .collect()
+    }
+
+    /// Nodes left out of the peer set, and why.
+    pub fn excluded(&self) -> Vec<crate::peers::Excluded> {
+        self.excluded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
     }
 
     /// Packets dropped because no peer with a key covers their destination.
