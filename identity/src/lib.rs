@@ -7,7 +7,8 @@
 //! - [`issuer`]: the cluster issuer (`veil-issuer`): TLS gRPC, TokenReview, node
 //!   authorisation; [`k8s`] keeps its CA in a Secret and publishes the bundle.
 //! - [`client`], [`manager`], [`workload_api`]: the agent side: an issuer client, per-pod
-//!   SVIDs renewed at half-life, and the SPIFFE Workload API on a unix socket.
+//!   SVIDs renewed at half-life, and the SPIFFE Workload API on a unix socket; [`peer`]
+//!   binds each Workload API connection to the process that opened it (pidfd).
 
 pub mod bundle;
 pub mod ca;
@@ -16,6 +17,7 @@ pub mod id;
 pub mod issuer;
 pub mod k8s;
 pub mod manager;
+pub mod peer;
 pub mod svid;
 pub mod tls;
 pub mod workload_api;
