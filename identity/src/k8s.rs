@@ -2,8 +2,9 @@
 //! bundle ConfigMap.
 //!
 //! RBAC the issuer needs: `create` on `tokenreviews` (as `system:auth-delegator` grants),
-//! `get` on `pods`, and in its own namespace `get`/`create`/`update` on its CA Secret and
-//! `get`/`create`/`patch` on the bundle ConfigMap.
+//! `get` on `pods`, and in its own namespace `get`/`create`/`patch` on its CA Secret and
+//! on the bundle ConfigMap, and `get`/`create`/`update` on the `coordination.k8s.io`
+//! Lease that picks the one replica that rotates the CA ([`crate::rotation`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
@@ -257,7 +258,11 @@ fn ca_secret(name: &str, set: &CaSet) -> Secret {
     }
 }
 
-fn ca_set_from_secret(secret: &Secret, td: &TrustDomain, name: &str) -> Result<CaSet, KubeError> {
+pub(crate) fn ca_set_from_secret(
+    secret: &Secret,
+    td: &TrustDomain,
+    name: &str,
+) -> Result<CaSet, KubeError> {
     let data = secret.data.as_ref();
     let malformed = |reason: String| KubeError::Malformed {
         secret: name.into(),

@@ -684,3 +684,126 @@ fn hardening_issuer_slow_tls_client_is_dropped_and_others_served() {
         "dropped only at the deadline, not at once: {took:?}"
     );
 }
+
+/// Issue 11: with two issuer replicas, exactly one rotates the CA — the holder of the
+/// Lease `veil-issuer-ca` — and the other signs with what it stored (before, each replica
+/// rotated on its own and they overwrote each other's CA in the Secret). Both run as the
+/// issuer's ServiceAccount with the chart's RBAC (Leases included).
+#[test]
+fn hardening_two_issuers_only_one_rotates_the_ca() {
+    use std::sync::atomic::Ordering;
+    use std::sync::{Arc, RwLock};
+    use veil_identity::bundle::RotationPolicy;
+    use veil_identity::rotation::{CaMaintainer, KubeCaStore, LeaseLeadership, DEFAULT_LEASE};
+
+    let t = with_issuer();
+    let client = issuer_kube_client(&t.bed, &t.cluster.issuer_token);
+    let td = trust_domain("cluster.local").unwrap();
+    // The bed's CA has a day left: a successor is staged at once, promoted 2 s later.
+    let policy = RotationPolicy {
+        ca_lifetime: Duration::from_secs(10 * 365 * 86400),
+        rotate_before: Duration::from_secs(2 * 365 * 86400),
+        propagation: Duration::from_secs(2),
+        svid_ttl: Duration::from_secs(2),
+    };
+    let runtime = t.bed.block_on(async { tokio::runtime::Handle::current() });
+    let replicas: Vec<_> = ["issuer-0", "issuer-1"]
+        .into_iter()
+        .map(|holder| {
+            let ca = Arc::new(RwLock::new(t.issuer.ca.clone()));
+            let maintainer = CaMaintainer::new(
+                Arc::new(KubeCaStore {
+                    client: client.clone(),
+                    namespace: SYSTEM_NS.into(),
+                    secret: veil_testbed::issuer::CA_SECRET.into(),
+                    configmap: veil_testbed::issuer::BUNDLE_CONFIGMAP.into(),
+                    trust_domain: td.clone(),
+                }),
+                Arc::new(LeaseLeadership {
+                    client: client.clone(),
+                    namespace: SYSTEM_NS.into(),
+                    name: DEFAULT_LEASE.into(),
+                    holder: holder.into(),
+                    duration: Duration::from_secs(5),
+                }),
+                policy,
+                Duration::from_millis(500),
+                ca.clone(),
+            );
+            let steps = maintainer.steps();
+            let task = runtime.spawn(maintainer.run());
+            (holder, ca, steps, task)
+        })
+        .collect();
+
+    // Staged and promoted by one replica.
+    let stored = veil_testbed::eventually("the CA rotated", Duration::from_secs(30), || {
+        let stored = t.bed.block_on(k8s::load_or_create_ca(
+            &client,
+            SYSTEM_NS,
+            veil_testbed::issuer::CA_SECRET,
+            &td,
+            Duration::from_secs(86400),
+        ))?;
+        Ok((stored.active.cert_der() != t.issuer.ca.active.cert_der()).then_some(stored))
+    })
+    .unwrap();
+    // The other replica follows: it signs with the stored CA, within a couple of rounds.
+    veil_testbed::eventually(
+        "both replicas sign with the stored CA",
+        Duration::from_secs(10),
+        || {
+            Ok(replicas
+                .iter()
+                .all(|(_, ca, _, _)| {
+                    ca.read().unwrap().active.cert_der() == stored.active.cert_der()
+                })
+                .then_some(()))
+        },
+    )
+    .unwrap();
+    for (_, _, _, task) in &replicas {
+        task.abort();
+    }
+    let stepped: Vec<_> = replicas
+        .iter()
+        .filter(|(_, _, steps, _)| steps.load(Ordering::SeqCst) > 0)
+        .map(|(holder, _, _, _)| *holder)
+        .collect();
+    assert_eq!(stepped.len(), 1, "replicas that rotated: {stepped:?}");
+    let lease = t
+        .bed
+        .block_on(
+            Api::<k8s_openapi::api::coordination::v1::Lease>::namespaced(
+                t.bed.client.clone(),
+                SYSTEM_NS,
+            )
+            .get(DEFAULT_LEASE),
+        )
+        .unwrap();
+    assert_eq!(
+        lease.spec.unwrap().holder_identity.as_deref(),
+        Some(stepped[0]),
+        "the rotating replica holds the Lease"
+    );
+    // The published bundle is the stored set's (read after both stopped).
+    let now_stored = t
+        .bed
+        .block_on(k8s::load_or_create_ca(
+            &client,
+            SYSTEM_NS,
+            veil_testbed::issuer::CA_SECRET,
+            &td,
+            Duration::from_secs(86400),
+        ))
+        .unwrap();
+    let bundle = t
+        .bed
+        .block_on(k8s::read_bundle(
+            &t.bed.client,
+            SYSTEM_NS,
+            "veil-trust-bundle",
+        ))
+        .unwrap();
+    assert_eq!(bundle, now_stored.bundle());
+}
