@@ -31,6 +31,10 @@ const MAX_STAT_BYTES: u64 = 4096;
 pub const FIRST_ACCEPT_BACKOFF: Duration = Duration::from_millis(10);
 /// Longest pause between failed `accept` calls.
 pub const MAX_ACCEPT_BACKOFF: Duration = Duration::from_secs(1);
+/// Most Workload API connections at once: a node runs at most a few hundred pods, each
+/// needing one or two; beyond this, new connections wait in the backlog, so one pod
+/// cannot exhaust the agent's descriptors.
+pub const MAX_CONNECTIONS: usize = 1024;
 
 /// A network namespace: the (device, inode) of its nsfs file.
 pub type NetnsId = (u64, u64);
@@ -343,13 +347,18 @@ pub struct PeerInfo(pub Arc<Result<BoundCaller, PeerError>>);
 pub struct PeerStream {
     io: UnixStream,
     peer: PeerInfo,
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl PeerStream {
     /// Binds the peer of `io` now.
     pub fn bind(io: UnixStream) -> Self {
         let peer = PeerInfo(Arc::new(BoundCaller::from_socket(&io)));
-        PeerStream { io, peer }
+        PeerStream {
+            io,
+            peer,
+            _slot: None,
+        }
     }
 
     /// The bound peer.
@@ -391,19 +400,24 @@ impl AsyncWrite for PeerStream {
     }
 }
 
-/// Accepts from `listener` forever, binding each peer; a failed `accept` (EMFILE and
-/// the like) pauses with backoff instead of spinning.
+/// Accepts from `listener` forever, binding each peer, at most `max_connections` open
+/// at once; a failed `accept` (EMFILE and the like) pauses with backoff instead of
+/// spinning.
 pub fn incoming(
     listener: UnixListener,
+    max_connections: usize,
 ) -> impl futures::Stream<Item = Result<PeerStream, std::io::Error>> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections.max(1)));
     futures::stream::unfold(
-        (listener, FIRST_ACCEPT_BACKOFF),
-        |(listener, mut backoff)| async move {
+        (listener, slots, FIRST_ACCEPT_BACKOFF),
+        |(listener, slots, mut backoff)| async move {
+            let slot = slots.clone().acquire_owned().await.ok()?;
             loop {
                 match listener.accept().await {
                     Ok((io, _)) => {
-                        let conn = PeerStream::bind(io);
-                        return Some((Ok(conn), (listener, FIRST_ACCEPT_BACKOFF)));
+                        let mut conn = PeerStream::bind(io);
+                        conn._slot = Some(slot);
+                        return Some((Ok(conn), (listener, slots, FIRST_ACCEPT_BACKOFF)));
                     }
                     Err(e) => {
                         tracing::warn!(error = %e, retry_in = ?backoff, "Workload API accept failed");
@@ -488,5 +502,35 @@ mod tests {
             .expect("exit noticed");
         child.wait().unwrap();
         assert!(matches!(bound.check(), Err(PeerError::Exited { .. })));
+    }
+
+    /// Before, the Workload API accepted without bound: one pod could open connections
+    /// until the agent ran out of descriptors.
+    #[tokio::test]
+    async fn hardening_workload_api_connections_are_capped() {
+        use futures::StreamExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mut accepted = Box::pin(incoming(UnixListener::bind(&path).unwrap(), 2));
+        let _clients: Vec<_> =
+            futures::future::join_all((0..3).map(|_| UnixStream::connect(&path)))
+                .await
+                .into_iter()
+                .map(Result::unwrap)
+                .collect();
+        let first = accepted.next().await.unwrap().unwrap();
+        let _second = accepted.next().await.unwrap().unwrap();
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), accepted.next())
+                .await
+                .is_err(),
+            "a third connection was taken beyond the cap"
+        );
+        drop(first);
+        tokio::time::timeout(Duration::from_secs(5), accepted.next())
+            .await
+            .expect("taken once a slot frees")
+            .unwrap()
+            .unwrap();
     }
 }

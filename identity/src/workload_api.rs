@@ -352,7 +352,7 @@ pub fn serve(
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-    let incoming = crate::peer::incoming(listener);
+    let incoming = crate::peer::incoming(listener, crate::peer::MAX_CONNECTIONS);
     let socket_path = path.display().to_string();
     Ok(tokio::spawn(async move {
         tracing::info!(socket = %socket_path, "Workload API serving");
