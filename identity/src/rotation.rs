@@ -115,7 +115,14 @@ impl CaMaintainer {
         if !leading {
             self.pending = None;
         }
-        if let Some(set) = &self.pending {
+        if let Some(set) = &mut self.pending {
+            // A staged CA counts as published from when it is stored, not from when the
+            // first (failed) attempt was made: agents must have had it for the whole
+            // propagation time before it signs.
+            if let Some((_, staged_at)) = &mut set.staged {
+                *staged_at = (*staged_at).max(now);
+            }
+            *self.ca.write().map_err(|_| RoundError::Poisoned)? = set.clone();
             self.store.save(set).await?;
             self.pending = None;
             self.steps.fetch_add(1, Ordering::SeqCst);
@@ -398,6 +405,7 @@ mod tests {
             shared.clone(),
         );
         let steps = maintainer.steps();
+        let started = SystemTime::now();
         let task = tokio::spawn(maintainer.run());
         // Retries at 1, 2 and 4 s (backoff), not at the hourly round.
         tokio::time::timeout(Duration::from_secs(12), async {
@@ -411,7 +419,16 @@ mod tests {
         assert_eq!(store.attempts.load(Ordering::SeqCst), 4);
         assert_eq!(steps.load(Ordering::SeqCst), 1);
         let saved = store.saved.lock().unwrap().clone().unwrap();
-        assert!(saved.staged.is_some(), "the staged successor was stored");
+        let staged_at = saved
+            .staged
+            .as_ref()
+            .expect("the staged successor was stored")
+            .1;
+        // Stored after failures at about 0, 1, 3 s: its propagation counts from then.
+        assert!(
+            staged_at >= started + Duration::from_secs(6),
+            "staged time is the time it was stored"
+        );
         assert!(same(&saved, &shared.read().unwrap()));
     }
 
