@@ -255,8 +255,8 @@ fn from_unix(s: u64) -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(s)
 }
 
-/// A CA as the issuer's Secret stores it (PEM).
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// A CA as the issuer's Secret stores it (PEM). Its `Debug` leaves the key out.
+#[derive(Clone, Serialize, Deserialize)]
 pub struct StoredCa {
     /// Certificate, PEM.
     pub cert: String,
@@ -265,6 +265,16 @@ pub struct StoredCa {
     /// When it was staged (unix seconds), for a staged CA.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub staged_at: Option<u64>,
+}
+
+impl std::fmt::Debug for StoredCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("StoredCa")
+            .field("cert", &self.cert)
+            .field("key", &"<redacted>")
+            .field("staged_at", &self.staged_at)
+            .finish()
+    }
 }
 
 /// A retained root as stored.

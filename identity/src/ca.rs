@@ -40,6 +40,14 @@ pub enum CaError {
     /// The key given does not belong to the CA certificate.
     #[error("the CA key does not match the CA certificate's public key")]
     KeyMismatch,
+    /// The SPIFFE ID to sign lies outside the CA's trust domain.
+    #[error("{id} is not in trust domain {trust_domain}; this CA signs only its own")]
+    ForeignTrustDomain {
+        /// The ID asked for.
+        id: String,
+        /// The CA's trust domain.
+        trust_domain: String,
+    },
     /// The CA has expired or expires before anything could be signed.
     #[error("the CA certificate is not valid now (valid until {not_after:?})")]
     Expired {
@@ -193,6 +201,12 @@ impl CertificateAuthority {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<CertificateDer<'static>, CaError> {
+        if !id.is_member_of(&self.trust_domain) {
+            return Err(CaError::ForeignTrustDomain {
+                id: id.to_string(),
+                trust_domain: self.trust_domain.as_str().to_string(),
+            });
+        }
         if now >= self.not_after {
             return Err(CaError::Expired {
                 not_after: self.not_after,
@@ -382,5 +396,95 @@ mod tests {
         )
         .unwrap();
         assert_ne!(a.serial, b.serial);
+    }
+
+    /// Every type that holds CA or SVID key material, formatted with `{:?}` (and `{:#?}`),
+    /// shows none of it: not the PEM, not its base64 body, not the DER bytes.
+    #[test]
+    fn hardening_no_key_material_in_debug_output() {
+        use crate::bundle::{CaSet, RotationPolicy};
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate(&td(), DEFAULT_CA_LIFETIME, now).unwrap();
+        let ca_key_pem = ca.key_pem().to_string();
+        let mut set =
+            CaSet::new(CertificateAuthority::from_pem(&td(), ca.cert_pem(), &ca_key_pem).unwrap());
+        // A staged successor too, so both keys of a set are looked for.
+        let policy = RotationPolicy {
+            ca_lifetime: DEFAULT_CA_LIFETIME,
+            rotate_before: DEFAULT_CA_LIFETIME * 2,
+            propagation: Duration::from_secs(60),
+            svid_ttl: Duration::from_secs(60),
+        };
+        assert!(set.maintain(now, &policy).unwrap());
+        let staged_key_pem = set.staged.as_ref().unwrap().0.key_pem().to_string();
+        let stored = set.to_stored();
+
+        let id = workload_id(&td(), "a", "b").unwrap();
+        let (key, csr) = new_key_and_csr().unwrap();
+        let cert = ca
+            .sign_csr(&csr, &id, Duration::from_secs(60), now)
+            .unwrap();
+        let svid = crate::Svid::new(vec![cert], key.serialize_der()).unwrap();
+        let resolver = crate::tls::SvidCertResolver::new(&svid).unwrap();
+
+        let formatted = [
+            format!("{ca:?}"),
+            format!("{ca:#?}"),
+            format!("{set:?}"),
+            format!("{set:#?}"),
+            format!("{stored:?}"),
+            format!("{stored:#?}"),
+            format!("{:?}", stored.active),
+            format!("{svid:?}"),
+            format!("{svid:#?}"),
+            format!("{resolver:?}"),
+        ]
+        .join("\n");
+        let key_ders = [
+            pem_body_der(&ca_key_pem),
+            pem_body_der(&staged_key_pem),
+            svid.key_pkcs8().to_vec(),
+        ];
+        for pem in [&ca_key_pem, &staged_key_pem] {
+            for line in pem
+                .lines()
+                .filter(|l| !l.starts_with("-----") && l.len() > 16)
+            {
+                assert!(!formatted.contains(line), "PEM key line in Debug output");
+            }
+        }
+        for der in &key_ders {
+            let as_debug = format!("{der:?}");
+            let inner = &as_debug[1..as_debug.len() - 1];
+            assert!(!formatted.contains(inner), "DER key bytes in Debug output");
+            let hex: String = der.iter().map(|b| format!("{b:02x}")).collect();
+            assert!(!formatted.contains(&hex), "hex key bytes in Debug output");
+        }
+        assert!(!formatted.contains("PRIVATE KEY"));
+    }
+
+    fn pem_body_der(pem: &str) -> Vec<u8> {
+        use base64::Engine;
+        let body: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(body)
+            .unwrap()
+    }
+
+    #[test]
+    fn hardening_ca_refuses_ids_outside_its_trust_domain() {
+        let now = SystemTime::now();
+        let ca = CertificateAuthority::generate(&td(), DEFAULT_CA_LIFETIME, now).unwrap();
+        let other = trust_domain("evil.example").unwrap();
+        let foreign = workload_id(&other, "a", "b").unwrap();
+        let (_key, csr) = new_key_and_csr().unwrap();
+        let refused = ca.sign_csr(&csr, &foreign, Duration::from_secs(60), now);
+        assert!(
+            matches!(refused, Err(CaError::ForeignTrustDomain { .. })),
+            "{refused:?}"
+        );
+        let own = workload_id(&td(), "a", "b").unwrap();
+        ca.sign_csr(&csr, &own, Duration::from_secs(60), now)
+            .unwrap();
     }
 }

@@ -19,6 +19,11 @@ use crate::tls::{client_config_no_cert, AllowedIds, SpiffeVerifier};
 /// gRPC status codes of refusals ([`ClientError::Refused`]).
 pub use tonic::Code;
 
+/// Largest answer taken from the issuer (an SVID and a few roots are a few KiB).
+pub const MAX_ANSWER_BYTES: usize = 64 * 1024;
+/// Largest token file read (bound ServiceAccount tokens are about 1 KiB).
+pub const MAX_TOKEN_FILE_BYTES: u64 = 64 * 1024;
+
 /// Where the agent's token comes from.
 #[derive(Debug, Clone)]
 pub enum TokenSource {
@@ -32,9 +37,20 @@ impl TokenSource {
     fn read(&self) -> Result<String, ClientError> {
         match self {
             TokenSource::Static(t) => Ok(t.clone()),
-            TokenSource::File(p) => std::fs::read_to_string(p)
-                .map(|t| t.trim().to_string())
-                .map_err(|e| ClientError::Token(format!("read {}: {e}", p.display()))),
+            TokenSource::File(p) => {
+                use std::io::Read;
+                let mut token = String::new();
+                std::fs::File::open(p)
+                    .and_then(|f| f.take(MAX_TOKEN_FILE_BYTES + 1).read_to_string(&mut token))
+                    .map_err(|e| ClientError::Token(format!("read {}: {e}", p.display())))?;
+                if token.len() as u64 > MAX_TOKEN_FILE_BYTES {
+                    return Err(ClientError::Token(format!(
+                        "{} is larger than {MAX_TOKEN_FILE_BYTES} bytes",
+                        p.display()
+                    )));
+                }
+                Ok(token.trim().to_string())
+            }
         }
     }
 }
@@ -110,7 +126,7 @@ impl IssuerClient {
             }))
             .await?;
         Ok(IssuerClient {
-            grpc: Grpc::new(channel),
+            grpc: Grpc::new(channel).max_decoding_message_size(MAX_ANSWER_BYTES),
             token,
         })
     }
@@ -161,5 +177,22 @@ impl IssuerClient {
         }
         let bundle = resp.bundle.into_iter().map(CertificateDer::from).collect();
         Ok((svid, bundle))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hardening_token_file_is_read_with_a_bound() {
+        let dir = tempfile::tempdir().unwrap();
+        let ok = dir.path().join("token");
+        std::fs::write(&ok, "abc\n").unwrap();
+        assert_eq!(TokenSource::File(ok).read().unwrap(), "abc");
+        let huge = dir.path().join("huge");
+        std::fs::write(&huge, vec![b'a'; MAX_TOKEN_FILE_BYTES as usize + 10]).unwrap();
+        let err = TokenSource::File(huge).read().unwrap_err();
+        assert!(err.to_string().contains("larger than"), "{err}");
     }
 }

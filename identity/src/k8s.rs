@@ -2,14 +2,15 @@
 //! bundle ConfigMap.
 //!
 //! RBAC the issuer needs: `create` on `tokenreviews` (as `system:auth-delegator` grants),
-//! `get` on `pods`, and in its own namespace `get`/`create`/`update` on its CA Secret and
-//! `get`/`create`/`patch` on the bundle ConfigMap.
+//! `get` on `pods`, and in its own namespace `get`/`create`/`patch` on its CA Secret and
+//! on the bundle ConfigMap, and `get`/`create`/`update` on the `coordination.k8s.io`
+//! Lease that picks the one replica that rotates the CA ([`crate::rotation`]).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec};
+use k8s_openapi::api::authentication::v1::{TokenReview, TokenReviewSpec, TokenReviewStatus};
 use k8s_openapi::api::core::v1::{ConfigMap, Pod, Secret};
 use k8s_openapi::ByteString;
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
@@ -23,6 +24,8 @@ use crate::issuer::{Authenticator, Caller, PodDirectory, PodFacts, Refusal, NODE
 /// How long a successful token review is reused: short, so a deleted pod's token stops
 /// working soon (the API server rejects it from then on).
 pub const TOKEN_REVIEW_CACHE: Duration = Duration::from_secs(10);
+/// Most successful reviews cached at once (one per agent token; a full cache is cleared).
+pub const MAX_CACHED_REVIEWS: usize = 4096;
 /// The Secret key that holds a self-managed CA set.
 pub const CA_SECRET_KEY: &str = "ca.json";
 /// The ConfigMap key with the trust bundle, PEM.
@@ -77,6 +80,44 @@ impl TokenReviewAuthenticator {
     }
 }
 
+/// The caller a finished TokenReview names, if it authenticated the token for one of
+/// `audiences` and for nothing else. The API server answers `status.audiences` with the
+/// requested audiences the token is valid for; an empty answer means the authenticator
+/// did not check audiences at all, which is refused too.
+pub fn caller_from_review(
+    status: TokenReviewStatus,
+    audiences: &[String],
+) -> Result<Caller, Refusal> {
+    if status.authenticated != Some(true) {
+        let why = status.error.unwrap_or_else(|| "not authenticated".into());
+        return Err(Refusal::unauthenticated(format!(
+            "token rejected: {}",
+            crate::issuer::clip(&why)
+        )));
+    }
+    let returned = status.audiences.unwrap_or_default();
+    if returned.is_empty()
+        || returned.iter().any(|a| !audiences.contains(a))
+        || !audiences.iter().any(|a| returned.contains(a))
+    {
+        return Err(Refusal::unauthenticated(format!(
+            "token is not for audience {:?} (the review confirmed {} audience(s))",
+            audiences,
+            returned.len()
+        )));
+    }
+    let user = status.user.unwrap_or_default();
+    let node = user
+        .extra
+        .as_ref()
+        .and_then(|e| e.get(NODE_NAME_EXTRA))
+        .and_then(|v| v.first().cloned());
+    Ok(Caller {
+        username: user.username.unwrap_or_default(),
+        node,
+    })
+}
+
 fn token_key(token: &str) -> Vec<u8> {
     ring::digest::digest(&ring::digest::SHA256, token.as_bytes())
         .as_ref()
@@ -87,8 +128,7 @@ fn token_key(token: &str) -> Vec<u8> {
 impl Authenticator for TokenReviewAuthenticator {
     async fn authenticate(&self, token: &str) -> Result<Caller, Refusal> {
         let key = token_key(token);
-        {
-            let mut cache = self.cache.lock().expect("cache lock");
+        if let Ok(mut cache) = self.cache.lock() {
             let now = Instant::now();
             cache.retain(|_, (_, at)| now.duration_since(*at) < TOKEN_REVIEW_CACHE);
             if let Some((caller, _)) = cache.get(&key) {
@@ -106,27 +146,13 @@ impl Authenticator for TokenReviewAuthenticator {
             .create(&PostParams::default(), &review)
             .await
             .map_err(|e| Refusal::unavailable(format!("TokenReview failed: {e}")))?;
-        let status = done.status.unwrap_or_default();
-        if status.authenticated != Some(true) {
-            return Err(Refusal::unauthenticated(format!(
-                "token rejected: {}",
-                status.error.unwrap_or_else(|| "not authenticated".into())
-            )));
+        let caller = caller_from_review(done.status.unwrap_or_default(), &self.audiences)?;
+        if let Ok(mut cache) = self.cache.lock() {
+            if cache.len() >= MAX_CACHED_REVIEWS {
+                cache.clear();
+            }
+            cache.insert(key, (caller.clone(), Instant::now()));
         }
-        let user = status.user.unwrap_or_default();
-        let node = user
-            .extra
-            .as_ref()
-            .and_then(|e| e.get(NODE_NAME_EXTRA))
-            .and_then(|v| v.first().cloned());
-        let caller = Caller {
-            username: user.username.unwrap_or_default(),
-            node,
-        };
-        self.cache
-            .lock()
-            .expect("cache lock")
-            .insert(key, (caller.clone(), Instant::now()));
         Ok(caller)
     }
 }
@@ -232,7 +258,11 @@ fn ca_secret(name: &str, set: &CaSet) -> Secret {
     }
 }
 
-fn ca_set_from_secret(secret: &Secret, td: &TrustDomain, name: &str) -> Result<CaSet, KubeError> {
+pub(crate) fn ca_set_from_secret(
+    secret: &Secret,
+    td: &TrustDomain,
+    name: &str,
+) -> Result<CaSet, KubeError> {
     let data = secret.data.as_ref();
     let malformed = |reason: String| KubeError::Malformed {
         secret: name.into(),
@@ -356,4 +386,41 @@ pub async fn read_bundle(
         .get(BUNDLE_KEY)
         .ok_or_else(|| malformed("no bundle.pem"))?;
     TrustBundle::from_pem(td, pem).map_err(|e| malformed(&e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use k8s_openapi::api::authentication::v1::UserInfo;
+
+    fn review(authenticated: bool, audiences: Option<Vec<&str>>) -> TokenReviewStatus {
+        TokenReviewStatus {
+            authenticated: Some(authenticated),
+            audiences: audiences.map(|a| a.into_iter().map(String::from).collect()),
+            user: Some(UserInfo {
+                username: Some("system:serviceaccount:veil-system:veil-agent".into()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// Before, an authenticated review was taken whatever audiences it confirmed; an
+    /// audience-unaware authenticator (empty `status.audiences`) or a token for another
+    /// audience got through.
+    #[test]
+    fn hardening_token_review_must_confirm_the_issuers_audience_only() {
+        let ours = vec!["veil-issuer".to_string()];
+        assert!(caller_from_review(review(true, Some(vec!["veil-issuer"])), &ours).is_ok());
+        for status in [
+            review(true, None),
+            review(true, Some(vec![])),
+            review(true, Some(vec!["https://kubernetes.default.svc"])),
+            review(true, Some(vec!["veil-issuer", "other"])),
+            review(false, Some(vec!["veil-issuer"])),
+        ] {
+            let refused = caller_from_review(status.clone(), &ours).unwrap_err();
+            assert_eq!(refused.code, tonic::Code::Unauthenticated, "{status:?}");
+        }
+    }
 }

@@ -5,9 +5,11 @@
 //!   CA rotation with overlapping roots.
 //! - [`tls`]: rustls configurations that accept a peer only by its SPIFFE ID.
 //! - [`issuer`]: the cluster issuer (`veil-issuer`): TLS gRPC, TokenReview, node
-//!   authorisation; [`k8s`] keeps its CA in a Secret and publishes the bundle.
+//!   authorisation; [`k8s`] keeps its CA in a Secret and publishes the bundle;
+//!   [`rotation`] lets exactly one replica rotate the CA (a Lease), retrying failed steps.
 //! - [`client`], [`manager`], [`workload_api`]: the agent side: an issuer client, per-pod
-//!   SVIDs renewed at half-life, and the SPIFFE Workload API on a unix socket.
+//!   SVIDs renewed at half-life, and the SPIFFE Workload API on a unix socket; [`peer`]
+//!   binds each Workload API connection to the process that opened it (pidfd).
 
 pub mod bundle;
 pub mod ca;
@@ -16,6 +18,8 @@ pub mod id;
 pub mod issuer;
 pub mod k8s;
 pub mod manager;
+pub mod peer;
+pub mod rotation;
 pub mod svid;
 pub mod tls;
 pub mod workload_api;

@@ -4,17 +4,22 @@ use std::collections::BTreeSet;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use anyhow::Context;
 use clap::Parser;
 use veil_identity::bundle::RotationPolicy;
 use veil_identity::issuer::{IssuerService, IssuerSettings, DEFAULT_AUDIENCE};
 use veil_identity::k8s::{self, KubePods, TokenReviewAuthenticator};
+use veil_identity::rotation::{CaMaintainer, KubeCaStore, LeaseLeadership};
 use veil_identity::{ca, id, CaSet, CertificateAuthority};
 
-/// How often the issuer checks whether its CA needs a rotation step.
+/// How often the issuer checks whether its CA needs a rotation step (and renews the
+/// Lease, and reloads what the leading replica stored).
 const MAINTAIN_EVERY: Duration = Duration::from_secs(60);
+/// How long the rotation Lease lasts unrenewed: three rounds, so one slow round does not
+/// hand the lead over.
+const LEASE_DURATION: Duration = Duration::from_secs(180);
 
 /// Signs X.509-SVIDs for agents, for pods on their own node.
 #[derive(Debug, Parser)]
@@ -72,6 +77,13 @@ struct Args {
     /// Audience agent tokens must be issued for.
     #[arg(long, env = "VEIL_TOKEN_AUDIENCE", default_value = DEFAULT_AUDIENCE)]
     token_audience: String,
+    /// Lease that picks the one replica rotating a self-managed CA.
+    #[arg(long, env = "VEIL_ISSUER_LEASE", default_value = veil_identity::rotation::DEFAULT_LEASE)]
+    lease: String,
+    /// This replica's name in that Lease (the chart passes the pod name); unique per
+    /// replica. Default: host name and a random suffix.
+    #[arg(long, env = "VEIL_ISSUER_POD_NAME")]
+    lease_holder: Option<String>,
     /// Kubeconfig; in-cluster credentials when unset.
     #[arg(long, env = "VEIL_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -161,32 +173,25 @@ async fn main() -> anyhow::Result<()> {
             propagation: svid_ttl,
             svid_ttl,
         };
-        let (ca, client, ns) = (ca.clone(), client.clone(), args.namespace.clone());
-        let (secret, cm) = (args.ca_secret.clone(), args.bundle_configmap.clone());
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(MAINTAIN_EVERY).await;
-                let changed = {
-                    let mut set = ca.write().expect("CA lock");
-                    match set.maintain(SystemTime::now(), &policy) {
-                        Ok(true) => Some(set.clone()),
-                        Ok(false) => None,
-                        Err(e) => {
-                            tracing::error!(error = %e, "CA rotation step failed");
-                            None
-                        }
-                    }
-                };
-                if let Some(set) = changed {
-                    if let Err(e) = k8s::save_ca(&client, &ns, &secret, &set).await {
-                        tracing::error!(error = %e, "could not store the rotated CA");
-                    }
-                    if let Err(e) = k8s::publish_bundle(&client, &ns, &cm, &set.bundle()).await {
-                        tracing::error!(error = %e, "could not publish the trust bundle");
-                    }
-                }
-            }
+        let store = Arc::new(KubeCaStore {
+            client: client.clone(),
+            namespace: args.namespace.clone(),
+            secret: args.ca_secret.clone(),
+            configmap: args.bundle_configmap.clone(),
+            trust_domain: td.clone(),
         });
+        let leader = Arc::new(LeaseLeadership {
+            client: client.clone(),
+            namespace: args.namespace.clone(),
+            name: args.lease.clone(),
+            holder: args
+                .lease_holder
+                .clone()
+                .unwrap_or_else(veil_identity::rotation::holder_identity),
+            duration: LEASE_DURATION,
+        });
+        let maintainer = CaMaintainer::new(store, leader, policy, MAINTAIN_EVERY, ca.clone());
+        tokio::spawn(maintainer.run());
     }
 
     let service = IssuerService::new(

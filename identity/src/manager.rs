@@ -1,6 +1,12 @@
 //! The agent's SVIDs: one per pod on the node, fetched when the pod appears, renewed at
 //! half its lifetime, dropped when the pod goes — and withdrawn the moment it expires if
 //! renewal kept failing, so an expired SVID is never served.
+//!
+//! What the issuer answers is checked before it is served: the SVID must chain to the
+//! published trust bundle (the issuer's ConfigMap, [`SvidManager::set_bundle`]) and carry
+//! no CA that bundle lacks, and it must have at least [`MIN_SVID_LIFE`] left. Anything
+//! else counts as a failed fetch and is retried with backoff. The roots the issuer sends
+//! with an SVID are never served to workloads: only the published bundle is.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -12,11 +18,16 @@ use tokio::sync::watch;
 use crate::bundle::TrustBundle;
 use crate::client::{ClientError, IssuerClient, PodRef};
 use crate::svid::Svid;
+use crate::tls::{AllowedIds, KeyUsage, SpiffeVerifier, UnixTime};
 
 /// First retry delay after a failed fetch; doubles up to [`MAX_RETRY`].
 pub const FIRST_RETRY: Duration = Duration::from_millis(500);
 /// Longest delay between fetch attempts.
 pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// The least life an SVID must have left when it arrives to be served. The issuer's
+/// shortest SVID lifetime is a minute; an answer with less than this left (or already
+/// expired) is a fault, retried with backoff rather than renewed at once in a loop.
+pub const MIN_SVID_LIFE: Duration = Duration::from_secs(2);
 
 /// Where SVIDs come from: the issuer, or a stand-in in tests.
 #[tonic::async_trait]
@@ -142,6 +153,38 @@ fn until(t: SystemTime) -> Duration {
     t.duration_since(SystemTime::now()).unwrap_or_default()
 }
 
+/// Whether `svid`, as the issuer sent it, may be served under `bundle`: every CA in its
+/// chain is a root of the bundle, the leaf verifies against the bundle, and it has at
+/// least [`MIN_SVID_LIFE`] left at `now`.
+pub fn check_svid(svid: &Svid, bundle: &TrustBundle, now: SystemTime) -> Result<(), ClientError> {
+    let chain = svid.chain();
+    let (leaf, cas) = chain
+        .split_first()
+        .ok_or_else(|| ClientError::BadAnswer("empty certificate chain".into()))?;
+    if let Some(stray) = cas.iter().position(|c| !bundle.roots.contains(c)) {
+        return Err(ClientError::BadAnswer(format!(
+            "certificate {} of the chain is a CA the published trust bundle does not hold",
+            stray + 1
+        )));
+    }
+    let verifier =
+        SpiffeVerifier::new(bundle, AllowedIds::TrustDomain(bundle.trust_domain.clone()))?;
+    verifier
+        .verify(leaf, cas, UnixTime::now(), KeyUsage::client_auth())
+        .map_err(|e| {
+            ClientError::BadAnswer(format!(
+                "SVID does not verify against the published trust bundle: {e}"
+            ))
+        })?;
+    let left = svid.not_after().duration_since(now).unwrap_or_default();
+    if left < MIN_SVID_LIFE {
+        return Err(ClientError::BadAnswer(format!(
+            "SVID has only {left:?} left (at least {MIN_SVID_LIFE:?} needed)"
+        )));
+    }
+    Ok(())
+}
+
 /// Fetches, then renews at half-life; on failure retries with backoff, and withdraws the
 /// SVID when it expires before a renewal succeeds.
 async fn keep_fresh(inner: Arc<Inner>, pod: PodRef, tx: watch::Sender<Option<Svid>>) {
@@ -161,8 +204,16 @@ async fn keep_fresh(inner: Arc<Inner>, pod: PodRef, tx: watch::Sender<Option<Svi
             }
         }
         tokio::time::sleep(until(next_attempt)).await;
-        match inner.source.fetch(&pod).await {
-            Ok((svid, roots)) => {
+        let fetched = inner.source.fetch(&pod).await.and_then(|(svid, roots)| {
+            let bundle = inner.bundle.borrow().clone();
+            check_svid(&svid, &bundle, SystemTime::now())?;
+            if roots != bundle.roots {
+                tracing::debug!(namespace = %pod.namespace, pod = %pod.name, "issuer's roots differ from the published bundle; serving the bundle's");
+            }
+            Ok(svid)
+        });
+        match fetched {
+            Ok(svid) => {
                 let received = SystemTime::now();
                 let life = svid
                     .not_after()
@@ -170,13 +221,6 @@ async fn keep_fresh(inner: Arc<Inner>, pod: PodRef, tx: watch::Sender<Option<Svi
                     .unwrap_or_default();
                 next_attempt = received + life / 2;
                 retry = FIRST_RETRY;
-                if !roots.is_empty() {
-                    inner.bundle.send_if_modified(|b| {
-                        let changed = b.roots != roots;
-                        b.roots = roots;
-                        changed
-                    });
-                }
                 tracing::info!(namespace = %pod.namespace, pod = %pod.name, id = %svid.id(), renew_in = ?life / 2, "SVID updated");
                 tx.send_replace(Some(svid));
             }
@@ -303,5 +347,78 @@ mod tests {
         assert!(rx.borrow().is_none());
         assert!(manager.svid("ns", "p").is_none());
         assert!(manager.watch("ns", "p").is_none());
+    }
+
+    fn direct(ca: CertificateAuthority, ttl: Duration) -> Arc<DirectCa> {
+        Arc::new(DirectCa {
+            ca,
+            ttl,
+            failing: AtomicBool::new(false),
+            calls: AtomicUsize::new(0),
+        })
+    }
+
+    #[tokio::test]
+    async fn hardening_manager_backs_off_when_svids_come_back_expiring() {
+        let (_, ca, bundle) = crate::ca::test_ca();
+        // The issuer answers with SVIDs that are already over: before, each was "renewed
+        // at half its life" (at once), a hot loop of fetches.
+        let source = direct(ca, Duration::ZERO);
+        let manager = SvidManager::new(source.clone(), bundle);
+        manager.pod_added(pod());
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let calls = source.calls.load(Ordering::SeqCst);
+        assert!(calls <= 4, "{calls} fetches in 2 s: no backoff");
+        assert!(calls >= 2, "retried");
+        assert!(manager.svid("ns", "p").is_none());
+        assert!(
+            manager.watch("ns", "p").unwrap().borrow().is_none(),
+            "never served"
+        );
+    }
+
+    #[tokio::test]
+    async fn hardening_manager_serves_only_svids_and_roots_of_the_published_bundle() {
+        let (_, rogue, _) = crate::ca::test_ca();
+        let (_, published_ca, published) = crate::ca::test_ca();
+        let rogue_root = rogue.cert_der().clone();
+        // The issuer signs with (and sends the root of) a CA the published bundle lacks.
+        let source = direct(rogue, Duration::from_secs(60));
+        let manager = SvidManager::new(source.clone(), published.clone());
+        manager.pod_added(pod());
+        let bundle = manager.bundle();
+        tokio::time::sleep(Duration::from_millis(1200)).await;
+        assert!(source.calls.load(Ordering::SeqCst) >= 2, "retried");
+        assert!(
+            manager.svid("ns", "p").is_none(),
+            "unverifiable SVID served"
+        );
+        assert_eq!(
+            *bundle.borrow(),
+            published,
+            "issuer's roots replaced the bundle"
+        );
+
+        // A chain that carries a CA the bundle lacks is refused even if the leaf verifies.
+        let id = crate::id::workload_id(published_ca.trust_domain(), "ns", "sa").unwrap();
+        let (key, csr) = new_key_and_csr().unwrap();
+        let leaf = published_ca
+            .sign_csr(&csr, &id, Duration::from_secs(60), SystemTime::now())
+            .unwrap();
+        let ok = Svid::new(vec![leaf.clone()], key.serialize_der()).unwrap();
+        check_svid(&ok, &published, SystemTime::now()).unwrap();
+        let stray = Svid::new(vec![leaf, rogue_root.clone()], key.serialize_der()).unwrap();
+        let err = check_svid(&stray, &published, SystemTime::now()).unwrap_err();
+        assert!(err.to_string().contains("does not hold"), "{err}");
+
+        // Once the bundle publishes the issuer's CA, its SVIDs are served.
+        let mut both = published.clone();
+        both.roots.push(rogue_root);
+        manager.set_bundle(both);
+        let mut rx = manager.watch("ns", "p").unwrap();
+        tokio::time::timeout(Duration::from_secs(10), rx.wait_for(|s| s.is_some()))
+            .await
+            .expect("served after the bundle caught up")
+            .unwrap();
     }
 }

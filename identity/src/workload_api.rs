@@ -1,24 +1,27 @@
 //! The SPIFFE Workload API on a unix socket (gRPC, as the SPIFFE specification defines
 //! it): `FetchX509SVID` and `FetchX509Bundles`, streaming updates. A caller gets the SVID
-//! of the pod it runs in and nothing else: its PID (SO_PEERCRED) is attested to a pod by
-//! an [`Attestor`]; [`NetnsAttestor`] maps the PID's network namespace to the pod the
-//! agent created that namespace for. JWT-SVIDs are not offered (`Unimplemented`).
+//! of the pod it runs in and nothing else: the process that connected is bound to the
+//! connection on accept (pidfd, start time, network namespace: [`crate::peer`]), every
+//! call re-checks that binding, and an [`Attestor`] maps the bound namespace to a pod;
+//! [`NetnsAttestor`] maps it to the pod the agent created that namespace for. A
+//! connection whose opener has exited gets nothing, whoever holds it now; a stream ends
+//! with PermissionDenied when it does. JWT-SVIDs are not offered (`Unimplemented`).
 
 use std::collections::HashMap;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use futures::Stream;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
-use tonic::transport::server::UdsConnectInfo;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::bundle::TrustBundle;
 use crate::manager::{PodKey, SvidManager};
+use crate::peer::{BoundCaller, NetnsId, PeerInfo};
 use crate::proto::workload::spiffe_workload_api_server::{
     SpiffeWorkloadApi, SpiffeWorkloadApiServer,
 };
@@ -32,15 +35,21 @@ use crate::svid::Svid;
 /// The metadata header every Workload API request must carry (the spec's SSRF guard).
 pub const SECURITY_HEADER: &str = "workload.spiffe.io";
 
-/// Who is calling, from the socket's peer credentials.
+/// The most HTTP/2 streams one Workload API connection may have open: a workload needs
+/// two or three (SVID and bundle streams); a bound keeps one caller from holding many.
+pub const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+
+/// Who is calling: the process bound to the connection, re-checked for this call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct CallerProcess {
-    /// Process ID.
+    /// Process ID (of the process that connected, still alive and unchanged).
     pub pid: i32,
     /// User ID.
     pub uid: u32,
     /// Group ID.
     pub gid: u32,
+    /// Its network namespace, the same now as when it connected.
+    pub netns: NetnsId,
 }
 
 /// Maps a calling process to the pod it runs in.
@@ -127,8 +136,66 @@ impl NetnsAttestor {
 
 impl Attestor for NetnsAttestor {
     fn attest(&self, caller: &CallerProcess) -> Option<PodKey> {
-        let id = Self::ns_id(&PathBuf::from(format!("/proc/{}/ns/net", caller.pid))).ok()?;
-        self.by_ns.read().expect("netns lock").get(&id).cloned()
+        // A poisoned lock (a panic elsewhere while writing) attests nobody: fail closed.
+        self.by_ns.read().ok()?.get(&caller.netns).cloned()
+    }
+}
+
+/// A request's peer, checked again before anything is sent to it.
+struct CheckedPeer {
+    peer: PeerInfo,
+    attestor: Arc<dyn Attestor>,
+}
+
+impl CheckedPeer {
+    fn bound(&self) -> Result<&BoundCaller, Status> {
+        self.peer.0.as_ref().as_ref().map_err(|e| {
+            tracing::warn!(error = %e, "Workload API connection has no attestable peer");
+            Status::permission_denied(format!("caller not attested: {e}"))
+        })
+    }
+
+    /// The pod of the process that connected, if it is still alive, unchanged and in the
+    /// namespace it connected from.
+    fn attest(&self) -> Result<PodKey, Status> {
+        let bound = self.bound()?;
+        let netns = bound.check().map_err(|e| {
+            tracing::warn!(pid = bound.pid(), error = %e, "Workload API caller refused");
+            Status::permission_denied(format!("caller not attested: {e}"))
+        })?;
+        let caller = CallerProcess {
+            pid: bound.pid(),
+            uid: bound.uid(),
+            gid: bound.gid(),
+            netns,
+        };
+        self.attestor.attest(&caller).ok_or_else(|| {
+            tracing::warn!(
+                pid = caller.pid,
+                uid = caller.uid,
+                "Workload API caller not attested to any pod"
+            );
+            Status::permission_denied("caller is not a pod on this node")
+        })
+    }
+
+    /// As [`Self::attest`], and the pod must still be `pod`.
+    fn attest_as(&self, pod: &PodKey) -> Result<(), Status> {
+        let now = self.attest()?;
+        if &now != pod {
+            return Err(Status::permission_denied(
+                "caller's namespace now belongs to another pod",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Resolves when the process that connected exits (never, if none was bound).
+    async fn exited(&self) {
+        match self.peer.0.as_ref() {
+            Ok(bound) => bound.exited().await,
+            Err(_) => std::future::pending().await,
+        }
     }
 }
 
@@ -171,7 +238,7 @@ impl WorkloadApi {
         WorkloadApi { manager, attestor }
     }
 
-    fn attest<T>(&self, request: &Request<T>) -> Result<PodKey, Status> {
+    fn attest<T>(&self, request: &Request<T>) -> Result<(PodKey, Arc<CheckedPeer>), Status> {
         if request
             .metadata()
             .get(SECURITY_HEADER)
@@ -182,29 +249,16 @@ impl WorkloadApi {
                 "security header {SECURITY_HEADER}: true is missing"
             )));
         }
-        let cred = request
+        let peer = request
             .extensions()
-            .get::<UdsConnectInfo>()
-            .and_then(|i| i.peer_cred)
-            .ok_or_else(|| Status::permission_denied("no peer credentials on the socket"))?;
-        let caller = CallerProcess {
-            pid: cred.pid().unwrap_or(0),
-            uid: cred.uid(),
-            gid: cred.gid(),
-        };
-        match self.attestor.attest(&caller) {
-            Some(pod) => Ok(pod),
-            None => {
-                tracing::warn!(
-                    pid = caller.pid,
-                    uid = caller.uid,
-                    "Workload API caller not attested to any pod"
-                );
-                Err(Status::permission_denied(
-                    "caller is not a pod on this node",
-                ))
-            }
-        }
+            .get::<PeerInfo>()
+            .ok_or_else(|| Status::permission_denied("no bound peer on the connection"))?;
+        let checked = Arc::new(CheckedPeer {
+            peer: peer.clone(),
+            attestor: self.attestor.clone(),
+        });
+        let pod = checked.attest()?;
+        Ok((pod, checked))
     }
 }
 
@@ -218,7 +272,7 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509svidRequest>,
     ) -> Result<Response<Self::FetchX509SVIDStream>, Status> {
-        let (ns, name) = self.attest(&request)?;
+        let ((ns, name), peer) = self.attest(&request)?;
         let mut svids = self
             .manager
             .watch(&ns, &name)
@@ -230,6 +284,11 @@ impl SpiffeWorkloadApi for WorkloadApi {
             loop {
                 let svid = svids.borrow_and_update().clone();
                 let bundle = bundles.borrow_and_update().clone();
+                // Every update goes only to the process that connected, still in its pod.
+                if let Err(refused) = peer.attest_as(&(ns.clone(), name.clone())) {
+                    let _ = tx.send(Err(refused)).await;
+                    return;
+                }
                 match svid {
                     Some(s) if !s.is_expired(SystemTime::now()) => {
                         sent_any = true;
@@ -255,6 +314,12 @@ impl SpiffeWorkloadApi for WorkloadApi {
                         return;
                     },
                     r = bundles.changed() => if r.is_err() { return; },
+                    _ = peer.exited() => {
+                        let _ = tx.send(Err(Status::permission_denied(
+                            "the process that opened this connection has exited",
+                        ))).await;
+                        return;
+                    },
                     _ = tx.closed() => return,
                 }
             }
@@ -266,17 +331,27 @@ impl SpiffeWorkloadApi for WorkloadApi {
         &self,
         request: Request<X509BundlesRequest>,
     ) -> Result<Response<Self::FetchX509BundlesStream>, Status> {
-        self.attest(&request)?;
+        let (pod, peer) = self.attest(&request)?;
         let mut bundles = self.manager.bundle();
         let (tx, rx) = mpsc::channel(4);
         tokio::spawn(async move {
             loop {
                 let bundle = bundles.borrow_and_update().clone();
+                if let Err(refused) = peer.attest_as(&pod) {
+                    let _ = tx.send(Err(refused)).await;
+                    return;
+                }
                 if tx.send(Ok(bundles_response(&bundle))).await.is_err() {
                     return;
                 }
                 tokio::select! {
                     r = bundles.changed() => if r.is_err() { return; },
+                    _ = peer.exited() => {
+                        let _ = tx.send(Err(Status::permission_denied(
+                            "the process that opened this connection has exited",
+                        ))).await;
+                        return;
+                    },
                     _ = tx.closed() => return,
                 }
             }
@@ -317,11 +392,12 @@ pub fn serve(
     let _ = std::fs::remove_file(path);
     let listener = tokio::net::UnixListener::bind(path)?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))?;
-    let incoming = UnixListenerStream::new(listener);
+    let incoming = crate::peer::incoming(listener, crate::peer::MAX_CONNECTIONS);
     let socket_path = path.display().to_string();
     Ok(tokio::spawn(async move {
         tracing::info!(socket = %socket_path, "Workload API serving");
         if let Err(e) = tonic::transport::Server::builder()
+            .max_concurrent_streams(MAX_STREAMS_PER_CONNECTION)
             .add_service(SpiffeWorkloadApiServer::new(api))
             .serve_with_incoming_shutdown(incoming, shutdown)
             .await
