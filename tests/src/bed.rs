@@ -327,6 +327,16 @@ impl TestBed {
         self.rt.block_on(f)
     }
 
+    /// A client with the bed's admin credentials.
+    pub fn admin_client(&self) -> kube::Client {
+        self.client.clone()
+    }
+
+    /// A client that authenticates with `token` (e.g. a ServiceAccount token).
+    pub fn client_with_token(&self, token: &str) -> Result<kube::Client> {
+        self.control_plane.client(&self.rt, token)
+    }
+
     /// The bed's control plane.
     pub fn control_plane(&self) -> &ControlPlane {
         &self.control_plane

@@ -366,3 +366,147 @@ fn hardening_node_objects_that_would_capture_traffic_are_excluded_and_reported()
         .unwrap();
     assert!(out.stdout.is_empty(), "no default route into the device");
 }
+
+/// The chart's manifests rendered by the real `helm template`.
+fn chart_manifests() -> Vec<serde_yaml::Value> {
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/veil");
+    let out = std::process::Command::new(veil_testbed::bins::tool("helm").unwrap())
+        .args(["template", "veil"])
+        .arg(chart)
+        .args(["--namespace", "veil-system", "--kube-version", "1.34.4"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8(out.stdout).unwrap();
+    serde_yaml::Deserializer::from_str(&text)
+        .map(|doc| serde::Deserialize::deserialize(doc).unwrap())
+        .filter(|v: &serde_yaml::Value| !v.is_null())
+        .collect()
+}
+
+/// Sets annotation `veil.dev/wireguard-public-key` of Node `node` to `value` as `client`.
+async fn annotate(client: &kube::Client, node: &str, value: &str) -> Result<(), kube::Error> {
+    let patch = serde_json::json!({"metadata": {"annotations": {
+        "veil.dev/wireguard-public-key": value,
+    }}});
+    kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
+        .patch(
+            node,
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(&patch),
+        )
+        .await
+        .map(|_| ())
+}
+
+#[test]
+fn hardening_only_the_agent_of_a_node_may_change_its_veil_annotations() {
+    use k8s_openapi::api::admissionregistration::v1::{
+        ValidatingAdmissionPolicy, ValidatingAdmissionPolicyBinding,
+    };
+    use k8s_openapi::api::core::v1::{Namespace, Pod as KubePod, ServiceAccount};
+    use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
+    use kube::api::{Api, PostParams};
+
+    let bed = TestBed::start(BedConfig::default()).unwrap();
+    let admin = bed.admin_client();
+    let (n0, n1) = (bed.node(0).name.clone(), bed.node(1).name.clone());
+    let pp = PostParams::default();
+    // The chart's policy, applied as rendered; the agent account with the rights the
+    // chart will give it (patching Nodes), and a pod of it on node-1.
+    let token = bed.block_on(async {
+        for doc in chart_manifests() {
+            match doc["kind"].as_str() {
+                Some("ValidatingAdmissionPolicy") => {
+                    let policy: ValidatingAdmissionPolicy = serde_yaml::from_value(doc)?;
+                    Api::all(admin.clone()).create(&pp, &policy).await?;
+                }
+                Some("ValidatingAdmissionPolicyBinding") => {
+                    let binding: ValidatingAdmissionPolicyBinding = serde_yaml::from_value(doc)?;
+                    Api::all(admin.clone()).create(&pp, &binding).await?;
+                }
+                _ => {}
+            }
+        }
+        let ns: Namespace = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "veil-system"}}))?;
+        Api::<Namespace>::all(admin.clone()).create(&pp, &ns).await?;
+        let sa: ServiceAccount = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "veil-agent", "namespace": "veil-system"}}))?;
+        Api::namespaced(admin.clone(), "veil-system")
+            .create(&pp, &sa)
+            .await?;
+        let role: ClusterRole = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "veil-agent-nodes"},
+            "rules": [{"apiGroups": [""], "resources": ["nodes"], "verbs": ["get", "patch"]}]}))?;
+        Api::<ClusterRole>::all(admin.clone()).create(&pp, &role).await?;
+        let binding: ClusterRoleBinding = serde_json::from_value(serde_json::json!({
+            "metadata": {"name": "veil-agent-nodes"},
+            "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "veil-agent-nodes"},
+            "subjects": [{"kind": "ServiceAccount", "name": "veil-agent", "namespace": "veil-system"}]}))?;
+        Api::<ClusterRoleBinding>::all(admin.clone())
+            .create(&pp, &binding)
+            .await?;
+        let pod = veil_testbed::objects::pod("veil-system", "agent-1", &n1, "veil-agent", true);
+        let pod = Api::<KubePod>::namespaced(admin.clone(), "veil-system")
+            .create(&pp, &pod)
+            .await?;
+        veil_testbed::objects::service_account_token(
+            &admin,
+            "veil-system",
+            "veil-agent",
+            Some(&pod),
+            vec![],
+            Duration::from_secs(600),
+        )
+        .await
+    })
+    .unwrap();
+    let agent1 = bed.client_with_token(&token).unwrap();
+    let forged = "Zm9yZ2VkLWtleS1mb3JnZWQta2V5LWZvcmdlZC1rZXk=";
+
+    // The policy takes a moment to load; until then the forged write might pass, so
+    // wait for the refusal, then check that it stays refused and names the rule.
+    let mut attempt = 0u32;
+    let refusal = eventually(
+        "the policy refuses node-1's agent on node-0",
+        Duration::from_secs(20),
+        || {
+            // A fresh value each time: rewriting the same value changes nothing.
+            attempt += 1;
+            let value = format!("{forged}{attempt}");
+            Ok(match bed.block_on(annotate(&agent1, &n0, &value)) {
+                Err(e) => Some(e.to_string()),
+                Ok(()) => None,
+            })
+        },
+    )
+    .unwrap();
+    assert!(
+        refusal.contains("only the Veil agent running on this node"),
+        "{refusal}"
+    );
+    // The admin is refused too; node-1's agent may change node-1's own annotation.
+    let admin_change = bed.block_on(annotate(&admin, &n0, forged));
+    assert!(admin_change.is_err(), "the admin changed node-0's key");
+    let key0 = bed
+        .node_annotation(0, "veil.dev/wireguard-public-key")
+        .unwrap();
+    assert_ne!(
+        key0.as_deref(),
+        Some(forged),
+        "the admin's forged key did not land"
+    );
+    let key1 = bed
+        .node_annotation(1, "veil.dev/wireguard-public-key")
+        .unwrap()
+        .unwrap();
+    bed.block_on(annotate(&agent1, &n1, forged))
+        .expect("node-1's agent changes its own key");
+    bed.block_on(annotate(&agent1, &n1, &key1))
+        .expect("and changes it back");
+}
