@@ -71,6 +71,8 @@ pub struct PortMatcher {
     probe_paths: Vec<Box<str>>,
     /// Length of the longest key of `path_prefix`: longer request prefixes are not hashed.
     max_prefix_len: usize,
+    /// Length of the longest key of `id_spiffe_prefix`, for the same reason.
+    max_spiffe_prefix_len: usize,
     alts: Vec<Alt>,
     path_exact: Map<Box<str>, Vec<u32>>,
     path_prefix: Map<Box<str>, Vec<u32>>,
@@ -121,6 +123,7 @@ impl PortMatcher {
                 .map(String::into_boxed_str)
                 .collect(),
             max_prefix_len: 0,
+            max_spiffe_prefix_len: 0,
             alts: Vec::new(),
             path_exact: Map::default(),
             path_prefix: Map::default(),
@@ -171,6 +174,8 @@ impl PortMatcher {
                                         m.id_spiffe.entry(s.clone()).or_default()
                                     }
                                     CompiledPeer::SpiffePrefix(s) => {
+                                        m.max_spiffe_prefix_len =
+                                            m.max_spiffe_prefix_len.max(s.len());
                                         m.id_spiffe_prefix.entry(s.clone()).or_default()
                                     }
                                     CompiledPeer::ServiceAccount { namespace, name } => m
@@ -398,9 +403,11 @@ impl PortMatcher {
             lists.add(get(&self.id_spiffe, id));
             if !self.id_spiffe_prefix.is_empty() {
                 let start = "spiffe://".len().min(id.len());
-                for (i, b) in id.bytes().enumerate().skip(start) {
+                let probe = id.get(..=self.max_spiffe_prefix_len).unwrap_or(id);
+                for (i, b) in probe.bytes().enumerate().skip(start) {
                     if b == b'/' {
-                        lists.add(get(&self.id_spiffe_prefix, &id[..i]));
+                        work(i);
+                        lists.add(get(&self.id_spiffe_prefix, id.get(..i).unwrap_or_default()));
                     }
                 }
             }
