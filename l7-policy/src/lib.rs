@@ -3,8 +3,10 @@
 //!
 //! Flow: [`CompiledPolicy::compile`] once per policy generation (its [`CompiledPolicy::errors`]
 //! go to `status` via [`accepted_status`]), then [`PortMatcher::new`] per (pod, port), then
-//! [`PortMatcher::evaluate`] per request. See `l7-policy/README.md` for the semantics and the
-//! path normalisation rules.
+//! [`PortMatcher::evaluate`] per request. Before any rule, a request is checked against the
+//! size [`limits`], its authority parsed ([`parse_authority`]) and its path normalised
+//! ([`normalize_path`]); what fails is denied with its own [`Reason`]. See
+//! `l7-policy/README.md` for the semantics, the refusals and the probe exemption input.
 
 pub mod authority;
 pub mod compile;
