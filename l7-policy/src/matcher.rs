@@ -8,7 +8,7 @@
 //! identity (SPIFFE ID, SPIFFE prefix, ServiceAccount, namespace name, the rest); a request
 //! scans whichever dimension yields fewer candidates. Candidate lists are sorted, so each
 //! list stops at its first match. Nothing on this path allocates unless the request path
-//! needs rewriting to be normal.
+//! needs rewriting to be normal or the authority lower-casing (or is an IPv6 literal).
 
 use std::collections::HashMap;
 use std::sync::Arc;
