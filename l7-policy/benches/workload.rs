@@ -66,6 +66,7 @@ pub fn matcher(policies: &[Arc<CompiledPolicy>], labels: &BTreeMap<String, Strin
         namespace: "shop",
         labels,
         named_ports: &[],
+        probes: &[],
     };
     PortMatcher::new(&pod, 8080, policies, Settings::default())
 }
@@ -100,7 +101,7 @@ impl Req {
             authority: Some("api.shop.svc"),
             path: &self.path,
             headers: &self.headers,
-            source_is_local_node_probe: false,
+            source_is_local_node: false,
         }
     }
 }

@@ -14,6 +14,13 @@ use crate::{
 /// Compiled size limit of one regex, so a policy cannot make the agent build a huge automaton.
 pub const REGEX_SIZE_LIMIT: usize = 1 << 20;
 
+/// Deepest nesting of groups and repetitions in a regex: the parser recurses per level,
+/// and no path or header pattern needs more than a few.
+pub const REGEX_NEST_LIMIT: u32 = 32;
+
+/// Longest regex pattern, in bytes (the same bound as every other string of the CRD).
+pub const MAX_REGEX_BYTES: usize = MAX_STRING;
+
 /// A checked and compiled policy. Invalid parts are kept as "matches nothing" (rules) or
 /// "selects every pod of the namespace" (`podSelector`), so an invalid policy never widens access.
 #[derive(Debug)]
@@ -415,40 +422,62 @@ fn compile_peer(
 
 /// Builds a regex that must match the whole input.
 fn full_match_regex(at: &str, re: &str, errors: &mut Vec<FieldError>) -> Option<Regex> {
-    let pattern = anchored(at, re, errors)?;
-    let built = RegexBuilder::new(&pattern)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build();
-    regex_or_error(at, built, errors)
+    let build = |p: &str| {
+        RegexBuilder::new(p)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .nest_limit(REGEX_NEST_LIMIT)
+            .build()
+    };
+    check_regex_len(at, re, errors)?;
+    regex_or_error(at, "invalid regex (RE2 syntax)", build(re), errors)?;
+    regex_or_error(at, ANCHOR_FAILED, build(&anchored(re)), errors)
 }
 
 /// Builds a regex over bytes that must match the whole input.
 fn full_match_bytes_regex(at: &str, re: &str, errors: &mut Vec<FieldError>) -> Option<BytesRegex> {
-    let pattern = anchored(at, re, errors)?;
-    let built = BytesRegexBuilder::new(&pattern)
-        .size_limit(REGEX_SIZE_LIMIT)
-        .build();
-    regex_or_error(at, built, errors)
+    let build = |p: &str| {
+        BytesRegexBuilder::new(p)
+            .size_limit(REGEX_SIZE_LIMIT)
+            .nest_limit(REGEX_NEST_LIMIT)
+            .build()
+    };
+    check_regex_len(at, re, errors)?;
+    regex_or_error(at, "invalid regex (RE2 syntax)", build(re), errors)?;
+    regex_or_error(at, ANCHOR_FAILED, build(&anchored(re)), errors)
 }
 
-/// `re` anchored at both ends, if it is an acceptable string at all.
-fn anchored(at: &str, re: &str, errors: &mut Vec<FieldError>) -> Option<String> {
-    check_string(at, re, errors).then(|| format!("^(?:{re})$"))
+/// Reported when a pattern valid alone fails once anchored; only an `(?x)` comment running
+/// to the end of the pattern (it swallows the closing `)$`) does that.
+const ANCHOR_FAILED: &str = "regex cannot be anchored (does it end inside an (?x) # comment?)";
+
+/// Checks the pattern's length.
+fn check_regex_len(at: &str, re: &str, errors: &mut Vec<FieldError>) -> Option<()> {
+    if re.len() > MAX_REGEX_BYTES {
+        errors.push(FieldError::new(
+            at,
+            format!("regex too long: {} > {MAX_REGEX_BYTES} bytes", re.len()),
+        ));
+        return None;
+    }
+    Some(())
+}
+
+/// `re` anchored at both ends. Only called once `re` compiled on its own: a pattern that
+/// parses alone has balanced groups, so it cannot close the wrapper's group and escape the
+/// anchors (`a)|(.*` would otherwise become `^(?:a)|(.*)$`, which matches anything).
+fn anchored(re: &str) -> String {
+    format!("^(?:{re})$")
 }
 
 /// The built regex, or an error naming the field.
 fn regex_or_error<R>(
     at: &str,
+    what: &str,
     built: Result<R, regex::Error>,
     errors: &mut Vec<FieldError>,
 ) -> Option<R> {
     built
-        .map_err(|e| {
-            errors.push(FieldError::new(
-                at,
-                format!("invalid regex (RE2 syntax): {e}"),
-            ))
-        })
+        .map_err(|e| errors.push(FieldError::new(at, format!("{what}: {e}"))))
         .ok()
 }
 
@@ -681,24 +710,36 @@ pub(crate) fn prefix_matches(prefix: &str, path: &str) -> bool {
 }
 
 impl HeaderCond {
+    /// Whether the headers satisfy this condition: a value condition needs at least one
+    /// value and holds for every value (a second, failing copy of a header is not
+    /// outvoted by a good one: backends differ on which copy they read); `present: false`
+    /// holds only when no value exists.
     fn matches(&self, headers: &dyn HeaderLookup) -> bool {
-        match &self.kind {
-            HeaderKind::Present(want) => headers.any_value(&self.name, &mut |_| true) == *want,
-            HeaderKind::Exact(v) => headers.any_value(&self.name, &mut |x| x == &**v),
-            HeaderKind::Prefix(v) => headers.any_value(&self.name, &mut |x| x.starts_with(v)),
-            HeaderKind::Regex(re) => headers.any_value(&self.name, &mut |x| re.is_match(x)),
+        let value_ok = |x: &[u8]| match &self.kind {
+            HeaderKind::Present(_) => true,
+            HeaderKind::Exact(v) => x == &**v,
+            HeaderKind::Prefix(v) => x.starts_with(v),
+            HeaderKind::Regex(re) => re.is_match(x),
+        };
+        let mut seen = false;
+        let failed = headers.any_value(&self.name, &mut |x| {
+            seen = true;
+            !value_ok(x)
+        });
+        match self.kind {
+            HeaderKind::Present(want) => seen == want,
+            _ => seen && !failed,
         }
     }
 }
 
 impl HostPattern {
+    /// Whether `host` (parsed by [`crate::parse_authority`]: lower-case, no trailing dot)
+    /// matches.
     fn matches(&self, host: &str) -> bool {
         match self {
-            HostPattern::Exact(h) => host.eq_ignore_ascii_case(h),
-            HostPattern::Suffix(s) => {
-                host.len() > s.len()
-                    && host.as_bytes()[host.len() - s.len()..].eq_ignore_ascii_case(s.as_bytes())
-            }
+            HostPattern::Exact(h) => host == &**h,
+            HostPattern::Suffix(s) => host.len() > s.len() && host.ends_with(&**s),
         }
     }
 }
@@ -712,6 +753,7 @@ impl CompiledHttp {
         path: &str,
         headers: &dyn HeaderLookup,
     ) -> bool {
+        // `host` comes from `parse_authority`, so byte comparison is the right one.
         (self.methods == 0 || self.methods & method != 0)
             && (self.hosts.is_empty()
                 || host.is_some_and(|h| self.hosts.iter().any(|p| p.matches(h))))

@@ -8,25 +8,31 @@
 //! identity (SPIFFE ID, SPIFFE prefix, ServiceAccount, namespace name, the rest); a request
 //! scans whichever dimension yields fewer candidates. Candidate lists are sorted, so each
 //! list stops at its first match. Nothing on this path allocates unless the request path
-//! needs rewriting to be normal.
+//! needs rewriting to be normal or the authority lower-casing (or is an IPv6 literal).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use crate::compile::{method_bit, CompiledPeer, CompiledPolicy, NamespaceCond, PathCond};
-use crate::request::host_of;
-use crate::{normalize_path, Decision, Mode, Pod, Port, Reason, Request, Source, Verdict};
+use crate::limits::check_request;
+use crate::{
+    normalize_path, parse_authority, work, Decision, Mode, Pod, Port, Reason, Request, Source,
+    Verdict,
+};
 
 /// Setting: allow kubelet probes from the pod's own node.
 pub const ALLOW_LOCAL_NODE_PROBES: &str = "allow_local_node_probes";
 /// Default on: kubelet probes come from the node, and a policy that forgot them would have
-/// the kubelet restart the pod (Kubernetes NetworkPolicy implementations let them through too).
+/// the kubelet restart the pod (Kubernetes NetworkPolicy implementations let them through
+/// too). The exemption covers only the probes the pod declares (see [`crate::Probe`]).
 pub const DEFAULT_ALLOW_LOCAL_NODE_PROBES: bool = true;
 
 /// Engine settings.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Settings {
-    /// Allow requests marked `source_is_local_node_probe` whatever the policies say.
+    /// Allow a `GET` or `HEAD` from the pod's own node ([`Request::source_is_local_node`])
+    /// whose port and normalised path are those of one of the pod's declared `httpGet`
+    /// probes ([`Pod::probes`]), whatever the policies say. Nothing else from the node.
     pub allow_local_node_probes: bool,
 }
 
@@ -61,6 +67,12 @@ pub struct PortMatcher {
     policies: Vec<Arc<CompiledPolicy>>,
     /// The policy named by denials: first enforce policy, else first audit policy.
     default_policy: Option<(u32, Decision)>,
+    /// Normalised paths of the pod's `httpGet` probes on this port.
+    probe_paths: Vec<Box<str>>,
+    /// Length of the longest key of `path_prefix`: longer request prefixes are not hashed.
+    max_prefix_len: usize,
+    /// Length of the longest key of `id_spiffe_prefix`, for the same reason.
+    max_spiffe_prefix_len: usize,
     alts: Vec<Alt>,
     path_exact: Map<Box<str>, Vec<u32>>,
     path_prefix: Map<Box<str>, Vec<u32>>,
@@ -103,6 +115,15 @@ impl PortMatcher {
             settings,
             policies: Vec::new(),
             default_policy,
+            probe_paths: pod
+                .probes
+                .iter()
+                .filter(|p| p.port == port)
+                .filter_map(|p| p.request_path())
+                .map(String::into_boxed_str)
+                .collect(),
+            max_prefix_len: 0,
+            max_spiffe_prefix_len: 0,
             alts: Vec::new(),
             path_exact: Map::default(),
             path_prefix: Map::default(),
@@ -139,6 +160,7 @@ impl PortMatcher {
                             push(m.path_exact.entry(p.clone()).or_default(), id)
                         }
                         Some(PathCond::Prefix(p)) => {
+                            m.max_prefix_len = m.max_prefix_len.max(p.len());
                             push(m.path_prefix.entry(p.clone()).or_default(), id)
                         }
                         _ => push(&mut m.path_other, id),
@@ -152,6 +174,8 @@ impl PortMatcher {
                                         m.id_spiffe.entry(s.clone()).or_default()
                                     }
                                     CompiledPeer::SpiffePrefix(s) => {
+                                        m.max_spiffe_prefix_len =
+                                            m.max_spiffe_prefix_len.max(s.len());
                                         m.id_spiffe_prefix.entry(s.clone()).or_default()
                                     }
                                     CompiledPeer::ServiceAccount { namespace, name } => m
@@ -205,26 +229,45 @@ impl PortMatcher {
                 reason: Reason::NotSelected,
             };
         };
-        if request.source_is_local_node_probe && self.settings.allow_local_node_probes {
+        let default_name = self.policies[default_idx as usize].name.as_str();
+        let refuse = |reason| Verdict {
+            decision: default_decision,
+            reason,
+        };
+        // Structural checks come first and apply to probes too: a malformed request is
+        // malformed whoever sends it.
+        if let Err(limit) = check_request(request) {
+            return refuse(Reason::OverLimit {
+                policy: default_name,
+                limit,
+            });
+        }
+        let authority = match request.authority.map(parse_authority).transpose() {
+            Ok(a) => a,
+            Err(error) => {
+                return refuse(Reason::InvalidAuthority {
+                    policy: default_name,
+                    error,
+                })
+            }
+        };
+        let path = match normalize_path(request.path) {
+            Ok(p) => p,
+            Err(error) => {
+                return refuse(Reason::InvalidPath {
+                    policy: default_name,
+                    error,
+                })
+            }
+        };
+        if self.is_declared_probe(request, &path) {
             return Verdict {
                 decision: Decision::Allow,
                 reason: Reason::LocalNodeProbe,
             };
         }
-        let default_name = self.policies[default_idx as usize].name.as_str();
-        let path = match normalize_path(request.path) {
-            Ok(p) => p,
-            Err(error) => {
-                return Verdict {
-                    decision: default_decision,
-                    reason: Reason::InvalidPath {
-                        policy: default_name,
-                        error,
-                    },
-                };
-            }
-        };
-        match self.best_match(source, request, &path) {
+        let host = authority.as_ref().map(|a| &*a.host);
+        match self.best_match(source, request, host, &path) {
             Some(alt) => Verdict {
                 decision: Decision::Allow,
                 reason: Reason::Rule {
@@ -241,10 +284,23 @@ impl PortMatcher {
         }
     }
 
-    /// The lowest-numbered alternative that matches, if any.
-    fn best_match(&self, source: &Source<'_>, request: &Request<'_>, path: &str) -> Option<Alt> {
+    /// Whether the probe exemption covers this request (its path normalised).
+    fn is_declared_probe(&self, request: &Request<'_>, path: &str) -> bool {
+        request.source_is_local_node
+            && self.settings.allow_local_node_probes
+            && matches!(request.method, "GET" | "HEAD")
+            && self.probe_paths.iter().any(|p| **p == *path)
+    }
+
+    /// The lowest-numbered alternative that matches, if any; `host` is the parsed host.
+    fn best_match(
+        &self,
+        source: &Source<'_>,
+        request: &Request<'_>,
+        host: Option<&str>,
+        path: &str,
+    ) -> Option<Alt> {
         let method = method_bit(request.method);
-        let host = request.authority.and_then(host_of);
         let matches = |id: u32| {
             let alt = self.alts[id as usize];
             let Some(rule) = &self.policies[alt.policy as usize].rules[alt.rule as usize] else {
@@ -310,12 +366,17 @@ impl PortMatcher {
         lists.add(get(&self.path_exact, path));
         if !self.path_prefix.is_empty() {
             lists.add(get(&self.path_prefix, "/"));
-            for (i, b) in path.bytes().enumerate().skip(1) {
+            // Only prefixes no longer than the longest key can be keys: hashing every
+            // prefix of an 8 KiB path of slashes would be quadratic in its length.
+            let probe = path.get(..=self.max_prefix_len).unwrap_or(path);
+            for (i, b) in probe.bytes().enumerate().skip(1) {
                 if b == b'/' {
-                    lists.add(get(&self.path_prefix, &path[..i]));
+                    work(i);
+                    lists.add(get(&self.path_prefix, path.get(..i).unwrap_or_default()));
                 }
             }
-            if path.len() > 1 && !path.ends_with('/') {
+            if path.len() > 1 && path.len() <= self.max_prefix_len && !path.ends_with('/') {
+                work(path.len());
                 lists.add(get(&self.path_prefix, path));
             }
         }
@@ -342,9 +403,11 @@ impl PortMatcher {
             lists.add(get(&self.id_spiffe, id));
             if !self.id_spiffe_prefix.is_empty() {
                 let start = "spiffe://".len().min(id.len());
-                for (i, b) in id.bytes().enumerate().skip(start) {
+                let probe = id.get(..=self.max_spiffe_prefix_len).unwrap_or(id);
+                for (i, b) in probe.bytes().enumerate().skip(start) {
                     if b == b'/' {
-                        lists.add(get(&self.id_spiffe_prefix, &id[..i]));
+                        work(i);
+                        lists.add(get(&self.id_spiffe_prefix, id.get(..i).unwrap_or_default()));
                     }
                 }
             }

@@ -211,13 +211,18 @@ fn labels() -> impl Strategy<Value = BTreeMap<String, String>> {
 fn request() -> impl Strategy<Value = Req> {
     (
         (
-            select(vec!["GET", "POST", "DELETE", "get", "BREW"]),
+            select(vec!["GET", "HEAD", "POST", "DELETE", "get", "BREW"]),
             option::of(select(vec![
                 "api.example.com",
                 "API.EXAMPLE.COM:443",
                 "x.example.com",
                 "example.com",
                 "a@api.example.com",
+                "api.example.com.",
+                "api.example.com:",
+                "[::1]:8080",
+                "api%2eexample.com",
+                "127.1",
             ])),
             select(vec![
                 "/",
@@ -236,13 +241,22 @@ fn request() -> impl Strategy<Value = Req> {
                 "/..",
                 "x",
                 "/API",
+                "/healthz",
+                "/ready",
+                "/healthz#x",
+                "/api;x",
+                "/%2561pi",
+                "/api%3F",
+                "/caf%C0%AE",
+                "http://api/api",
+                "*",
             ]),
             vec(
                 (
                     select(vec!["x-a", "X-A", "x-b"]),
                     select(vec!["1", "2", "12"]),
                 ),
-                0..3,
+                0..4,
             ),
             any::<bool>(),
         ),
@@ -290,10 +304,15 @@ proptest! {
         pod_labels in labels(),
         reqs in vec(request(), 1..8),
         probes_allowed in any::<bool>(),
+        probes in vec(
+            (select(vec![80u16, 8080, 9090]), select(vec!["/healthz", "healthz", "//api/../healthz", "/ready?full=1", "/a%2Fb", ""])),
+            0..3,
+        ),
     ) {
         let names: Vec<String> = (0..specs.len()).map(|i| format!("p{}", (i * 7) % 5)).collect();
         let named = [("http", 8080u16), ("metrics", 9090u16)];
-        let pod = Pod { namespace: NS, labels: &pod_labels, named_ports: &named };
+        let probes: Vec<Probe<'_>> = probes.iter().map(|&(port, path)| Probe { port, path }).collect();
+        let pod = Pod { namespace: NS, labels: &pod_labels, named_ports: &named, probes: &probes };
         let settings = Settings { allow_local_node_probes: probes_allowed };
         let compiled: Vec<Arc<CompiledPolicy>> =
             specs.iter().zip(&names).map(|(s, n)| Arc::new(CompiledPolicy::compile(NS, n, s))).collect();
@@ -313,7 +332,7 @@ proptest! {
                 authority: r.authority,
                 path: r.path,
                 headers: &r.headers,
-                source_is_local_node_probe: r.probe,
+                source_is_local_node: r.probe,
             };
             let got = matcher.evaluate(&source, &request);
             let want = reference::evaluate(&pod, r.port, &refs, settings, &source, &request);

@@ -6,10 +6,10 @@ use std::collections::BTreeMap;
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::LabelSelector;
 use regex::{bytes, Regex};
 
-use crate::request::host_of;
+use crate::limits::{MAX_HEADER_BYTES, MAX_HEADER_COUNT, MAX_HEADER_FIELD_BYTES, MAX_TARGET_BYTES};
 use crate::{
-    normalize_path, CompiledPolicy, Decision, HeaderMatch, HttpMatch, IngressRule, L7PolicySpec,
-    Labels, Mode, Peer, Pod, Port, Reason, Request, Settings, Source, Verdict,
+    normalize_path, parse_authority, CompiledPolicy, Decision, HeaderMatch, HttpMatch, IngressRule,
+    L7PolicySpec, Labels, Limit, Mode, Peer, Pod, Port, Reason, Request, Settings, Source, Verdict,
 };
 
 /// A policy as the reference evaluator sees it.
@@ -75,31 +75,42 @@ fn peer_matches(policy_ns: &str, peer: &Peer, src: &Source<'_>) -> bool {
     ns_ok && pod_ok
 }
 
-fn header_matches(h: &HeaderMatch, req: &Request<'_>) -> bool {
-    let name = h.name.to_ascii_lowercase();
-    let mut values: Vec<Vec<u8>> = Vec::new();
-    req.headers.any_value(&name, &mut |v| {
-        values.push(v.to_vec());
+/// Every header field of the request, in order.
+fn all_headers(req: &Request<'_>) -> Vec<(String, Vec<u8>)> {
+    let mut all = Vec::new();
+    req.headers.any_header(&mut |n, v| {
+        all.push((n.to_owned(), v.to_vec()));
         false
     });
+    all
+}
+
+fn header_matches(h: &HeaderMatch, req: &Request<'_>) -> bool {
+    let values: Vec<Vec<u8>> = all_headers(req)
+        .into_iter()
+        .filter(|(n, _)| n.eq_ignore_ascii_case(&h.name))
+        .map(|(_, v)| v)
+        .collect();
     if let Some(present) = h.present {
         return values.is_empty() != present;
     }
-    values.iter().any(|v| {
-        if let Some(exact) = &h.exact {
-            v == exact.as_bytes()
-        } else if let Some(prefix) = &h.prefix {
-            v.starts_with(prefix.as_bytes())
-        } else {
-            let re =
-                bytes::Regex::new(&format!("^(?:{})$", h.regex.as_deref().unwrap_or_default()));
-            re.is_ok_and(|re| re.is_match(v))
-        }
-    })
+    // Every value must satisfy the rule, and there must be one.
+    !values.is_empty()
+        && values.iter().all(|v| {
+            if let Some(exact) = &h.exact {
+                v == exact.as_bytes()
+            } else if let Some(prefix) = &h.prefix {
+                v.starts_with(prefix.as_bytes())
+            } else {
+                let re =
+                    bytes::Regex::new(&format!("^(?:{})$", h.regex.as_deref().unwrap_or_default()));
+                re.is_ok_and(|re| re.is_match(v))
+            }
+        })
 }
 
+/// Whether the host of an authority (lower-case, no trailing dot) matches `pattern`.
 fn host_matches(pattern: &str, host: &str) -> bool {
-    let host = host.to_ascii_lowercase();
     let pattern = pattern.to_ascii_lowercase();
     match pattern.strip_prefix('*') {
         Some(suffix) => host.ends_with(suffix) && host.len() > suffix.len(),
@@ -137,10 +148,10 @@ fn http_matches(h: &HttpMatch, req: &Request<'_>, path: &str) -> bool {
         }
     }
     if let Some(hosts) = &h.hosts {
-        let Some(host) = req.authority.and_then(host_of) else {
+        let Some(Ok(authority)) = req.authority.map(parse_authority) else {
             return false;
         };
-        if !hosts.iter().any(|p| host_matches(p, host)) {
+        if !hosts.iter().any(|p| host_matches(p, &authority.host)) {
             return false;
         }
     }
@@ -199,28 +210,71 @@ pub fn evaluate<'a>(
             reason: Reason::NotSelected,
         };
     }
-    if request.source_is_local_node_probe && settings.allow_local_node_probes {
+    let (default, decision) = match selected.iter().find(|p| p.spec.mode == Mode::Enforce) {
+        Some(p) => (p.name, Decision::Deny),
+        None => (selected[0].name, Decision::AuditDeny),
+    };
+    let refuse = |reason| Verdict { decision, reason };
+    let headers = all_headers(request);
+    let mut total = 0;
+    let mut limit = None;
+    if request.path.len() > MAX_TARGET_BYTES {
+        limit = Some(Limit::Target);
+    }
+    for (i, (n, v)) in headers.iter().enumerate() {
+        total += n.len() + v.len();
+        if limit.is_some() {
+            break;
+        }
+        limit = if i >= MAX_HEADER_COUNT {
+            Some(Limit::HeaderCount)
+        } else if n.len() + v.len() > MAX_HEADER_FIELD_BYTES {
+            Some(Limit::HeaderField)
+        } else if total > MAX_HEADER_BYTES {
+            Some(Limit::HeaderBytes)
+        } else {
+            None
+        };
+    }
+    if let Some(limit) = limit {
+        return refuse(Reason::OverLimit {
+            policy: default,
+            limit,
+        });
+    }
+    if let Some(Err(error)) = request.authority.map(parse_authority) {
+        return refuse(Reason::InvalidAuthority {
+            policy: default,
+            error,
+        });
+    }
+    let path = match normalize_path(request.path) {
+        Ok(p) => p,
+        Err(error) => {
+            return refuse(Reason::InvalidPath {
+                policy: default,
+                error,
+            })
+        }
+    };
+    let probe = pod.probes.iter().any(|p| {
+        let declared = if p.path.starts_with('/') {
+            p.path.to_owned()
+        } else {
+            format!("/{}", p.path)
+        };
+        p.port == port && normalize_path(&declared).is_ok_and(|d| d == path)
+    });
+    if request.source_is_local_node
+        && settings.allow_local_node_probes
+        && (request.method == "GET" || request.method == "HEAD")
+        && probe
+    {
         return Verdict {
             decision: Decision::Allow,
             reason: Reason::LocalNodeProbe,
         };
     }
-    let (default, decision) = match selected.iter().find(|p| p.spec.mode == Mode::Enforce) {
-        Some(p) => (p.name, Decision::Deny),
-        None => (selected[0].name, Decision::AuditDeny),
-    };
-    let path = match normalize_path(request.path) {
-        Ok(p) => p,
-        Err(error) => {
-            return Verdict {
-                decision,
-                reason: Reason::InvalidPath {
-                    policy: default,
-                    error,
-                },
-            }
-        }
-    };
     for p in &selected {
         // Validity is the one thing taken from the engine (validation has its own tests).
         let checked = CompiledPolicy::compile(p.namespace, p.name, p.spec);

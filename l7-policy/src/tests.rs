@@ -21,6 +21,8 @@ struct World {
     specs: Vec<(String, L7PolicySpec)>,
     pod_labels: Labels,
     settings: Settings,
+    /// The pod's declared `httpGet` probes (port, path).
+    probes: Vec<(u16, &'static str)>,
 }
 
 impl World {
@@ -38,6 +40,7 @@ impl World {
             specs,
             pod_labels: labels(&[("app", "api")]),
             settings: Settings::default(),
+            probes: vec![(8080, "/healthz")],
         }
     }
 
@@ -49,10 +52,16 @@ impl World {
         req: &Request<'_>,
     ) -> (Decision, Option<String>, Option<usize>) {
         let named = [("http", 8080u16)];
+        let probes: Vec<Probe<'_>> = self
+            .probes
+            .iter()
+            .map(|&(port, path)| Probe { port, path })
+            .collect();
         let pod = Pod {
             namespace: NS,
             labels: &self.pod_labels,
             named_ports: &named,
+            probes: &probes,
         };
         let compiled: Vec<Arc<CompiledPolicy>> = self
             .specs
@@ -104,7 +113,7 @@ impl World {
             authority,
             path,
             headers: &headers,
-            source_is_local_node_probe: false,
+            source_is_local_node: false,
         };
         self.judge(port, src, &req).0
     }
@@ -147,7 +156,7 @@ fn policy_golden_default_deny_and_deny_all() {
             authority: None,
             path: "/",
             headers: NO_HEADERS,
-            source_is_local_node_probe: false,
+            source_is_local_node: false,
         },
     );
     assert_eq!(policy.as_deref(), Some("deny-all"));
@@ -188,7 +197,7 @@ fn policy_golden_verdict_names_policy_and_rule() {
         authority: None,
         path: "/a/b",
         headers: NO_HEADERS,
-        source_is_local_node_probe: false,
+        source_is_local_node: false,
     };
     assert_eq!(
         w.judge(8080, &ANY, &req),
@@ -209,7 +218,7 @@ fn policy_golden_local_node_probe() {
         authority: None,
         path: "/healthz",
         headers: NO_HEADERS,
-        source_is_local_node_probe: true,
+        source_is_local_node: true,
     };
     assert_eq!(w.judge(8080, &Source::default(), &req).0, Allow);
     w.settings.allow_local_node_probes = false;
@@ -446,7 +455,7 @@ fn policy_golden_normalisation_bypass_attempts() {
         authority: None,
         path: "/a%2Fb",
         headers: NO_HEADERS,
-        source_is_local_node_probe: false,
+        source_is_local_node: false,
     };
     let named = [];
     let pod_labels = labels(&[]);
@@ -454,6 +463,7 @@ fn policy_golden_normalisation_bypass_attempts() {
         namespace: NS,
         labels: &pod_labels,
         named_ports: &named,
+        probes: &[],
     };
     let compiled = [Arc::new(CompiledPolicy::compile(NS, "p", &w.specs[0].1))];
     let m = PortMatcher::new(&pod, 80, &compiled, Settings::default());
@@ -491,6 +501,7 @@ fn policy_golden_headers() {
         Deny
     );
     assert_eq!(w.decide(&ANY, "GET", "/", &[("x-tenant", "acme")]), Deny);
+    // Every value of a repeated header must match (see the hardening tests).
     assert_eq!(
         w.decide(
             &ANY,
@@ -502,7 +513,7 @@ fn policy_golden_headers() {
                 ("authorization", "Bearer t")
             ]
         ),
-        Allow
+        Deny
     );
     assert_eq!(w.decide(&ANY, "GET", "/", &[("x-version", "v2")]), Allow);
     assert_eq!(w.decide(&ANY, "GET", "/", &[("x-version", "v22")]), Deny);
@@ -654,4 +665,324 @@ fn policy_golden_pod_selection() {
         "all but app=web (the invalid selector selects everything)"
     );
     assert!(policies_selecting("other", &labels(&[("app", "api")]), &policies).is_empty());
+}
+
+// Issue 11 section 5: each test below fails on the engine before the hardening.
+
+/// The pod's verdict reason for `req` on port 8080, both evaluators agreeing.
+fn reason_of(w: &World, req: &Request<'_>) -> String {
+    let named = [("http", 8080u16)];
+    let probes: Vec<Probe<'_>> = w
+        .probes
+        .iter()
+        .map(|&(port, path)| Probe { port, path })
+        .collect();
+    let pod = Pod {
+        namespace: NS,
+        labels: &w.pod_labels,
+        named_ports: &named,
+        probes: &probes,
+    };
+    let compiled: Vec<Arc<CompiledPolicy>> = w
+        .specs
+        .iter()
+        .map(|(n, s)| Arc::new(CompiledPolicy::compile(NS, n, s)))
+        .collect();
+    w.judge(8080, &ANY, req);
+    let m = PortMatcher::new(&pod, 8080, &compiled, w.settings);
+    format!("{:?}", m.evaluate(&ANY, req).reason)
+}
+
+fn get(path: &str) -> Request<'_> {
+    Request {
+        method: "GET",
+        authority: Some("api.shop.svc"),
+        path,
+        headers: NO_HEADERS,
+        source_is_local_node: false,
+    }
+}
+
+#[test]
+fn hardening_duplicate_headers_every_value_must_match() {
+    let w = World::new(&[(
+        "p",
+        "podSelector: {}\ningress:\n- http:\n  - headers: [{name: x-tenant, exact: acme}]\n    path: {exact: /exact}\n  - headers: [{name: x-tenant, prefix: ac}]\n    path: {exact: /prefix}\n  - headers: [{name: x-tenant, regex: 'a.*'}]\n    path: {exact: /regex}\n  - headers: [{name: x-debug, present: false}]\n    path: {exact: /absent}\n",
+    )]);
+    for path in ["/exact", "/prefix", "/regex"] {
+        let good = [("x-tenant", "acme")];
+        assert_eq!(w.decide(&ANY, "GET", path, &good), Allow, "{path}");
+        let twice = [("x-tenant", "acme"), ("X-Tenant", "acme")];
+        assert_eq!(w.decide(&ANY, "GET", path, &twice), Allow, "{path}");
+        // One good and one bad value, in either order: the backend may read either.
+        let mixed = [("x-tenant", "acme"), ("x-tenant", "evil")];
+        assert_eq!(w.decide(&ANY, "GET", path, &mixed), Deny, "{path}");
+        let mixed = [("X-TENANT", "evil"), ("x-tenant", "acme")];
+        assert_eq!(w.decide(&ANY, "GET", path, &mixed), Deny, "{path}");
+        assert_eq!(w.decide(&ANY, "GET", path, &[]), Deny, "{path}: absent");
+    }
+    assert_eq!(w.decide(&ANY, "GET", "/absent", &[]), Allow);
+    assert_eq!(
+        w.decide(&ANY, "GET", "/absent", &[("x-debug", "")]),
+        Deny,
+        "an empty value is still a value"
+    );
+}
+
+#[test]
+fn hardening_ambiguous_targets_are_refused_not_guessed() {
+    // Rules a backend could be tricked around: a suffix regex (Spring/Tomcat strip `;...`)
+    // and an open prefix (double decoding, fragments, encoded `?`, overlong UTF-8).
+    let w = World::new(&[(
+        "p",
+        "podSelector: {}\ningress:\n- http:\n  - path: {regex: '.*\\.css'}\n  - path: {prefix: /public}\n",
+    )]);
+    for (path, error) in [
+        ("/admin;x.css", "Parameters"),
+        ("/admin;.css", "Parameters"),
+        ("/public/x#/../../admin", "Fragment"),
+        ("/public#", "Fragment"),
+        ("/public?a#b", "Fragment"),
+        ("/public/%252e%252e/admin", "DoubleEncoding"),
+        ("/public/%25", "DoubleEncoding"),
+        ("/public/x%3F/../../admin", "EncodedDelimiter"),
+        ("/public/x%23", "EncodedDelimiter"),
+        ("/public/x%3b.css", "EncodedDelimiter"),
+        ("/public/%C0%AE%C0%AE/admin", "InvalidUtf8"),
+        ("/public/%E0%80%AE", "InvalidUtf8"),
+        ("/public/%C3", "InvalidUtf8"),
+        ("/public/%80", "InvalidUtf8"),
+        ("/public/%ED%A0%80", "InvalidUtf8"),
+        ("http://api.shop.svc/public", "AbsoluteForm"),
+        ("*", "AsteriskForm"),
+        ("public", "NotAbsolute"),
+    ] {
+        let reason = reason_of(&w, &get(path));
+        assert!(
+            reason.starts_with("InvalidPath") && reason.contains(error),
+            "{path}: want InvalidPath {error}, got {reason}"
+        );
+    }
+    // What stays accepted: the normal spellings, and valid UTF-8 escapes.
+    for path in [
+        "/public/a.css",
+        "/public/caf%C3%A9",
+        "/public/%c3%a9",
+        "//public",
+    ] {
+        assert_eq!(w.decide(&ANY, "GET", path, &[]), Allow, "{path}");
+    }
+}
+
+#[test]
+fn hardening_regex_cannot_escape_its_anchors() {
+    // Wrapped naively, `a)|(.*` becomes `^(?:a)|(.*)$`: "starts with a, or anything".
+    for (yaml, field) in [
+        (
+            "podSelector: {}\ningress:\n- http: [{path: {regex: 'a)|(.*'}}]\n",
+            "spec.ingress[0].http[0].path.regex: invalid regex",
+        ),
+        (
+            "podSelector: {}\ningress:\n- http: [{headers: [{name: x, regex: 'a)|(.*'}]}]\n",
+            "spec.ingress[0].http[0].headers[0].regex: invalid regex",
+        ),
+        (
+            "podSelector: {}\ningress:\n- http: [{path: {regex: '(?x)/a #'}}]\n",
+            "spec.ingress[0].http[0].path.regex: regex cannot be anchored",
+        ),
+        (
+            "podSelector: {}\ningress:\n- http: [{path: {regex: '((((((((((((((((((((((((((((((((((a))))))))))))))))))))))))))))))))))'}}]\n",
+            "spec.ingress[0].http[0].path.regex: invalid regex",
+        ),
+        (
+            "podSelector: {}\ningress:\n- http: [{path: {regex: '(?:a{1000}){1000}'}}]\n",
+            "spec.ingress[0].http[0].path.regex: invalid regex",
+        ),
+    ] {
+        let spec: L7PolicySpec = serde_yaml::from_str(yaml).expect("spec parses");
+        let errors = validate(NS, "p", &spec);
+        assert!(
+            errors.iter().any(|e| e.to_string().starts_with(field)),
+            "{yaml}: want {field:?}, got {errors:?}"
+        );
+        let w = World::new(&[("p", yaml)]);
+        assert_eq!(
+            w.decide(&ANY, "GET", "/anything", &[("x", "anything")]),
+            Deny
+        );
+    }
+}
+
+#[test]
+fn hardening_over_limit_requests_are_denied_with_their_own_reason() {
+    use crate::limits::*;
+    let w = World::new(&[(
+        "p",
+        "podSelector: {}\ningress:\n- http: [{path: {prefix: /}}]\n",
+    )]);
+    let long_path = format!("/{}", "a".repeat(MAX_TARGET_BYTES));
+    let long_query = format!("/?{}", "a".repeat(MAX_TARGET_BYTES));
+    let max_path = format!("/{}", "a".repeat(MAX_TARGET_BYTES - 1));
+    let many: Vec<(String, String)> = (0..=MAX_HEADER_COUNT)
+        .map(|i| (format!("x-{i}"), String::new()))
+        .collect();
+    let big_value = "v".repeat(MAX_HEADER_FIELD_BYTES);
+    let big = [("x-big", big_value.as_str())];
+    let value = "v".repeat(MAX_HEADER_FIELD_BYTES - 8);
+    let bulky: Vec<(String, &str)> = (0..MAX_HEADER_BYTES / MAX_HEADER_FIELD_BYTES + 1)
+        .map(|i| (format!("x-{i}"), value.as_str()))
+        .collect();
+    let cases: [(&str, &dyn HeaderLookup, &str); 5] = [
+        (&long_path, NO_HEADERS, "Target"),
+        (&long_query, NO_HEADERS, "Target"),
+        ("/", &many, "HeaderCount"),
+        ("/", &big, "HeaderField"),
+        ("/", &bulky, "HeaderBytes"),
+    ];
+    for (path, headers, limit) in cases {
+        let req = Request {
+            headers,
+            ..get(path)
+        };
+        let reason = reason_of(&w, &req);
+        assert_eq!(
+            reason,
+            format!("OverLimit {{ policy: \"p\", limit: {limit} }}"),
+            "{limit}"
+        );
+    }
+    // At the limits exactly, the request is judged as usual.
+    assert_eq!(w.decide(&ANY, "GET", &max_path, &[]), Allow);
+    let most: Vec<(String, String)> = many.iter().skip(1).cloned().collect();
+    let req = Request {
+        headers: &most,
+        ..get("/")
+    };
+    assert_eq!(w.judge(8080, &ANY, &req).0, Allow);
+}
+
+#[test]
+fn hardening_matching_work_is_linear_in_path_length() {
+    let w = World::new(&[(
+        "p",
+        "podSelector: {}\ningress:\n- http: [{path: {prefix: /a/b}}, {path: {prefix: /api/v1/items}}]\n",
+    )]);
+    let named = [];
+    let pod = Pod {
+        namespace: NS,
+        labels: &w.pod_labels,
+        named_ports: &named,
+        probes: &[],
+    };
+    let compiled = [Arc::new(CompiledPolicy::compile(NS, "p", &w.specs[0].1))];
+    let m = PortMatcher::new(&pod, 8080, &compiled, Settings::default());
+    let max = crate::limits::MAX_TARGET_BYTES;
+    for unit in ["/a", "/./", "//", "/%2e", "/a/..", "/x/"] {
+        let path = unit.repeat(max / unit.len());
+        crate::take_work();
+        let _ = m.evaluate(&ANY, &get(&path));
+        let work = crate::take_work();
+        // Each byte is scanned by the validating pass, at most pushed and popped once by
+        // the rewrite, and the prefix index hashes only prefixes up to its longest key.
+        assert!(
+            work >= path.len(),
+            "{unit:?}: the validating pass is counted"
+        );
+        assert!(
+            work <= 4 * path.len(),
+            "{unit:?}: {work} units for {} bytes",
+            path.len()
+        );
+    }
+}
+
+#[test]
+fn hardening_authority_is_parsed_before_host_rules() {
+    let w = World::new(&[(
+        "p",
+        "podSelector: {}\ningress:\n- http: [{hosts: [api.example.com, '*.shop.svc'], path: {exact: /host}}]\n- http: [{path: {exact: /open}}]\n",
+    )]);
+    let at = |authority, path| w.decide_full(8080, &ANY, "GET", Some(authority), path, &[]);
+    for authority in [
+        "api.example.com",
+        "API.Example.COM",
+        "api.example.com.",
+        "api.example.com:8443",
+        "x.shop.svc.:80",
+    ] {
+        assert_eq!(at(authority, "/host"), Allow, "{authority}");
+    }
+    // Refused before any rule: even the host-less rule for /open does not apply.
+    for authority in [
+        "user@api.example.com",
+        "api.example.com:80@evil",
+        "api%2eexample.com",
+        "api.example.com:",
+        "api.example.com:80:80",
+        "api.example.com:x",
+        "api example.com",
+        "api..example.com",
+        "127.1",
+        "[v1.x]",
+        "",
+    ] {
+        assert_eq!(at(authority, "/open"), Deny, "{authority}");
+        let req = Request {
+            authority: Some(authority),
+            ..get("/open")
+        };
+        assert!(
+            reason_of(&w, &req).starts_with("InvalidAuthority"),
+            "{authority}"
+        );
+    }
+    assert_eq!(at("[::1]:8080", "/host"), Deny);
+    assert_eq!(at("[::1]:8080", "/open"), Allow);
+}
+
+#[test]
+fn hardening_probe_exemption_covers_only_declared_probes() {
+    let mut w = World::new(&[("deny-all", "podSelector: {}\n")]);
+    w.probes = vec![
+        (8080, "/healthz"),
+        (8080, "ready"),
+        (9090, "/metrics-probe"),
+    ];
+    let from_node = |method, path| Request {
+        method,
+        source_is_local_node: true,
+        ..get(path)
+    };
+    let judge = |w: &World, port, req: &Request<'_>| w.judge(port, &Source::default(), req).0;
+    for (method, path) in [
+        ("GET", "/healthz"),
+        ("HEAD", "/healthz"),
+        ("GET", "//healthz"),
+        ("GET", "/healthz?verbose=1"),
+        ("GET", "/ready"),
+    ] {
+        assert_eq!(
+            judge(&w, 8080, &from_node(method, path)),
+            Allow,
+            "{method} {path}"
+        );
+    }
+    for (port, method, path) in [
+        (8080, "GET", "/admin"),
+        (8080, "POST", "/healthz"),
+        (8080, "GET", "/healthz/x"),
+        (8080, "GET", "/metrics-probe"),
+        (9091, "GET", "/healthz"),
+        (8080, "GET", "/healthz#x"),
+    ] {
+        assert_eq!(
+            judge(&w, port, &from_node(method, path)),
+            Deny,
+            "{port} {method} {path}"
+        );
+    }
+    let not_from_node = get("/healthz");
+    assert_eq!(judge(&w, 8080, &not_from_node), Deny);
+    w.settings.allow_local_node_probes = false;
+    assert_eq!(judge(&w, 8080, &from_node("GET", "/healthz")), Deny);
 }

@@ -1,6 +1,6 @@
 //! The engine's answer for one request.
 
-use crate::PathError;
+use crate::{AuthorityError, Limit, PathError};
 
 /// What happens to the request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
@@ -34,7 +34,8 @@ impl Decision {
 pub enum Reason<'a> {
     /// No policy selects the pod: nothing to enforce.
     NotSelected,
-    /// A kubelet probe from the pod's own node, allowed by the engine setting.
+    /// A request from the pod's own node for one of the pod's declared `httpGet` probes,
+    /// allowed by the engine setting.
     LocalNodeProbe,
     /// Rule `rule` (index in `spec.ingress`) of policy `policy` matched.
     Rule {
@@ -56,6 +57,21 @@ pub enum Reason<'a> {
         /// What is wrong with the path.
         error: PathError,
     },
+    /// The authority (`:authority` / `Host`) is refused; denied like an unmatched request.
+    InvalidAuthority {
+        /// Name of the policy, as for `NoRuleMatched`.
+        policy: &'a str,
+        /// What is wrong with the authority.
+        error: AuthorityError,
+    },
+    /// The request-target or headers are over a size limit; denied like an unmatched
+    /// request, before any rule is looked at.
+    OverLimit {
+        /// Name of the policy, as for `NoRuleMatched`.
+        policy: &'a str,
+        /// Which limit.
+        limit: Limit,
+    },
 }
 
 /// A decision and its reason.
@@ -74,7 +90,9 @@ impl<'a> Verdict<'a> {
             Reason::NotSelected | Reason::LocalNodeProbe => None,
             Reason::Rule { policy, .. }
             | Reason::NoRuleMatched { policy }
-            | Reason::InvalidPath { policy, .. } => Some(policy),
+            | Reason::InvalidPath { policy, .. }
+            | Reason::InvalidAuthority { policy, .. }
+            | Reason::OverLimit { policy, .. } => Some(policy),
         }
     }
 }
