@@ -7,7 +7,7 @@ export VEIL_CACHE
 # Test beds each run an API server, etcd and agents: two at a time fit two cores.
 TEST_THREADS ?= 2
 
-.PHONY: setup build lint test cluster bench-policy bench-wireguard bench-identity crd clean-testbeds
+.PHONY: setup build lint test cluster bench-policy bench-wireguard bench-identity crd clean-testbeds fuzz
 
 setup:
 	bash tests/scripts/setup.sh
@@ -45,3 +45,8 @@ bench-wireguard: setup
 # Issuance throughput of the identity issuer over TLS; last line RESULT.
 bench-identity:
 	cargo run --release -q -p veil-identity --example bench-identity
+
+# Every fuzz target (mesh-agent/fuzz, l7-policy/fuzz) for FUZZ_RUNS inputs each (default
+# 100000), coverage-guided libFuzzer on the stable toolchain; fails on the first crash.
+fuzz:
+	bash tests/scripts/fuzz.sh

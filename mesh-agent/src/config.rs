@@ -35,8 +35,10 @@ pub const DEFAULT_TRUST_BUNDLE_CONFIGMAP: &str = "veil-trust-bundle";
 /// certificate names `spiffe://<trust domain>/ns/<bundle namespace>/sa/veil-issuer`.
 pub const DEFAULT_ISSUER_SERVICE_ACCOUNT: &str = "veil-issuer";
 /// Where workloads find the SPIFFE Workload API: under `/run` like the CNI socket (a
-/// reboot clears it), a path pods mount with a hostPath volume.
-pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/veil/workload.sock";
+/// reboot clears it), alone in its own directory, which is what pods mount (hostPath):
+/// they never see the CNI socket, and a restarted agent re-creates the socket inside
+/// the same directory, so existing mounts keep working.
+pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/veil/workload-api/socket";
 
 /// The agent's configuration.
 #[derive(Debug, Clone, Parser)]
@@ -166,6 +168,20 @@ impl Config {
                 reason: format!("{overhead} bytes leaves no room for packets"),
             });
         }
+        // Pods mount the Workload API socket's directory: the CNI socket (root's
+        // control over every pod's network) must never be inside it.
+        if let Some(dir) = self.workload_api_socket.parent() {
+            if self.cni_socket.starts_with(dir) {
+                return Err(ConfigError {
+                    setting: "--workload-api-socket (VEIL_WORKLOAD_API_SOCKET)",
+                    reason: format!(
+                        "its directory {} would expose the CNI socket {} to pods; give it a directory of its own",
+                        dir.display(),
+                        self.cni_socket.display()
+                    ),
+                });
+            }
+        }
         if self.encryption == Encryption::Wireguard && self.wireguard_port == 0 {
             return Err(ConfigError {
                 setting: "--wireguard-port (VEIL_WIREGUARD_PORT)",
@@ -274,6 +290,20 @@ mod tests {
     }
 
     #[test]
+    fn hardening_the_workload_api_directory_never_holds_the_cni_socket() {
+        assert!(parse(&["--node-name", "n"]).validate().is_ok());
+        let err = parse(&[
+            "--node-name",
+            "n",
+            "--workload-api-socket",
+            "/run/veil/workload.sock",
+        ])
+        .validate()
+        .unwrap_err();
+        assert!(err.to_string().contains("--workload-api-socket"), "{err}");
+    }
+
+    #[test]
     fn config_defaults_and_mtu() {
         let config = parse(&["--node-name", "n1"]);
         config.validate().unwrap();
@@ -324,7 +354,7 @@ mod tests {
         assert_eq!(config.trust_bundle_configmap, "veil-trust-bundle");
         assert_eq!(
             config.workload_api_socket,
-            PathBuf::from("/run/veil/workload.sock")
+            PathBuf::from(DEFAULT_WORKLOAD_API_SOCKET)
         );
         let err = parse(&["--node-name", "n1", "--issuer-address", "issuer:8443"])
             .validate()

@@ -223,7 +223,7 @@ fn identity_agent_serves_each_pod_its_own_svid() {
         .unwrap();
     let running = &issuer.running;
 
-    let socket = bed.node(node).dir.join("workload.sock");
+    let socket = bed.node(node).dir.join("workload-api/socket");
     bed.set_agent_args(
         node,
         vec![
@@ -311,7 +311,7 @@ fn identity_agent_without_issuer_still_networks_pods() {
     })
     .unwrap();
     let node = bed.add_bare_node().unwrap();
-    let socket = bed.node(node).dir.join("workload.sock");
+    let socket = bed.node(node).dir.join("workload-api/socket");
     bed.set_agent_args(
         node,
         vec![

@@ -487,7 +487,7 @@ pub enum Decrypted<'a> {
 /// Locks a peer's session. A poisoned lock means a packet thread panicked with it held;
 /// that thread's death already stops the agent (see `crate::fatal`), so the session is
 /// still used until then rather than taking every other thread down with it.
-pub(crate) fn lock_session(peer: &Peer) -> std::sync::MutexGuard<'_, Tunn> {
+pub fn lock_session(peer: &Peer) -> std::sync::MutexGuard<'_, Tunn> {
     peer.tunn
         .lock()
         .unwrap_or_else(std::sync::PoisonError::into_inner)
