@@ -30,6 +30,11 @@ status=0
 for manifest in */fuzz/Cargo.toml; do
   dir="$(dirname "$manifest")"
   crate="$(dirname "$dir")"
+  matching=0
+  for source in "$dir"/fuzz_targets/*.rs; do
+    [[ "$(basename "$source" .rs)" =~ $FUZZ_TARGETS ]] && matching=1
+  done
+  [ "$matching" -eq 1 ] || continue
   # --target keeps RUSTFLAGS off build scripts and proc macros (they must not be instrumented).
   say "$crate: building"
   cargo build -q --release --manifest-path "$manifest" --target "$TRIPLE" \
