@@ -716,6 +716,16 @@ impl TestBed {
         })
     }
 
+    /// Pod `a` on node 0 and pod `c` on node 1, once they reach each other.
+    pub fn connected_pods(&self) -> Result<(Pod, Pod)> {
+        let a = self.add_pod(0, "a")?;
+        let c = self.add_pod(1, "c")?;
+        eventually("cross-node ping", Duration::from_secs(20), || {
+            Ok(a.ping(c.ip).ok())
+        })?;
+        Ok((a, c))
+    }
+
     /// Runs CNI DEL for a pod and removes its namespace.
     pub fn delete_pod(&self, pod: Pod) -> Result<()> {
         let out = self.cni(pod.node, &pod_call("DEL", &pod))?;

@@ -14,13 +14,7 @@ const NOBODY: u32 = 65534;
 
 /// Pod `a` on node 0 and pod `c` on node 1, once they reach each other.
 fn connected_pods(bed: &TestBed) -> (Pod, Pod) {
-    let a = bed.add_pod(0, "a").unwrap();
-    let c = bed.add_pod(1, "c").unwrap();
-    eventually("cross-node ping", Duration::from_secs(20), || {
-        Ok(a.ping(c.ip).ok())
-    })
-    .unwrap();
-    (a, c)
+    bed.connected_pods().unwrap()
 }
 
 /// Everything node `i`'s agents have logged so far.

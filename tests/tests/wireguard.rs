@@ -20,13 +20,7 @@ fn marked_payload(len: usize) -> Vec<u8> {
 
 /// Pod `a` on node 0 and pod `c` on node 1, once they reach each other.
 fn connected_pods(bed: &TestBed) -> (Pod, Pod) {
-    let a = bed.add_pod(0, "a").unwrap();
-    let c = bed.add_pod(1, "c").unwrap();
-    eventually("cross-node ping", Duration::from_secs(20), || {
-        Ok(a.ping(c.ip).ok())
-    })
-    .unwrap();
-    (a, c)
+    bed.connected_pods().unwrap()
 }
 
 /// Peers of node `i` as its agent reports them.
