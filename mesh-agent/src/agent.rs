@@ -317,9 +317,7 @@ impl PeerRoutes {
     /// without a peer).
     async fn apply(&mut self, nodes: &[Candidate]) {
         let known = &self.known;
-        let set = crate::peers::validate(&self.own, self.catch_all, nodes.to_vec(), |n| {
-            known.holds(n)
-        });
+        let set = crate::peers::validate(&self.own, self.catch_all, nodes, |n| known.holds(n));
         if set.excluded != self.excluded {
             for e in &set.excluded {
                 tracing::warn!(

@@ -239,6 +239,8 @@ pub fn candidates(nodes: &[std::sync::Arc<Node>]) -> Vec<Candidate> {
 pub async fn watch_nodes(client: Client, tx: watch::Sender<Option<Vec<Candidate>>>) {
     let (reader, writer) = reflector::store::<Node>();
     let nodes: Api<Node> = Api::all(client);
+    // Recompute on every event, not only on touched objects: the store swaps in the
+    // initial list only at `InitDone`, which touches no object.
     let stream = watcher(nodes, watcher::Config::default())
         .default_backoff()
         .reflect(writer);

@@ -69,10 +69,11 @@ fn inside(ip: IpAddr, net: &Ipv4Net) -> bool {
 pub fn validate(
     own: &NodeInfo,
     catch_all: Option<Ipv4Net>,
-    mut nodes: Vec<Candidate>,
+    nodes: &[Candidate],
     incumbent: impl Fn(&NodeInfo) -> bool,
 ) -> PeerSet {
     let newcomer = |c: &Candidate| !c.info.as_ref().is_ok_and(&incumbent);
+    let mut nodes: Vec<&Candidate> = nodes.iter().collect();
     nodes.sort_by(|a, b| {
         (newcomer(a), &a.created, &a.name).cmp(&(newcomer(b), &b.created, &b.name))
     });
@@ -81,7 +82,7 @@ pub fn validate(
         if node.name == own.name {
             continue;
         }
-        let verdict = node.info.and_then(|info| {
+        let verdict = node.info.as_ref().map_err(String::clone).and_then(|info| {
             let cidr = info.pod_cidr;
             let ip = info.internal_ip;
             if cidr.prefix_len() == 0 {
@@ -125,9 +126,9 @@ pub fn validate(
             Ok(info)
         });
         match verdict {
-            Ok(info) => set.peers.push(info),
+            Ok(info) => set.peers.push(info.clone()),
             Err(reason) => set.excluded.push(Excluded {
-                node: node.name,
+                node: node.name.clone(),
                 reason,
             }),
         }
@@ -291,7 +292,7 @@ mod tests {
             ),
             candidate("2026-01-01T00:00:00Z", own.clone()),
         ];
-        let set = validate(&own, catch_all, nodes, |_| false);
+        let set = validate(&own, catch_all, &nodes, |_| false);
         let names: Vec<_> = set.peers.iter().map(|p| p.name.as_str()).collect();
         assert_eq!(names, ["n1", "n2"]);
         let excluded: Vec<_> = set.excluded.iter().map(|e| e.node.as_str()).collect();
@@ -312,12 +313,12 @@ mod tests {
             candidate("2026-01-01T00:00:00Z", real.clone()),
             candidate("2026-01-01T00:00:00Z", impostor),
         ];
-        let set = validate(&own, None, nodes.clone(), |_| false);
+        let set = validate(&own, None, &nodes, |_| false);
         assert_eq!(
             set.peers[0].name, "impostor",
             "by name alone the newcomer wins"
         );
-        let set = validate(&own, None, nodes, |n| *n == real);
+        let set = validate(&own, None, &nodes, |n| *n == real);
         assert_eq!(set.peers, vec![real]);
         assert_eq!(set.excluded[0].node, "impostor");
     }

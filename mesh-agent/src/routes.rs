@@ -109,15 +109,11 @@ pub fn desired(peers: &[NodeInfo], device: Option<u32>, drops: &[Ipv4Net]) -> BT
         })
         .collect();
     if let Some(index) = device {
-        for &cidr in drops {
-            // A peer's own route to the same range already goes into the device.
-            if !want.iter().any(|r| r.dst == cidr) {
-                want.insert(PeerRoute {
-                    dst: cidr,
-                    next_hop: NextHop::Device(index),
-                });
-            }
-        }
+        // A range that is also a peer's is the same route, which the set holds once.
+        want.extend(drops.iter().map(|&dst| PeerRoute {
+            dst,
+            next_hop: NextHop::Device(index),
+        }));
     }
     want
 }
