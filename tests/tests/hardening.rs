@@ -382,19 +382,17 @@ fn chart_manifests() -> Vec<serde_yaml::Value> {
         .collect()
 }
 
-/// Sets annotation `veil.dev/wireguard-public-key` of Node `node` to `value` as `client`.
-async fn annotate(client: &kube::Client, node: &str, value: &str) -> Result<(), kube::Error> {
-    let patch = serde_json::json!({"metadata": {"annotations": {
-        "veil.dev/wireguard-public-key": value,
-    }}});
-    kube::Api::<k8s_openapi::api::core::v1::Node>::all(client.clone())
-        .patch(
-            node,
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(&patch),
-        )
-        .await
-        .map(|_| ())
+/// Publishes `key` as Node `node`'s WireGuard key, as `client`, the way an agent does.
+async fn publish(
+    client: &kube::Client,
+    node: &str,
+    key: [u8; 32],
+) -> Result<(), mesh_agent::k8s::K8sError> {
+    let endpoint = mesh_agent::k8s::WireguardEndpoint {
+        public_key: key,
+        port: 51871,
+    };
+    mesh_agent::k8s::publish_wireguard(client, node, endpoint).await
 }
 
 #[test]
@@ -461,7 +459,7 @@ fn hardening_only_the_agent_of_a_node_may_change_its_veil_annotations() {
     })
     .unwrap();
     let agent1 = bed.client_with_token(&token).unwrap();
-    let forged = "Zm9yZ2VkLWtleS1mb3JnZWQta2V5LWZvcmdlZC1rZXk=";
+    let forged = [0xf0; 32];
 
     // The policy takes a moment to load; until then the forged write might pass, so
     // wait for the refusal, then check that it stays refused and names the rule.
@@ -472,11 +470,12 @@ fn hardening_only_the_agent_of_a_node_may_change_its_veil_annotations() {
         || {
             // A fresh value each time: rewriting the same value changes nothing.
             attempt += 1;
-            let value = format!("{forged}{attempt}");
-            Ok(match bed.block_on(annotate(&agent1, &n0, &value)) {
-                Err(e) => Some(e.to_string()),
-                Ok(()) => None,
-            })
+            Ok(
+                match bed.block_on(publish(&agent1, &n0, [attempt as u8; 32])) {
+                    Err(e) => Some(e.to_string()),
+                    Ok(()) => None,
+                },
+            )
         },
     )
     .unwrap();
@@ -485,22 +484,23 @@ fn hardening_only_the_agent_of_a_node_may_change_its_veil_annotations() {
         "{refusal}"
     );
     // The admin is refused too; node-1's agent may change node-1's own annotation.
-    let admin_change = bed.block_on(annotate(&admin, &n0, forged));
+    let admin_change = bed.block_on(publish(&admin, &n0, forged));
     assert!(admin_change.is_err(), "the admin changed node-0's key");
     let key0 = bed
         .node_annotation(0, "veil.dev/wireguard-public-key")
         .unwrap();
     assert_ne!(
         key0.as_deref(),
-        Some(forged),
+        Some(mesh_agent::wireguard::keys::encode(&forged).as_str()),
         "the admin's forged key did not land"
     );
     let key1 = bed
         .node_annotation(1, "veil.dev/wireguard-public-key")
         .unwrap()
         .unwrap();
-    bed.block_on(annotate(&agent1, &n1, forged))
+    bed.block_on(publish(&agent1, &n1, forged))
         .expect("node-1's agent changes its own key");
-    bed.block_on(annotate(&agent1, &n1, &key1))
+    let key1 = mesh_agent::wireguard::keys::decode(&key1).unwrap();
+    bed.block_on(publish(&agent1, &n1, key1))
         .expect("and changes it back");
 }
