@@ -23,6 +23,10 @@ use crate::k8s::NodeInfo;
 /// the file and the route table stay bounded whatever Node objects come and go.
 pub const MAX_KNOWN_CIDRS: usize = 4096;
 
+/// The file of remembered CIDRs at its largest: [`MAX_KNOWN_CIDRS`] entries of a CIDR
+/// and a Node name (at most 253 bytes) each.
+const MAX_KNOWN_FILE_BYTES: u64 = MAX_KNOWN_CIDRS as u64 * 300;
+
 /// A Node as the watch saw it, before it is trusted.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Candidate {
@@ -150,7 +154,21 @@ impl KnownCidrs {
     /// Reads the file at `path`; a missing or unreadable file starts empty (and is
     /// reported), since the live Node list refills it.
     pub fn load(path: &Path) -> Self {
-        let cidrs = match std::fs::read(path) {
+        // Bounded like everything read from outside: the whole file, at most, or an error.
+        let read = std::fs::File::open(path).and_then(|f| {
+            let mut bytes = Vec::new();
+            std::io::Read::read_to_end(
+                &mut std::io::Read::take(f, MAX_KNOWN_FILE_BYTES + 1),
+                &mut bytes,
+            )?;
+            if bytes.len() as u64 > MAX_KNOWN_FILE_BYTES {
+                return Err(std::io::Error::other(format!(
+                    "larger than {MAX_KNOWN_FILE_BYTES} bytes"
+                )));
+            }
+            Ok(bytes)
+        });
+        let cidrs = match read {
             Ok(bytes) => match serde_json::from_slice::<BTreeMap<Ipv4Net, String>>(&bytes) {
                 Ok(cidrs) => cidrs.into_iter().take(MAX_KNOWN_CIDRS).collect(),
                 Err(e) => {
@@ -340,6 +358,11 @@ mod tests {
         // A range that now holds a peer's endpoint is not routed into the device.
         let moved = info("n9", "198.19.7.0/24", "198.19.1.5");
         assert!(known.strict_drops(&own, &[moved]).is_empty());
+        // A valid file grown past its bound (whitespace) is refused whole, not read.
+        let mut big = br#"{"198.19.1.0/24":"n1"}"#.to_vec();
+        big.resize(MAX_KNOWN_FILE_BYTES as usize + 1, b' ');
+        std::fs::write(&path, &big).unwrap();
+        assert!(KnownCidrs::load(&path).strict_drops(&own, &[]).is_empty());
         std::fs::write(&path, b"garbage").unwrap();
         assert!(KnownCidrs::load(&path).strict_drops(&own, &[]).is_empty());
     }
