@@ -7,7 +7,7 @@ export VEIL_CACHE
 # Test beds each run an API server, etcd and agents: two at a time fit two cores.
 TEST_THREADS ?= 2
 
-.PHONY: setup build lint test cluster bench-policy bench-wireguard bench-identity crd clean-testbeds fuzz
+.PHONY: setup build lint test test-e2e cluster cluster-down local-cluster helm-docs bench-policy bench-wireguard bench-identity crd clean-testbeds fuzz
 
 setup:
 	bash tests/scripts/setup.sh
@@ -18,13 +18,33 @@ build:
 lint:
 	cargo fmt --all -- --check
 	cargo clippy --workspace --all-targets -- -D warnings
+	shellcheck -x tests/kind/*.sh tests/scripts/*.sh
+	bash tests/scripts/helm-docs.sh --check
 
+# Unit, netns test bed and chart tests first, then the kind end-to-end tier on its own
+# (a three-node cluster beside other test beds would starve both on two cores).
 test: setup lint build
-	cargo test --workspace -- --test-threads=$(TEST_THREADS)
+	cargo test --workspace -- --test-threads=$(TEST_THREADS) --skip e2e_kind
+	$(MAKE) test-e2e
 
-# A local cluster (API server, nodes, agents, a pod per node) to try Veil by hand.
+test-e2e:
+	cargo test --workspace e2e_kind -- --test-threads=1 --nocapture
+
+# Veil on a kind cluster (1 control-plane, 2 workers) installed by its Helm chart, with
+# demo workloads and an L7Policy; prints the KUBECONFIG and commands to try.
 cluster: setup build
+	bash tests/kind/cluster.sh up
+
+cluster-down:
+	bash tests/kind/cluster.sh down
+
+# The netns test bed as a local cluster (API server, nodes, agents, a pod per node).
+local-cluster: setup build
 	cargo run -q -p veil-testbed --bin local-cluster -- --nodes 2
+
+# Regenerates charts/veil/README.md from values.yaml and README.md.gotmpl (lint checks it).
+helm-docs:
+	bash tests/scripts/helm-docs.sh
 
 bench-policy:
 	cargo run --release -q -p veil-l7-policy --example bench-policy

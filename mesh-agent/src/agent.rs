@@ -39,6 +39,9 @@ pub enum StartError {
     /// WireGuard could not start.
     #[error(transparent)]
     Wireguard(#[from] wireguard::WireguardError),
+    /// The agent cannot read its own DaemonSet (`--owner-daemonset`).
+    #[error("{0}")]
+    Owner(String),
     /// The CNI socket could not be bound.
     #[error("bind CNI socket {path}: {source}")]
     Bind {
@@ -123,9 +126,18 @@ async fn underlay_mtu(handle: &rtnetlink::Handle, ip: IpAddr) -> Result<u32, Sta
     .ok_or_else(|| StartError::Network(format!("interface {index} reports no MTU")))
 }
 
+/// Turns on IPv4 forwarding unless it is on: in a container `/proc/sys` is read-only, and
+/// nodes that already forward (kubeadm requires it) must not fail on the write.
 fn enable_forwarding() -> Result<(), StartError> {
-    std::fs::write("/proc/sys/net/ipv4/ip_forward", b"1")
-        .map_err(|e| StartError::Network(format!("enable net.ipv4.ip_forward: {e}")))
+    const SYSCTL: &str = "/proc/sys/net/ipv4/ip_forward";
+    if std::fs::read(SYSCTL).is_ok_and(|v| v.trim_ascii() == b"1") {
+        return Ok(());
+    }
+    std::fs::write(SYSCTL, b"1").map_err(|e| {
+        StartError::Network(format!(
+            "enable net.ipv4.ip_forward ({SYSCTL}): {e}; set the sysctl on the node or run the agent where it can"
+        ))
+    })
 }
 
 impl Agent {
@@ -133,6 +145,12 @@ impl Agent {
     pub async fn build(config: Config) -> Result<Self, StartError> {
         let (fatal, died) = crate::fatal::channel();
         let client = k8s::client(config.kubeconfig.as_deref()).await?;
+        if let Some(owner) = &config.owner_daemonset {
+            let owner = crate::node_install::Owner::parse(owner).map_err(StartError::Owner)?;
+            crate::node_install::check_owner(&client, &owner)
+                .await
+                .map_err(StartError::Owner)?;
+        }
         let node = k8s::wait_for_own_node(&client, &config.node_name).await;
         tracing::info!(node = node.name, pod_cidr = %node.pod_cidr, internal_ip = %node.internal_ip, "own node");
         let netlink = netns::netlink_here().map_err(|e| StartError::Network(e.to_string()))?;
@@ -254,6 +272,15 @@ impl Agent {
             .take()
             .map(|identity| tokio::spawn(identity.run(self.client.clone())));
         let serve = tokio::spawn(server::serve(listener, self.service.clone()));
+        if let Some(conf) = &self.config.cni_conf_file {
+            crate::node_install::write_cni_conf(
+                conf,
+                &self.config.cni_socket,
+                self.config.cni_chain_portmap,
+            )
+            .map_err(|e| anyhow::anyhow!("write CNI configuration {}: {e}", conf.display()))?;
+            tracing::info!(path = %conf.display(), "CNI configuration written: pods may start");
+        }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tasks = vec![
             ("node watch", watch),
@@ -280,8 +307,9 @@ impl Agent {
                 (abort, watcher)
             })
             .collect::<Vec<_>>();
+        let mut departure = crate::node_install::Departure::Restart;
         let outcome = tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); Ok(()) }
+            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); departure = self.departure().await; Ok(()) }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); Ok(()) }
             reason = self.died.died() => Err(anyhow::anyhow!(reason)),
         };
@@ -293,7 +321,34 @@ impl Agent {
             let _ = std::fs::remove_file(socket);
         }
         let _ = std::fs::remove_file(&self.config.cni_socket);
+        if let crate::node_install::Departure::Uninstall(why) = departure {
+            // After the tasks stopped: the route reconciler must not re-add what goes now.
+            tracing::info!(why, "uninstall: removing everything Veil put on this node");
+            let failed =
+                crate::node_install::remove_from_node(&self.config, &self.service.netlink).await;
+            for what in &failed {
+                tracing::warn!(what, "left on the node");
+            }
+        }
         outcome
+    }
+
+    /// On SIGTERM: an uninstall when the agent's DaemonSet is gone (asked while the tasks
+    /// still run, so pods being deleted meanwhile keep getting CNI DEL), else a restart.
+    async fn departure(&self) -> crate::node_install::Departure {
+        let Some(owner) = self
+            .config
+            .owner_daemonset
+            .as_deref()
+            .and_then(|o| crate::node_install::Owner::parse(o).ok())
+        else {
+            return crate::node_install::Departure::Restart;
+        };
+        let departure = crate::node_install::departure(&self.client, &owner).await;
+        if departure == crate::node_install::Departure::Restart {
+            tracing::info!("DaemonSet still present: leaving the node's network to the next agent");
+        }
+        departure
     }
 }
 

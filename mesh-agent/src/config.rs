@@ -101,6 +101,23 @@ pub struct Config {
     /// Unix socket of the SPIFFE Workload API (served only with identity on).
     #[arg(long, env = "VEIL_WORKLOAD_API_SOCKET", default_value = DEFAULT_WORKLOAD_API_SOCKET)]
     pub workload_api_socket: PathBuf,
+    /// The CNI network configuration the agent writes once it serves pods (e.g.
+    /// `/etc/cni/net.d/05-veil.conflist`); until then the kubelet keeps pods waiting
+    /// instead of starting them without a network. Unset: the agent writes none.
+    #[arg(long, env = "VEIL_CNI_CONF_FILE")]
+    pub cni_conf_file: Option<PathBuf>,
+    /// Chain the `portmap` plugin after `mesh-cni` in that configuration, for hostPort.
+    #[arg(long, env = "VEIL_CNI_CHAIN_PORTMAP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cni_chain_portmap: bool,
+    /// The installed `mesh-cni` binary (the chart's init container copies it there);
+    /// removed with everything else when the agent's DaemonSet is uninstalled.
+    #[arg(long, env = "VEIL_CNI_PLUGIN_FILE")]
+    pub cni_plugin_file: Option<PathBuf>,
+    /// `<namespace>/<name>` of the DaemonSet that runs this agent. On SIGTERM the agent
+    /// asks for it: gone (an uninstall) means the agent removes everything it put on
+    /// the node; present (an upgrade, a restart) means it leaves all of it for the next one.
+    #[arg(long, env = "VEIL_OWNER_DAEMONSET")]
+    pub owner_daemonset: Option<String>,
 }
 
 /// Node-to-node encryption modes.
@@ -195,6 +212,22 @@ impl Config {
             return Err(ConfigError {
                 setting: "--wireguard-queues (VEIL_WIREGUARD_QUEUES)",
                 reason: format!("{queues} is outside 1..={MAX_QUEUES}"),
+            });
+        }
+        if let Some(owner) = &self.owner_daemonset {
+            crate::node_install::Owner::parse(owner).map_err(|reason| ConfigError {
+                setting: "--owner-daemonset (VEIL_OWNER_DAEMONSET)",
+                reason,
+            })?;
+        }
+        if let Some(file) = self
+            .cni_conf_file
+            .as_ref()
+            .filter(|f| f.file_name().is_none())
+        {
+            return Err(ConfigError {
+                setting: "--cni-conf-file (VEIL_CNI_CONF_FILE)",
+                reason: format!("{} names no file", file.display()),
             });
         }
         if !self.key_rotation.is_zero() && self.key_rotation < std::time::Duration::from_secs(60) {

@@ -9,6 +9,7 @@ pub mod identity;
 pub mod ipam;
 pub mod k8s;
 pub mod netns;
+pub mod node_install;
 pub mod peers;
 pub mod pod_counters;
 pub mod podnet;

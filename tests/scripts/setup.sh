@@ -10,14 +10,22 @@ HELM_VERSION="${HELM_VERSION:-v3.21.4}"
 CNI_VERSION="${CNI_VERSION:-v1.3.1}"
 # wireguard-go publishes no tags; this is the newest pseudo-version on the proxy when pinned.
 WIREGUARD_GO_VERSION="${WIREGUARD_GO_VERSION:-v0.0.0-20260522210424-ecfc5a8d5446}"
+# The kind tier (tests/kind/): the versions kubeadm v1.34 expects, and kind itself.
+KIND_VERSION="${KIND_VERSION:-v0.33.0}"
+ETCD_VERSION="${ETCD_VERSION:-v3.6.5}"
+COREDNS_VERSION="${COREDNS_VERSION:-v1.12.1}"
+CRICTL_VERSION="${CRICTL_VERSION:-v1.34.0}"
+HELM_DOCS_VERSION="${HELM_DOCS_VERSION:-v1.14.2}"
 VEIL_CACHE="${VEIL_CACHE:-/var/cache/veil}"
 
 KUBE_BIN="$VEIL_CACHE/kubernetes-$KUBE_VERSION/bin"
 TOOLS_BIN="$VEIL_CACHE/tools/bin"
 DEB_PACKAGES=(clang llvm libbpf-dev iproute2 etcd-server containerd runc buildah iperf3
-  tcpdump wrk wireguard-tools bpftool jq curl ca-certificates kmod iputils-ping procps)
+  tcpdump wrk wireguard-tools bpftool jq curl ca-certificates kmod iputils-ping procps
+  docker.io debootstrap iptables shellcheck)
 
-say() { printf '[setup %s] %s\n' "$(date +%H:%M:%S)" "$*"; }
+STARTED=$(date +%s)
+say() { printf '[setup %s +%ss] %s\n' "$(date +%H:%M:%S)" "$(($(date +%s) - STARTED))" "$*"; }
 
 install_debian_packages() {
   local missing=()
@@ -40,7 +48,8 @@ install_debian_packages() {
 # every staging module at v0.0.0 with local replaces that do not apply to a dependent,
 # so a wrapper module replaces each with the published v0.<minor>.<patch>.
 build_kubernetes() {
-  local want=(kube-apiserver kube-controller-manager kube-scheduler kubelet)
+  # The first four run the netns test bed; kubeadm, kubectl and kube-proxy the kind tier.
+  local want=(kube-apiserver kube-controller-manager kube-scheduler kubelet kubeadm kubectl kube-proxy)
   local have=1
   for b in "${want[@]}"; do [ -x "$KUBE_BIN/$b" ] || have=0; done
   if [ $have -eq 1 ]; then
@@ -100,6 +109,37 @@ go_install_tool() {
   ln -sfn "$dest" "$TOOLS_BIN/$name"
 }
 
+# Builds `package` of `module@version` inside a wrapper module, for modules whose own
+# replace directives make `go install` refuse them (etcd's server module).
+go_build_wrapped() {
+  local name=$1 module=$2 version=$3 package=$4
+  local dest="$TOOLS_BIN/$name-$version"
+  if [ -x "$dest" ]; then
+    say "$name $version: cached"
+  else
+    say "$name $version: building $package"
+    local work="$VEIL_CACHE/build/$name-$version"
+    mkdir -p "$work"
+    printf 'module veil.dev/%s-build\n\ngo 1.24\n\nrequire %s %s\n' "$name" "$module" "$version" >"$work/go.mod"
+    (cd "$work" && CGO_ENABLED=0 GOFLAGS=-mod=mod go build -trimpath -o "$dest" "$package")
+  fi
+  ln -sfn "$dest" "$TOOLS_BIN/$name"
+}
+
+# The pause binary of the pod sandbox image, from the Kubernetes module's C source.
+build_pause() {
+  local dest="$TOOLS_BIN/pause-$KUBE_VERSION"
+  if [ -x "$dest" ]; then
+    say "pause $KUBE_VERSION: cached"
+  else
+    local dir
+    dir=$(go mod download -json "k8s.io/kubernetes@$KUBE_VERSION" | sed -n 's/.*"Dir": "\(.*\)",/\1/p')
+    gcc -Os -static -o "$dest" "$dir/build/pause/linux/pause.c"
+    say "pause $KUBE_VERSION: built"
+  fi
+  ln -sfn "$dest" "$TOOLS_BIN/pause"
+}
+
 mount_bpffs() {
   if ! mountpoint -q /sys/fs/bpf; then
     mount -t bpf bpf /sys/fs/bpf && say "bpffs mounted on /sys/fs/bpf"
@@ -114,9 +154,19 @@ main() {
   go_install_tool cnitool github.com/containernetworking/cni/cnitool "$CNI_VERSION"
   go_install_tool helm helm.sh/helm/v3/cmd/helm "$HELM_VERSION"
   go_install_tool wireguard-go golang.zx2c4.com/wireguard "$WIREGUARD_GO_VERSION"
+  go_install_tool helm-docs github.com/norwoodj/helm-docs/cmd/helm-docs "$HELM_DOCS_VERSION"
   build_kubernetes
   ln -sfn "$KUBE_BIN" "$VEIL_CACHE/kubernetes"
   mount_bpffs
+  # The kind tier: kind, crictl (`kind load` needs it in the node), etcd, CoreDNS, pause,
+  # then Docker and the locally built node image (tests/kind/setup.sh).
+  go_install_tool kind sigs.k8s.io/kind "$KIND_VERSION"
+  go_install_tool crictl sigs.k8s.io/cri-tools/cmd/crictl "$CRICTL_VERSION"
+  go_build_wrapped etcd go.etcd.io/etcd/server/v3 "$ETCD_VERSION" go.etcd.io/etcd/server/v3
+  go_install_tool coredns github.com/coredns/coredns "$COREDNS_VERSION"
+  build_pause
+  KUBE_VERSION="$KUBE_VERSION" ETCD_VERSION="$ETCD_VERSION" COREDNS_VERSION="$COREDNS_VERSION" \
+    bash "$(dirname "$0")/../kind/setup.sh"
   say "ready: kubernetes in $VEIL_CACHE/kubernetes, tools in $TOOLS_BIN"
 }
 

@@ -12,6 +12,7 @@ pub mod bins;
 pub mod capture;
 pub mod control_plane;
 pub mod issuer;
+pub mod kind;
 pub mod net;
 pub mod objects;
 pub mod pki;
