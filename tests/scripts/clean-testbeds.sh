@@ -7,5 +7,13 @@ done
 for br in $(ip -o link show type bridge 2>/dev/null | awk -F': ' '{print $2}' | grep -E '^veilbr[0-9]+$'); do
   ip link del "$br" && echo "removed bridge $br"
 done
+# The beds' FORWARD accept rules (tests/src/net.rs), which outlive a killed test process.
+for tool in iptables ip6tables; do
+  command -v "$tool" >/dev/null || continue
+  "$tool" -S FORWARD 2>/dev/null | grep -- '--comment veil-testbed' | sed 's/^-A //' | while read -r rule; do
+    # shellcheck disable=SC2086 # the rule is a list of words, as iptables -S printed it
+    "$tool" -D $rule && echo "removed $tool rule: $rule"
+  done
+done
 rm -rf /dev/shm/veil-etcd-* 2>/dev/null
 exit 0

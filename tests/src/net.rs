@@ -147,13 +147,62 @@ pub struct Bridge {
     name: String,
 }
 
+/// The comment on the bed's own firewall rules, so they are found again (and by
+/// `make clean-testbeds`).
+pub const FORWARD_RULE_COMMENT: &str = "veil-testbed";
+
+/// The host firewall rule that lets frames bridged on `bridge` through. Bridge netfilter
+/// (built into this kernel, on by default) sends bridged frames through the host's
+/// FORWARD chain, and Docker sets that chain's policy to DROP: without this rule a bed's
+/// nodes cannot reach each other on a machine where Docker runs. The per-bridge
+/// `nf_call_iptables 0` does not help: the kernel ORs it with the global sysctl.
+fn forward_rule(bridge: &str) -> [&str; 10] {
+    [
+        "FORWARD",
+        "-i",
+        bridge,
+        "-o",
+        bridge,
+        "-m",
+        "comment",
+        "--comment",
+        FORWARD_RULE_COMMENT,
+        "-j",
+    ]
+}
+
+/// Adds (`-I`) or deletes (`-D`) the bed's accept rule for `bridge` in iptables and
+/// ip6tables. A machine without the iptables tools has no FORWARD chain to fear.
+fn set_forward_rule(op: &str, bridge: &str) -> Result<()> {
+    for tool in ["iptables", "ip6tables"] {
+        let Ok(path) = crate::bins::on_path(tool) else {
+            continue;
+        };
+        let out = Command::new(path)
+            .arg(op)
+            .args(forward_rule(bridge))
+            .arg("ACCEPT")
+            .output()
+            .with_context(|| format!("run {tool}"))?;
+        if !out.status.success() {
+            bail!(
+                "{tool} {op} FORWARD accept rule for {bridge}: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+    }
+    Ok(())
+}
+
 impl Bridge {
-    /// Creates the bridge; fails if the name is taken (callers use that as a lock).
+    /// Creates the bridge; fails if the name is taken (callers use that as a lock). Frames
+    /// bridged on it pass the host's FORWARD chain whatever its policy.
     pub fn create(name: &str) -> Result<Bridge> {
         ip(&["link", "add", name, "type", "bridge"])?;
         let bridge = Bridge {
             name: name.to_string(),
         };
+        set_forward_rule("-I", name)?;
         ip(&["link", "set", name, "up"])?;
         Ok(bridge)
     }
@@ -166,6 +215,9 @@ impl Bridge {
 
 impl Drop for Bridge {
     fn drop(&mut self) {
+        if let Err(e) = set_forward_rule("-D", &self.name) {
+            eprintln!("test bed: {e:#}");
+        }
         if let Err(e) = ip(&["link", "del", &self.name]) {
             eprintln!("test bed: could not delete bridge {}: {e:#}", self.name);
         }

@@ -521,3 +521,57 @@ fn cni_cross_node_pods_reach_each_other_over_an_ipv6_underlay_without_encryption
         .unwrap();
     assert!(server.join().unwrap().unwrap() == data);
 }
+
+/// What Docker does to a host: bridge netfilter on and the FORWARD policy DROP. A bed must
+/// keep working on such a host (its bridges carry their own accept rule); the policy is
+/// put back as it was afterwards.
+#[test]
+fn cni_cross_node_traffic_survives_dockers_forward_drop_policy() {
+    veil_testbed::require_root();
+    let sysctl = "/proc/sys/net/bridge/bridge-nf-call-iptables";
+    let Ok(nf_before) = std::fs::read_to_string(sysctl) else {
+        eprintln!("no bridge netfilter in this kernel ({sysctl}): bridged frames never meet the FORWARD chain, nothing to test");
+        return;
+    };
+    let iptables = veil_testbed::bins::on_path("iptables").unwrap();
+    let policy_before = String::from_utf8(
+        std::process::Command::new(&iptables)
+            .args(["-S", "FORWARD"])
+            .output()
+            .unwrap()
+            .stdout,
+    )
+    .unwrap()
+    .lines()
+    .find_map(|l| l.strip_prefix("-P FORWARD ").map(str::to_string))
+    .unwrap_or_else(|| "ACCEPT".into());
+    let set_policy = |p: &str| {
+        let ok = std::process::Command::new(&iptables)
+            .args(["-P", "FORWARD", p])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "iptables -P FORWARD {p}");
+    };
+    std::fs::write(sysctl, "1").unwrap();
+    set_policy("DROP");
+    let outcome = std::panic::catch_unwind(|| {
+        let bed = TestBed::start(BedConfig::default()).unwrap();
+        let a = bed.add_pod(0, "a").unwrap();
+        let c = bed.add_pod(1, "c").unwrap();
+        eventually("cross-node ping a -> c", Duration::from_secs(20), || {
+            Ok(a.ping(c.ip).ok())
+        })
+        .unwrap();
+        let data = payload(256 << 10);
+        let server = c.tcp_receive_once(8080).unwrap();
+        a.tcp_send(SocketAddr::from((c.ip, 8080)), data.clone())
+            .unwrap();
+        assert!(server.join().unwrap().unwrap() == data, "payload corrupted");
+    });
+    set_policy(&policy_before);
+    std::fs::write(sysctl, nf_before.trim()).unwrap();
+    if let Err(panic) = outcome {
+        std::panic::resume_unwind(panic);
+    }
+}
