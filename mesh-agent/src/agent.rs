@@ -217,6 +217,11 @@ impl Agent {
             .map_err(|_| StartError::Network("the node watch stopped before listing".into()))?
             .clone()
             .unwrap_or_default();
+        if wireguard.is_some() {
+            routes::ensure_pods_rule(&service.netlink, node.pod_cidr)
+                .await
+                .map_err(|e| StartError::Network(e.to_string()))?;
+        }
         routes.apply(&first).await;
         let listener = server::bind(&config.cni_socket).map_err(|source| StartError::Bind {
             path: config.cni_socket.clone(),

@@ -177,6 +177,9 @@ pub async fn remove_from_node(config: &Config, netlink: &rtnetlink::Handle) -> V
     if let Err(e) = crate::routes::reconcile(netlink, &Default::default()).await {
         failed.push(format!("peer routes: {e}"));
     }
+    if let Err(e) = crate::routes::remove_pods_rules(netlink).await {
+        failed.push(format!("routing rule: {e}"));
+    }
     match crate::podnet::link_by_name(netlink, crate::wireguard::DEVICE_NAME).await {
         Ok(Some(link)) => {
             if let Err(e) = netlink.link().del(link.header.index).execute().await {

@@ -1,4 +1,6 @@
-//! Routes from this node to the other nodes' pod CIDRs, kept equal to the peer set.
+//! Routes from this node to the other nodes' pod CIDRs, kept equal to the peer set, and,
+//! with encryption, the routes that send this node's pods' traffic for other nodes' own
+//! addresses (API server, host-network pods, NodePorts) through WireGuard too.
 
 use std::collections::BTreeSet;
 use std::net::{IpAddr, Ipv4Addr};
@@ -16,6 +18,14 @@ use crate::podnet::PodNetError;
 /// Routes to other nodes' pods carry this protocol number (pod routes carry
 /// [`crate::podnet::ROUTE_PROTOCOL`]), so the reconciler finds exactly its own after a restart.
 pub const PEER_ROUTE_PROTOCOL: RouteProtocol = RouteProtocol::Other(0x77);
+/// The main routing table, where routes to pod CIDRs live.
+pub const MAIN_TABLE: u32 = 254;
+/// The table that the rule "from this node's pod CIDR" consults first: routes to peer
+/// nodes' addresses into the WireGuard device. Only pods' packets see it, so the node's
+/// own traffic to its peers (WireGuard's UDP among it) keeps the underlay.
+pub const PODS_TO_NODES_TABLE: u32 = 0x77;
+/// That rule's priority: before the main table (32766).
+pub const PODS_TO_NODES_RULE_PRIORITY: u32 = 0x77;
 
 /// Where a peer route sends packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -27,10 +37,12 @@ pub enum NextHop {
     Device(u32),
 }
 
-/// One route to a peer's pod CIDR.
+/// One route to a peer: its pod CIDR (main table) or its node address (pods' table).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct PeerRoute {
-    /// The peer's pod CIDR.
+    /// The routing table: [`MAIN_TABLE`] or [`PODS_TO_NODES_TABLE`].
+    pub table: u32,
+    /// The peer's pod CIDR, or its node address as a /32.
     pub dst: Ipv4Net,
     /// Where it goes.
     pub next_hop: NextHop,
@@ -43,8 +55,10 @@ fn peer_route(msg: &RouteMessage) -> Option<PeerRoute> {
     let mut dst = Ipv4Addr::UNSPECIFIED;
     let mut via = None;
     let mut oif = None;
+    let mut table = u32::from(msg.header.table);
     for attr in &msg.attributes {
         match attr {
+            RouteAttribute::Table(t) => table = *t,
             RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
             RouteAttribute::Gateway(RouteAddress::Inet(a)) => via = Some(IpAddr::V4(*a)),
             RouteAttribute::Via(RouteVia::Inet6(a)) => via = Some(IpAddr::V6(*a)),
@@ -58,6 +72,7 @@ fn peer_route(msg: &RouteMessage) -> Option<PeerRoute> {
         (None, None) => return None,
     };
     Some(PeerRoute {
+        table,
         dst: Ipv4Net::new(dst, msg.header.destination_prefix_length).ok()?,
         next_hop,
     })
@@ -87,6 +102,7 @@ pub async fn installed(handle: &Handle) -> Result<BTreeSet<PeerRoute>, PodNetErr
 fn message(route: &PeerRoute) -> RouteMessage {
     let builder = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(route.dst.network(), route.dst.prefix_len())
+        .table_id(route.table)
         .protocol(PEER_ROUTE_PROTOCOL);
     match route.next_hop {
         NextHop::Via(IpAddr::V4(via)) => builder.gateway(via).build(),
@@ -99,11 +115,15 @@ fn message(route: &PeerRoute) -> RouteMessage {
 /// peer without a key is routed there too, and dropped, never sent in clear), else
 /// plainly via the peer's node address. With a device, `drops` (the cluster's pod range,
 /// the ranges of nodes that are gone) go into it as well, so pods no peer serves are
-/// never sent in clear either.
+/// never sent in clear either; and every peer's IPv4 node address goes into it from the
+/// pods' table, so a pod talking to another node itself (the API server, host-network
+/// pods, NodePorts) is encrypted too, and the replies of such a node (routed to the pod
+/// CIDR, into its own device) come back the way the requests went.
 pub fn desired(peers: &[NodeInfo], device: Option<u32>, drops: &[Ipv4Net]) -> BTreeSet<PeerRoute> {
     let mut want: BTreeSet<PeerRoute> = peers
         .iter()
         .map(|p| PeerRoute {
+            table: MAIN_TABLE,
             dst: p.pod_cidr,
             next_hop: device.map_or(NextHop::Via(p.internal_ip), NextHop::Device),
         })
@@ -111,11 +131,100 @@ pub fn desired(peers: &[NodeInfo], device: Option<u32>, drops: &[Ipv4Net]) -> BT
     if let Some(index) = device {
         // A range that is also a peer's is the same route, which the set holds once.
         want.extend(drops.iter().map(|&dst| PeerRoute {
+            table: MAIN_TABLE,
             dst,
             next_hop: NextHop::Device(index),
         }));
+        want.extend(peers.iter().filter_map(|p| match p.internal_ip {
+            IpAddr::V4(ip) => Some(PeerRoute {
+                table: PODS_TO_NODES_TABLE,
+                dst: Ipv4Net::from(ip),
+                next_hop: NextHop::Device(index),
+            }),
+            IpAddr::V6(_) => None,
+        }));
     }
     want
+}
+
+/// Makes sure the rule "from `pods` look up [`PODS_TO_NODES_TABLE`]" exists, once.
+pub async fn ensure_pods_rule(handle: &Handle, pods: Ipv4Net) -> Result<(), PodNetError> {
+    if pods_rules(handle)
+        .await?
+        .iter()
+        .any(|(src, _)| *src == Some(pods))
+    {
+        return Ok(());
+    }
+    handle
+        .rule()
+        .add()
+        .v4()
+        .source_prefix(pods.network(), pods.prefix_len())
+        .table_id(PODS_TO_NODES_TABLE)
+        .priority(PODS_TO_NODES_RULE_PRIORITY)
+        // Unset, the kernel answers every lookup through the rule with EINVAL: pods
+        // could send nothing at all.
+        .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
+        .execute()
+        .await
+        .map_err(|source| PodNetError::Netlink {
+            op: "add rule",
+            target: format!("from {pods} lookup {PODS_TO_NODES_TABLE}"),
+            source,
+        })
+}
+
+/// Removes every rule that looks up [`PODS_TO_NODES_TABLE`] (uninstall).
+pub async fn remove_pods_rules(handle: &Handle) -> Result<(), PodNetError> {
+    for (src, msg) in pods_rules(handle).await? {
+        handle
+            .rule()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(|source| PodNetError::Netlink {
+                op: "delete rule",
+                target: format!("from {src:?} lookup {PODS_TO_NODES_TABLE}"),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+async fn pods_rules(
+    handle: &Handle,
+) -> Result<Vec<(Option<Ipv4Net>, rtnetlink::packet_route::rule::RuleMessage)>, PodNetError> {
+    use rtnetlink::packet_route::rule::RuleAttribute;
+    let mut rules = handle.rule().get(rtnetlink::IpVersion::V4).execute();
+    let mut found = Vec::new();
+    while let Some(msg) = rules
+        .try_next()
+        .await
+        .map_err(|source| PodNetError::Netlink {
+            op: "list rules",
+            target: "IPv4".into(),
+            source,
+        })?
+    {
+        let table = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RuleAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(msg.header.table));
+        if table != PODS_TO_NODES_TABLE {
+            continue;
+        }
+        let src = msg.attributes.iter().find_map(|a| match a {
+            RuleAttribute::Source(IpAddr::V4(ip)) => Ipv4Net::new(*ip, msg.header.src_len).ok(),
+            _ => None,
+        });
+        found.push((src, msg));
+    }
+    Ok(found)
 }
 
 /// Makes the kernel's peer routes equal to `want`: deletes the stale, adds (or replaces)
@@ -126,7 +235,10 @@ pub async fn reconcile(handle: &Handle, want: &BTreeSet<PeerRoute>) -> Result<()
     for stale in have.difference(want) {
         // A route whose next hop changed is replaced below; deleting it first would open
         // a moment without a route, so only delete destinations no longer wanted.
-        if want.iter().any(|w| w.dst == stale.dst) {
+        if want
+            .iter()
+            .any(|w| w.dst == stale.dst && w.table == stale.table)
+        {
             continue;
         }
         match handle.route().del(message(stale)).execute().await {
@@ -183,9 +295,20 @@ mod tests {
         ];
         let want = desired(&peers, Some(9), &drops);
         assert!(want.iter().all(|r| r.next_hop == NextHop::Device(9)));
-        assert_eq!(want.len(), 2);
+        assert_eq!(want.len(), 3);
+        // The peer's node address, for pods only (their table), not for the node itself.
+        let node_route: Vec<_> = want
+            .iter()
+            .filter(|r| r.table == PODS_TO_NODES_TABLE)
+            .collect();
+        assert_eq!(node_route.len(), 1);
+        assert_eq!(node_route[0].dst, "198.18.0.2/32".parse().unwrap());
         let plain = desired(&peers, None, &drops);
-        assert_eq!(plain.len(), 1, "no catch-all without encryption");
+        assert_eq!(
+            plain.len(),
+            1,
+            "no catch-all nor node routes without encryption"
+        );
         assert_eq!(
             plain.first().unwrap().next_hop,
             NextHop::Via("198.18.0.2".parse().unwrap())
@@ -196,6 +319,7 @@ mod tests {
     fn routes_via_an_ipv6_node_use_rta_via_and_read_back() {
         for ip in ["198.18.0.2", "2001:2::2"] {
             let route = PeerRoute {
+                table: MAIN_TABLE,
                 dst: "198.19.1.0/24".parse().unwrap(),
                 next_hop: NextHop::Via(ip.parse().unwrap()),
             };

@@ -126,10 +126,9 @@ build_node_image() {
   done < <(component_images)
   "$DOCKER" exec "$id" pkill containerd || true
   sleep 1
-  "$DOCKER" commit \
-    --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' \
-    --change 'ENV container=docker' \
-    --change 'STOPSIGNAL SIGRTMIN+3' \
+  # Back to the base's entrypoint (which also drops the build's CMD); the base's ENV and
+  # STOPSIGNAL carry over (docker 20.10's commit cannot set STOPSIGNAL anyway).
+  "$DOCKER" commit --change 'ENTRYPOINT [ "/usr/local/bin/entrypoint", "/sbin/init" ]' \
     "$id" "$NODE_IMAGE" >/dev/null
   say "$NODE_IMAGE: built"
 }

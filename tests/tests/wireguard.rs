@@ -732,3 +732,67 @@ fn wireguard_meshctl_shows_key_peers_and_queues_and_rotates() {
     let (ok, out) = meshctl(&missing, &["wireguard"]);
     assert!(!ok && out.contains("no-agent.sock"), "{out}");
 }
+
+/// A pod talking to another node itself (where the API server, host-network pods and
+/// NodePorts live) and that node talking back to the pod: both directions arrive, and the
+/// underlay carries nothing but WireGuard between the nodes. Found on kind: with the
+/// replies of the node (source: its own address) refused by cryptokey routing, no pod
+/// could reach the API server through its Service.
+#[test]
+fn wireguard_pods_and_peer_nodes_reach_each_other_encrypted() {
+    let bed = TestBed::start(BedConfig::default()).unwrap();
+    let (a, _c) = connected_pods(&bed);
+    let node1 = bed.node(1);
+    let capture = Capture::start(bed.underlay(), &between_nodes(&bed), bed.dir()).unwrap();
+
+    // Pod a (node 0) -> node 1's own address.
+    let (bound_tx, bound_rx) = std::sync::mpsc::channel();
+    let server = node1.netns.spawn(move || {
+        let listener = std::net::TcpListener::bind(("0.0.0.0", 9100))?;
+        bound_tx.send(()).ok();
+        let (mut stream, peer) = listener.accept()?;
+        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        let mut data = Vec::new();
+        std::io::Read::read_to_end(&mut stream, &mut data)?;
+        Ok((data, peer))
+    });
+    bound_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+    let data = marked_payload(256 << 10);
+    a.tcp_send(SocketAddr::from((node1.ip, 9100)), data.clone())
+        .unwrap();
+    let (got, peer) = server.join().unwrap().unwrap();
+    assert!(got == data, "pod -> node: payload corrupted");
+    assert_eq!(
+        peer.ip(),
+        std::net::IpAddr::V4(a.ip),
+        "node 1 saw the pod's own address"
+    );
+
+    // Node 1 itself -> pod a.
+    let receiver = a.tcp_receive_once(9101).unwrap();
+    let data2 = marked_payload(256 << 10);
+    let sent = data2.clone();
+    let dst = SocketAddr::from((a.ip, 9101));
+    node1
+        .netns
+        .spawn(move || {
+            let mut s = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+            std::io::Write::write_all(&mut s, &sent)?;
+            s.shutdown(std::net::Shutdown::Write)?;
+            Ok(())
+        })
+        .join()
+        .unwrap()
+        .unwrap();
+    assert!(
+        receiver.join().unwrap().unwrap() == data2,
+        "node -> pod: payload corrupted"
+    );
+
+    let seen = capture.stop().unwrap();
+    assert!(
+        !seen.contains(&marker()),
+        "the marker crossed the underlay in clear text"
+    );
+    assert_only_wireguard(&seen.lines);
+}

@@ -54,8 +54,11 @@ pub struct Peer {
     pub name: String,
     /// Where its agent listens.
     pub endpoint: SocketAddr,
-    /// Its pod CIDR: the only sources accepted from it, and the destinations sent to it.
+    /// Its pod CIDR: sources accepted from it, and destinations sent to it.
     pub pod_cidr: Ipv4Net,
+    /// Its own IPv4 address (InternalIP): also accepted from it and sent to it, so pods
+    /// reach the node itself (API server, host-network pods) and it reaches them, encrypted.
+    pub node_ip: Option<Ipv4Addr>,
     /// Its public key.
     pub public_key: [u8; 32],
     /// The index its sessions are numbered from (boringtun shifts it left by 8).
@@ -124,8 +127,11 @@ impl PeerTable {
         &self.peers
     }
 
-    /// The peer whose pod CIDR holds `dst` (longest prefix).
+    /// The peer whose node address is `dst`, else whose pod CIDR holds it (longest prefix).
     pub fn by_destination(&self, dst: Ipv4Addr) -> Option<&Arc<Peer>> {
+        if let Some(node) = self.peers.iter().find(|p| p.node_ip == Some(dst)) {
+            return Some(node);
+        }
         self.peers
             .iter()
             .filter(|p| p.pod_cidr.contains(&dst))
@@ -525,14 +531,14 @@ pub fn decrypt_datagrams(
                     continue;
                 }
                 TunnResult::WriteToTunnelV4(packet, source) => {
-                    if peer.pod_cidr.contains(&source) {
+                    if peer.pod_cidr.contains(&source) || peer.node_ip == Some(source) {
                         peer.counters
                             .rx_bytes
                             .fetch_add(packet.len() as u64, Ordering::Relaxed);
                         emit(Decrypted::Packet(packet));
                     } else {
                         peer.counters.rx_spoofed.fetch_add(1, Ordering::Relaxed);
-                        tracing::debug!(peer = peer.name, %source, "dropped: inner source outside the peer's pod CIDR");
+                        tracing::debug!(peer = peer.name, %source, "dropped: inner source neither the peer's pod CIDR nor its node address");
                     }
                 }
                 // Pods are IPv4 only: an IPv6 inner packet is no pod's.
@@ -595,6 +601,7 @@ mod tests {
             name: "node-a".into(),
             endpoint: "198.18.0.2:51871".parse().unwrap(),
             pod_cidr: "198.19.1.0/24".parse().unwrap(),
+            node_ip: Some("198.18.0.2".parse().unwrap()),
             public_key: *pa.as_bytes(),
             index: 2,
             tunn: Mutex::new(b_view),

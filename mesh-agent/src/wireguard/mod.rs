@@ -313,6 +313,10 @@ impl Wireguard {
                     name: node.name.clone(),
                     endpoint,
                     pod_cidr: node.pod_cidr,
+                    node_ip: match node.internal_ip {
+                        std::net::IpAddr::V4(ip) => Some(ip),
+                        std::net::IpAddr::V6(_) => None,
+                    },
                     public_key: wg.public_key,
                     index,
                     tunn: Mutex::new(tunn),
