@@ -79,12 +79,16 @@ create_cluster() {
   kind create cluster --name "$CLUSTER" --image "$NODE_IMAGE" --config "$(kind_config)" \
     --kubeconfig "$KUBECONFIG_FILE"
   # No name leaves the machine: CoreDNS answers the cluster's names only (no `forward`),
-  # and the nodes' own resolver points nowhere.
+  # and the nodes resolve each other from /etc/hosts (kube-proxy's and the kubelet's
+  # kubeconfigs name the control-plane node), their own resolver pointing nowhere.
   kubectl -n kube-system create configmap coredns --dry-run=client -o yaml \
-    --from-file=Corefile="$here/Corefile" | kubectl apply -f - >/dev/null
-  local node
+    --from-file=Corefile="$here/Corefile" | kubectl replace -f - >/dev/null
+  local node hosts=""
   for node in $(kind get nodes --name "$CLUSTER"); do
-    "$DOCKER" exec "$node" bash -c 'echo "nameserver 127.0.0.1" >/etc/resolv.conf'
+    hosts+="$("$DOCKER" inspect -f "{{(index .NetworkSettings.Networks \"$NETWORK\").IPAddress}}" "$node") $node"$'\n'
+  done
+  for node in $(kind get nodes --name "$CLUSTER"); do
+    printf '%s' "$hosts" | "$DOCKER" exec -i "$node" bash -c 'cat >>/etc/hosts && echo "nameserver 127.0.0.1" >/etc/resolv.conf'
   done
   say "kind cluster $CLUSTER: created"
 }
