@@ -325,7 +325,8 @@ impl Agent {
         if let Some(socket) = workload_socket {
             let _ = std::fs::remove_file(socket);
         }
-        let _ = std::fs::remove_file(&self.config.cni_socket);
+        // The CNI socket stays while another agent is coming: `mesh-cni` tells "restarting,
+        // try again" (a socket nobody answers) from "no agent on this node" (no socket).
         if let crate::node_install::Departure::Uninstall(why) = departure {
             // After the tasks stopped: the route reconciler must not re-add what goes now.
             tracing::info!(why, "uninstall: removing everything Veil put on this node");

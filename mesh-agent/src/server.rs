@@ -77,9 +77,16 @@ impl PodService {
                         tracing::error!(%ip, ifname, error = %e, "could not re-attach counter")
                     }
                 },
-                Ok(None) => {
-                    tracing::warn!(%ip, ifname, container = allocation.key.container_id, "allocated pod has no veth; waiting for the runtime's DEL")
-                }
+                // Its network is gone (the pod was deleted while no agent answered, whose
+                // DEL then found no agent; or the node rebooted): nothing uses the address.
+                Ok(None) => match self.del(&allocation.key).await {
+                    Ok(()) => {
+                        tracing::info!(%ip, ifname, container = allocation.key.container_id, "released the address of a pod whose veth is gone")
+                    }
+                    Err(e) => {
+                        tracing::warn!(%ip, ifname, error = %e, "could not release the address of a pod whose veth is gone")
+                    }
+                },
                 Err(e) => tracing::error!(%ip, ifname, error = %e, "look up pod veth"),
             }
         }

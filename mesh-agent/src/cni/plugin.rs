@@ -32,6 +32,13 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Output, CniErr
     };
     let answer = match command {
         "ADD" => call(AgentRequest::Add(attachment(env, &version, true)?))?,
+        // No socket at all means no agent on this node (uninstalled, or /run cleared by a
+        // reboot): nothing is left to release, and failing would keep the runtime from
+        // ever removing the pod. A restarting agent leaves its socket in place.
+        "DEL" if !socket.exists() => {
+            let _ = attachment(env, &version, false)?;
+            return Ok(None);
+        }
         "DEL" => call(AgentRequest::Del(attachment(env, &version, false)?))?,
         "CHECK" => call(AgentRequest::Check(attachment(env, &version, true)?))?,
         "STATUS" => call(AgentRequest::Status)?,
@@ -195,18 +202,45 @@ mod tests {
     }
 
     #[test]
-    fn cni_del_without_netns_reaches_for_the_agent() {
+    fn cni_del_without_an_agent_on_the_node_succeeds_and_add_asks_to_retry() {
+        let del = [
+            ("CNI_COMMAND", "DEL"),
+            ("CNI_CONTAINERID", "c1"),
+            ("CNI_IFNAME", "eth0"),
+        ];
+        assert_eq!(run(&env(&del), CONF).unwrap(), None);
         let err = run(
             &env(&[
-                ("CNI_COMMAND", "DEL"),
+                ("CNI_COMMAND", "ADD"),
                 ("CNI_CONTAINERID", "c1"),
                 ("CNI_IFNAME", "eth0"),
+                ("CNI_NETNS", "/proc/self/ns/net"),
             ]),
             CONF,
         )
         .unwrap_err();
         assert_eq!(err.code, ErrorCode::TryAgainLater);
         assert!(err.msg.contains("/nonexistent/veil.sock"), "{}", err.msg);
+    }
+
+    #[test]
+    fn cni_del_with_a_silent_socket_asks_to_retry() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("cni.sock");
+        // Bound, then closed: the file stays and nobody answers, as while an agent restarts.
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let conf = String::from_utf8_lossy(CONF)
+            .replace("/nonexistent/veil.sock", &path.to_string_lossy());
+        let err = run(
+            &env(&[
+                ("CNI_COMMAND", "DEL"),
+                ("CNI_CONTAINERID", "c1"),
+                ("CNI_IFNAME", "eth0"),
+            ]),
+            conf.as_bytes(),
+        )
+        .unwrap_err();
+        assert_eq!(err.code, ErrorCode::TryAgainLater);
     }
 
     #[test]
