@@ -314,7 +314,14 @@ impl Agent {
             .collect::<Vec<_>>();
         let mut departure = crate::node_install::Departure::Restart;
         let outcome = tokio::select! {
-            _ = term.recv() => { tracing::info!("SIGTERM: stopping"); departure = self.departure().await; Ok(()) }
+            _ = term.recv() => {
+                tracing::info!("SIGTERM: stopping");
+                departure = self.departure().await;
+                if matches!(departure, crate::node_install::Departure::Uninstall(_)) {
+                    self.drain_pods().await;
+                }
+                Ok(())
+            }
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); Ok(()) }
             reason = self.died.died() => Err(anyhow::anyhow!(reason)),
         };
@@ -339,6 +346,31 @@ impl Agent {
         outcome
     }
 
+    /// Before an uninstall removes the CNI configuration, keeps serving while pods deleted
+    /// with the release (the issuer's, workloads') get their DEL: containerd cannot tear
+    /// down a sandbox once no configuration is left. Gives up after [`UNINSTALL_DRAIN`].
+    async fn drain_pods(&self) {
+        let deadline = tokio::time::Instant::now() + UNINSTALL_DRAIN;
+        loop {
+            let left = self.service.ipam.allocations().len();
+            if left == 0 {
+                return;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                tracing::warn!(
+                    pods = left,
+                    "uninstall: pods still hold addresses; their deletion will need a CNI again"
+                );
+                return;
+            }
+            tracing::info!(
+                pods = left,
+                "uninstall: waiting for the node's pods to be deleted"
+            );
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+    }
+
     /// On SIGTERM: an uninstall when the agent's DaemonSet is gone (asked while the tasks
     /// still run, so pods being deleted meanwhile keep getting CNI DEL), else a restart.
     async fn departure(&self) -> crate::node_install::Departure {
@@ -357,6 +389,10 @@ impl Agent {
         departure
     }
 }
+
+/// How long an uninstalling agent waits for its node's pods to go: within the chart's
+/// 30 s grace period, with time left to clean up.
+const UNINSTALL_DRAIN: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// Where the pod CIDRs of every peer ever accepted are kept (see [`KnownCidrs`]).
 const KNOWN_CIDRS_FILE: &str = "known-pod-cidrs.json";

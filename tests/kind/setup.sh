@@ -110,7 +110,8 @@ build_node_image() {
   "$DOCKER" rm -f "$id" >/dev/null 2>&1 || true
   "$DOCKER" run -d --name "$id" --entrypoint sleep --security-opt seccomp=unconfined \
     "$NODE_BASE_IMAGE" infinity >/dev/null
-  trap '"$DOCKER" rm -f "$id" >/dev/null 2>&1 || true' RETURN
+  # EXIT too: a failing step ends the script (set -e) without returning.
+  trap '"$DOCKER" rm -f "$id" >/dev/null 2>&1 || true' RETURN EXIT
   local b
   for b in kubeadm kubelet kubectl; do
     "$DOCKER" cp "$KUBE_BIN/$b" "$id:/usr/bin/$b"
