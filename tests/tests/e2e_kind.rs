@@ -11,6 +11,24 @@ use anyhow::{bail, ensure, Context, Result};
 use veil_testbed::capture::Capture;
 use veil_testbed::kind::{Kind, NAMESPACE, NETWORK, POD_CIDR, WORKERS};
 
+/// `helm upgrade` of the release with one value changed, then every agent Ready again.
+fn helm_upgrade(kind: &Kind, set: &str) -> Result<()> {
+    kind.helm(&[
+        "upgrade",
+        "veil",
+        "CHART",
+        "-n",
+        NAMESPACE,
+        "--reuse-values",
+        "--set",
+        set,
+        "--wait",
+        "--timeout",
+        "10m",
+    ])?;
+    kind.wait_agents_ready(3, Duration::from_secs(300))
+}
+
 /// What one request through `veil-client` saw: the echo server's JSON answer.
 fn request(kind: &Kind, url: &str, payload: &str) -> Result<serde_json::Value> {
     let body = kind.exec(
@@ -95,7 +113,6 @@ fn assert_clean_logs(kind: &Kind, phase: &str) -> Result<()> {
 
 /// Captures on the nodes' shared bridge while `traffic` runs; returns what crossed it.
 fn capture_between_nodes(
-    kind: &Kind,
     traffic: impl FnOnce() -> Result<()>,
 ) -> Result<veil_testbed::capture::Captured> {
     let dir = tempfile::tempdir()?;
@@ -103,14 +120,13 @@ fn capture_between_nodes(
     let outcome = traffic();
     let captured = capture.stop()?;
     outcome?;
-    let _ = kind;
     Ok(captured)
 }
 
 /// Cross-node requests carrying `payload`, then the verdict on what the wire carried.
 fn cross_node_traffic(kind: &Kind, payload: &str) -> Result<veil_testbed::capture::Captured> {
     let echo_b = pod_ip(kind, "echo-b")?;
-    capture_between_nodes(kind, || {
+    capture_between_nodes(|| {
         for i in 0..5 {
             request(kind, &format!("http://{echo_b}:8080/wire/{i}"), payload)?;
         }
@@ -298,20 +314,7 @@ fn e2e_kind_helm_install_traffic_encryption_identity_upgrade_uninstall() -> Resu
         })
     };
     let upgrade_started = Instant::now();
-    kind.helm(&[
-        "upgrade",
-        "veil",
-        "CHART",
-        "-n",
-        NAMESPACE,
-        "--reuse-values",
-        "--set",
-        "wireguard.keyRotation=12h",
-        "--wait",
-        "--timeout",
-        "10m",
-    ])?;
-    kind.wait_agents_ready(3, Duration::from_secs(300))?;
+    helm_upgrade(&kind, "wireguard.keyRotation=12h")?;
     // Traffic must flow again after the roll before the probe's verdict counts.
     veil_testbed::eventually("traffic after the upgrade", Duration::from_secs(60), || {
         Ok(
@@ -345,20 +348,7 @@ fn e2e_kind_helm_install_traffic_encryption_identity_upgrade_uninstall() -> Resu
 
     // The same capture on the same cluster with encryption off must find the payload:
     // the check above can fail.
-    kind.helm(&[
-        "upgrade",
-        "veil",
-        "CHART",
-        "-n",
-        NAMESPACE,
-        "--reuse-values",
-        "--set",
-        "encryption=none",
-        "--wait",
-        "--timeout",
-        "10m",
-    ])?;
-    kind.wait_agents_ready(3, Duration::from_secs(300))?;
+    helm_upgrade(&kind, "encryption=none")?;
     let clear_payload = unique("clear");
     let captured = veil_testbed::eventually(
         "clear-text routing after encryption=none",
