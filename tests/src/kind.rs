@@ -183,3 +183,86 @@ pub fn docker() -> &'static str {
         "docker"
     }
 }
+
+/// Follows the logs of every pod that appears in a namespace, from the moment it is seen
+/// until it ends (also while it terminates), into one file: what the pods said during the
+/// whole run, including pods that upgrades and uninstalls replaced.
+pub struct LogCollector {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<()>>,
+    file: PathBuf,
+}
+
+impl LogCollector {
+    /// Starts following `namespace` into `file`.
+    pub fn start(kind: &Kind, namespace: &str, file: PathBuf) -> Result<LogCollector> {
+        let kubectl = crate::bins::kube("kubectl")?;
+        let kubeconfig = kind.kubeconfig.clone();
+        let namespace = namespace.to_string();
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let out = std::fs::File::create(&file)?;
+        let thread = {
+            let stop = stop.clone();
+            std::thread::spawn(move || {
+                let mut followed = std::collections::BTreeSet::new();
+                let mut children = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let names = Command::new(&kubectl)
+                        .arg("--kubeconfig")
+                        .arg(&kubeconfig)
+                        // Running only: logs -f of a pod still starting ends at once.
+                        .args(["-n", &namespace, "get", "pods", "-o"])
+                        .arg(r#"jsonpath={range .items[?(@.status.phase=="Running")]}pod/{.metadata.name}{"\n"}{end}"#)
+                        .output()
+                        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                        .unwrap_or_default();
+                    for pod in names.lines().filter(|p| !p.is_empty()) {
+                        if !followed.insert(pod.to_string()) {
+                            continue;
+                        }
+                        let (Ok(stdout), Ok(stderr)) = (out.try_clone(), out.try_clone()) else {
+                            continue;
+                        };
+                        let child = Command::new(&kubectl)
+                            .arg("--kubeconfig")
+                            .arg(&kubeconfig)
+                            .args(["-n", &namespace, "logs", "-f", "--all-containers"])
+                            .args(["--prefix", pod])
+                            .stdout(stdout)
+                            .stderr(stderr)
+                            .spawn();
+                        children.extend(child.ok());
+                    }
+                    std::thread::sleep(Duration::from_secs(1));
+                }
+                for mut child in children {
+                    let _ = child.kill();
+                    let _ = child.wait();
+                }
+            })
+        };
+        Ok(LogCollector {
+            stop,
+            thread: Some(thread),
+            file,
+        })
+    }
+
+    /// Stops following and returns every line collected.
+    pub fn stop(mut self) -> Result<String> {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        std::fs::read_to_string(&self.file).with_context(|| format!("read {}", self.file.display()))
+    }
+}
+
+impl Drop for LogCollector {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context, Result};
 use veil_testbed::capture::Capture;
-use veil_testbed::kind::{Kind, NAMESPACE, NETWORK, POD_CIDR, WORKERS};
+use veil_testbed::kind::{Kind, LogCollector, NAMESPACE, NETWORK, POD_CIDR, WORKERS};
 
 /// `helm upgrade` of the release with one value changed, then every agent Ready again.
 fn helm_upgrade(kind: &Kind, set: &str) -> Result<()> {
@@ -150,6 +150,8 @@ fn e2e_kind_helm_install_traffic_encryption_identity_upgrade_uninstall() -> Resu
     let started = Instant::now();
     let kind = Kind::up("")?;
     eprintln!("e2e: cluster up in {:?}", started.elapsed());
+    let logs_dir = tempfile::tempdir()?;
+    let logs = LogCollector::start(&kind, NAMESPACE, logs_dir.path().join("veil-system.log"))?;
 
     // The agent on every node, pods on both workers addressed by mesh-cni from their
     // node's range through containerd and the kubelet.
@@ -393,6 +395,27 @@ fn e2e_kind_helm_install_traffic_encryption_identity_upgrade_uninstall() -> Resu
             bail!("helm uninstall left on {node}:\n{left}");
         }
     }
-    eprintln!("e2e: whole run {:?}", started.elapsed());
+    // Every line the agents and the issuer wrote from install to uninstall, the pods that
+    // upgrades replaced and the agents' own clean-up included.
+    let said = logs.stop()?;
+    let bad: Vec<&str> = said
+        .lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains("panicked"))
+        .collect();
+    ensure!(
+        bad.is_empty(),
+        "error-level lines or panics:\n{}",
+        bad.join("\n")
+    );
+    ensure!(
+        said.contains("uninstall: removing everything Veil put on this node"),
+        "the collected logs do not reach the agents' uninstall ({} lines)",
+        said.lines().count()
+    );
+    eprintln!(
+        "e2e: {} log lines of agents and issuer, none at error level; whole run {:?}",
+        said.lines().count(),
+        started.elapsed()
+    );
     Ok(())
 }
