@@ -296,10 +296,14 @@ impl Agent {
         tasks.extend(identity.map(|t| ("identity", t)));
         // Every task runs for the agent's lifetime: one that ends has died.
         let fatal = self.fatal.clone();
+        // Once stopping, a task that ends because another was aborted first (the route
+        // reconciler when the node watch's sender goes) is no failure.
+        let stopping = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let watchers = tasks
             .into_iter()
             .map(|(part, task)| {
                 let fatal = fatal.clone();
+                let stopping = stopping.clone();
                 let abort = task.abort_handle();
                 let watcher = tokio::spawn(async move {
                     let reason = match task.await {
@@ -307,7 +311,9 @@ impl Agent {
                         Err(e) if e.is_cancelled() => return,
                         Err(e) => format!("panicked: {e}"),
                     };
-                    fatal.report(part, &reason);
+                    if !stopping.load(std::sync::atomic::Ordering::SeqCst) {
+                        fatal.report(part, &reason);
+                    }
                 });
                 (abort, watcher)
             })
@@ -325,8 +331,11 @@ impl Agent {
             _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); Ok(()) }
             reason = self.died.died() => Err(anyhow::anyhow!(reason)),
         };
-        for (abort, watcher) in watchers {
+        stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        for (abort, _) in &watchers {
             abort.abort();
+        }
+        for (_, watcher) in watchers {
             let _ = watcher.await;
         }
         if let Some(socket) = workload_socket {
