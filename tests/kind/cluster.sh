@@ -119,13 +119,9 @@ EOF_IMAGES
 }
 
 load_images() {
-  local node image
+  local image
   for image in veil/agent:dev veil/issuer:dev veil/test-workload:dev; do
-    # As `kind load docker-image` does, without its dependence on the node's crictl.
-    for node in $(kind get nodes --name "$CLUSTER"); do
-      "$DOCKER" save "$image" | "$DOCKER" exec -i "$node" \
-        ctr --namespace=k8s.io images import --all-platforms --digests - >/dev/null
-    done
+    load_image "$CLUSTER" "$image"
     say "image $image: loaded into every node"
   done
 }

@@ -14,31 +14,6 @@ FORCE="${FORCE:-0}"
 
 bash "$here/dockerd.sh"
 
-mirror() {
-  local uri
-  uri=$(grep -hsE '^(URIs:|deb )' /etc/apt/sources.list /etc/apt/sources.list.d/* 2>/dev/null \
-    | grep -v security | head -1 | sed -E 's/^URIs: *//; s/^deb (\[[^]]*\] )?//; s/ .*//')
-  echo "${uri:-http://deb.debian.org/debian}"
-}
-
-# debootstrap_image TAG PACKAGES: a minbase bookworm rootfs with PACKAGES, imported as TAG.
-debootstrap_image() {
-  local tag=$1 packages=$2
-  if have_image "$tag" && [ "$FORCE" != 1 ]; then
-    say "$tag: cached"
-    return
-  fi
-  say "$tag: debootstrap bookworm from $(mirror)"
-  local root
-  root=$(mktemp -d /var/tmp/veil-rootfs.XXXXXX)
-  debootstrap --variant=minbase --include="$packages" bookworm "$root" "$(mirror)" >"$root.log" 2>&1 \
-    || { tail -20 "$root.log" >&2; die "debootstrap $tag failed (log $root.log)"; }
-  rm -rf "$root"/var/lib/apt/lists/* "$root"/var/cache/apt/archives/*.deb "$root.log"
-  tar -C "$root" -c . | "$DOCKER" import - "$tag" >/dev/null
-  rm -rf "$root"
-  say "$tag: imported"
-}
-
 # The images kubeadm pulls, as `kubeadm config images list` names them, plus kind's
 # sandbox pause (its containerd config names registry.k8s.io/pause:3.10).
 component_images() {
