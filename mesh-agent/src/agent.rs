@@ -208,6 +208,7 @@ impl Agent {
             known: KnownCidrs::load(&config.state_dir.join(KNOWN_CIDRS_FILE)),
             own: node.clone(),
             catch_all: config.cluster_pod_cidr,
+            services: config.service_cidr,
             excluded: Vec::new(),
         };
         tracing::info!("waiting for the first complete Node list");
@@ -217,7 +218,7 @@ impl Agent {
             .map_err(|_| StartError::Network("the node watch stopped before listing".into()))?
             .clone()
             .unwrap_or_default();
-        if wireguard.is_some() {
+        if wireguard.is_some() || config.service_cidr.is_some() {
             routes::ensure_pods_rule(&service.netlink, node.pod_cidr)
                 .await
                 .map_err(|e| StartError::Network(e.to_string()))?;
@@ -413,6 +414,8 @@ struct PeerRoutes {
     known: KnownCidrs,
     own: NodeInfo,
     catch_all: Option<ipnet::Ipv4Net>,
+    /// The cluster's Service range, unreachable for pods (see [`routes::desired`]).
+    services: Option<ipnet::Ipv4Net>,
     /// The nodes excluded last time, so each change is reported once.
     excluded: Vec<crate::peers::Excluded>,
 }
@@ -449,7 +452,7 @@ impl PeerRoutes {
                 .collect(),
             None => Vec::new(),
         };
-        let want = routes::desired(&set.peers, device, &drops);
+        let want = routes::desired(&set.peers, device, &drops, self.services);
         tracing::info!(
             peers = set.peers.len(),
             excluded = set.excluded.len(),

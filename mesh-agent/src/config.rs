@@ -77,6 +77,11 @@ pub struct Config {
     /// known node covers is dropped rather than routed in clear.
     #[arg(long, env = "VEIL_CLUSTER_POD_CIDR")]
     pub cluster_pod_cidr: Option<ipnet::Ipv4Net>,
+    /// The cluster's Service range (kube-apiserver's --service-cluster-ip-range): pods'
+    /// packets still addressed to it after kube-proxy (no Service there yet) are refused
+    /// on the node instead of following its default route off the node.
+    #[arg(long, env = "VEIL_SERVICE_CIDR")]
+    pub service_cidr: Option<ipnet::Ipv4Net>,
     /// Period of WireGuard key rotation (`30m`, `12h`, `7d`; `0` turns it off).
     #[arg(long, env = "VEIL_KEY_ROTATION", default_value = DEFAULT_KEY_ROTATION, value_parser = parse_period)]
     pub key_rotation: std::time::Duration,

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use rtnetlink::packet_route::route::{
-    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteVia,
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType, RouteVia,
 };
 use rtnetlink::{Handle, RouteMessageBuilder};
 
@@ -35,6 +35,8 @@ pub enum NextHop {
     Via(IpAddr),
     /// Into the WireGuard device (interface index).
     Device(u32),
+    /// Nowhere: the sender gets "network unreachable" (the Service range, for pods).
+    Unreachable,
 }
 
 /// One route to a peer: its pod CIDR (main table) or its node address (pods' table).
@@ -67,6 +69,7 @@ fn peer_route(msg: &RouteMessage) -> Option<PeerRoute> {
         }
     }
     let next_hop = match (via, oif) {
+        _ if msg.header.kind == RouteType::Unreachable => NextHop::Unreachable,
         (Some(via), _) => NextHop::Via(via),
         (None, Some(oif)) => NextHop::Device(oif),
         (None, None) => return None,
@@ -108,6 +111,7 @@ fn message(route: &PeerRoute) -> RouteMessage {
         NextHop::Via(IpAddr::V4(via)) => builder.gateway(via).build(),
         NextHop::Via(IpAddr::V6(via)) => builder.via(via).build(),
         NextHop::Device(index) => builder.output_interface(index).build(),
+        NextHop::Unreachable => builder.kind(RouteType::Unreachable).build(),
     }
 }
 
@@ -119,7 +123,17 @@ fn message(route: &PeerRoute) -> RouteMessage {
 /// pods' table, so a pod talking to another node itself (the API server, host-network
 /// pods, NodePorts) is encrypted too, and the replies of such a node (routed to the pod
 /// CIDR, into its own device) come back the way the requests went.
-pub fn desired(peers: &[NodeInfo], device: Option<u32>, drops: &[Ipv4Net]) -> BTreeSet<PeerRoute> {
+///
+/// `services` (the cluster's Service range) is unreachable for pods: kube-proxy translates
+/// a Service address before routing, so what is still addressed to the range has no
+/// Service behind it yet (kube-proxy has not caught up) and would otherwise follow the
+/// node's default route off the node. The node's own traffic never sees this table.
+pub fn desired(
+    peers: &[NodeInfo],
+    device: Option<u32>,
+    drops: &[Ipv4Net],
+    services: Option<Ipv4Net>,
+) -> BTreeSet<PeerRoute> {
     let mut want: BTreeSet<PeerRoute> = peers
         .iter()
         .map(|p| PeerRoute {
@@ -144,6 +158,11 @@ pub fn desired(peers: &[NodeInfo], device: Option<u32>, drops: &[Ipv4Net]) -> BT
             IpAddr::V6(_) => None,
         }));
     }
+    want.extend(services.map(|dst| PeerRoute {
+        table: PODS_TO_NODES_TABLE,
+        dst,
+        next_hop: NextHop::Unreachable,
+    }));
     want
 }
 
@@ -293,7 +312,7 @@ mod tests {
             "198.19.0.0/16".parse().unwrap(),
             "198.19.1.0/24".parse().unwrap(),
         ];
-        let want = desired(&peers, Some(9), &drops);
+        let want = desired(&peers, Some(9), &drops, None);
         assert!(want.iter().all(|r| r.next_hop == NextHop::Device(9)));
         assert_eq!(want.len(), 3);
         // The peer's node address, for pods only (their table), not for the node itself.
@@ -303,7 +322,7 @@ mod tests {
             .collect();
         assert_eq!(node_route.len(), 1);
         assert_eq!(node_route[0].dst, "198.18.0.2/32".parse().unwrap());
-        let plain = desired(&peers, None, &drops);
+        let plain = desired(&peers, None, &drops, None);
         assert_eq!(
             plain.len(),
             1,
@@ -313,6 +332,21 @@ mod tests {
             plain.first().unwrap().next_hop,
             NextHop::Via("198.18.0.2".parse().unwrap())
         );
+    }
+
+    #[test]
+    fn the_service_range_is_unreachable_for_pods_in_both_modes() {
+        let peers = [node("a", "198.19.1.0/24", "198.18.0.2")];
+        let services: Ipv4Net = "198.19.240.0/24".parse().unwrap();
+        for device in [Some(9), None] {
+            let want = desired(&peers, device, &[], Some(services));
+            let route = want.iter().find(|r| r.dst == services).unwrap();
+            assert_eq!(route.table, PODS_TO_NODES_TABLE);
+            assert_eq!(route.next_hop, NextHop::Unreachable);
+            let mut msg = message(route);
+            msg.header.protocol = PEER_ROUTE_PROTOCOL;
+            assert_eq!(peer_route(&msg).as_ref(), Some(route));
+        }
     }
 
     #[test]

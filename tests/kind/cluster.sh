@@ -20,6 +20,7 @@ NETWORK=veil-kind
 NETWORK_SUBNET=198.18.200.0/24
 NETWORK_GATEWAY=198.18.200.1
 POD_CIDR=198.18.128.0/18
+SERVICE_CIDR=198.18.192.0/22
 NAMESPACE=veil-system
 VEIL_KIND_DIR="${VEIL_KIND_DIR:-/var/tmp/veil-kind}"
 KUBECONFIG_FILE="$VEIL_KIND_DIR/kubeconfig"
@@ -127,7 +128,7 @@ load_images() {
 }
 
 install_veil() {
-  local sets=(--set "clusterPodCIDR=$POD_CIDR")
+  local sets=(--set "clusterPodCIDR=$POD_CIDR" --set "serviceCIDR=$SERVICE_CIDR")
   [ -n "$HELM_SET" ] && sets+=(--set "$HELM_SET")
   say "helm upgrade --install veil ($NAMESPACE)"
   helm upgrade --install veil "$repo/charts/veil" --kubeconfig "$KUBECONFIG_FILE" \
