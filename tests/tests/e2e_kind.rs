@@ -80,6 +80,13 @@ fn is_pod_address(field: &str) -> bool {
             .is_some_and(|(ip, _)| in_cidr(ip, POD_CIDR))
 }
 
+/// The lines of agent or issuer logs at error level, or reporting a panic.
+fn error_lines(logs: &str) -> Vec<&str> {
+    logs.lines()
+        .filter(|l| l.contains(" ERROR ") || l.contains("panicked"))
+        .collect()
+}
+
 /// Every agent and issuer container: no restart, no error-level line, no panic.
 fn assert_clean_logs(kind: &Kind, phase: &str) -> Result<()> {
     let pods = kind.get_json(&["-n", NAMESPACE, "pods"])?;
@@ -98,10 +105,7 @@ fn assert_clean_logs(kind: &Kind, phase: &str) -> Result<()> {
             );
         }
         let logs = kind.kubectl(&["-n", NAMESPACE, "logs", name, "--all-containers"])?;
-        let bad: Vec<&str> = logs
-            .lines()
-            .filter(|l| l.contains(" ERROR ") || l.contains("panicked"))
-            .collect();
+        let bad = error_lines(&logs);
         ensure!(
             bad.is_empty(),
             "{phase}: {name} logged errors:\n{}",
@@ -398,10 +402,7 @@ fn e2e_kind_helm_install_traffic_encryption_identity_upgrade_uninstall() -> Resu
     // Every line the agents and the issuer wrote from install to uninstall, the pods that
     // upgrades replaced and the agents' own clean-up included.
     let said = logs.stop()?;
-    let bad: Vec<&str> = said
-        .lines()
-        .filter(|l| l.contains(" ERROR ") || l.contains("panicked"))
-        .collect();
+    let bad = error_lines(&said);
     ensure!(
         bad.is_empty(),
         "error-level lines or panics:\n{}",
