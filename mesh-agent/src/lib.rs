@@ -15,4 +15,5 @@ pub mod pod_counters;
 pub mod podnet;
 pub mod routes;
 pub mod server;
+pub mod state;
 pub mod wireguard;
