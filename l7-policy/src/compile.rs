@@ -188,6 +188,19 @@ impl CompiledPolicy {
         self.rules.get(index).is_some_and(Option::is_some)
     }
 
+    /// The port numbers that valid rules name (named ports are resolved per pod): the
+    /// agent builds one matcher per such port and one for every other port.
+    pub fn port_numbers(&self) -> impl Iterator<Item = u16> + '_ {
+        self.rules
+            .iter()
+            .flatten()
+            .flat_map(|rule| rule.ports.iter().flatten())
+            .filter_map(|port| match port {
+                Port::Number(n) => u16::try_from(*n).ok(),
+                Port::Name(_) => None,
+            })
+    }
+
     /// Whether this policy selects a pod with these labels in this namespace.
     /// An invalid `podSelector` selects every pod of the namespace (fail closed).
     pub fn selects(&self, namespace: &str, labels: &Labels) -> bool {

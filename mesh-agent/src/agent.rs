@@ -200,8 +200,18 @@ impl Agent {
         // Pods get their network only once routes for every known peer are in place:
         // before the first complete Node list, a new pod could reach other nodes' pods
         // along the default route, in clear.
-        let (peers_tx, mut peers_rx) = watch::channel(None);
-        let watch = tokio::spawn(k8s::watch_nodes(client.clone(), peers_tx));
+        let (state, state_run) = crate::state::start(
+            client.clone(),
+            crate::state::StateConfig {
+                node_name: node.name.clone(),
+                trust_domain: config.trust_domain.clone(),
+                settings: veil_l7_policy::Settings {
+                    allow_local_node_probes: config.allow_local_node_probes,
+                },
+            },
+        );
+        let mut peers_rx = state.nodes.clone();
+        let watch = tokio::spawn(state_run);
         let mut routes = PeerRoutes {
             netlink: service.netlink.clone(),
             wireguard: wireguard.clone(),
@@ -289,7 +299,7 @@ impl Agent {
         }
         let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
         let mut tasks = vec![
-            ("node watch", watch),
+            ("state watches", watch),
             ("route reconciler", routes),
             ("CNI server", serve),
         ];

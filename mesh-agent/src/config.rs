@@ -40,6 +40,10 @@ pub const DEFAULT_ISSUER_SERVICE_ACCOUNT: &str = "veil-issuer";
 /// the same directory, so existing mounts keep working.
 pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/veil/workload-api/socket";
 
+/// The SPIFFE trust domain workloads are named in unless configured: Kubernetes' default
+/// cluster domain, as Istio and Linkerd default to it too. It must equal the issuer's.
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 /// The agent's configuration.
 #[derive(Debug, Clone, Parser)]
 #[command(name = "mesh-agent", version, about = "Veil's per-node agent")]
@@ -123,6 +127,14 @@ pub struct Config {
     /// the node; present (an upgrade, a restart) means it leaves all of it for the next one.
     #[arg(long, env = "VEIL_OWNER_DAEMONSET")]
     pub owner_daemonset: Option<String>,
+    /// SPIFFE trust domain of workload identities in policies and flow records
+    /// (`spiffe://<trust domain>/ns/<namespace>/sa/<serviceaccount>`).
+    #[arg(long, env = "VEIL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
+    pub trust_domain: String,
+    /// Let the kubelet's declared `httpGet` probes through from the pod's own node,
+    /// whatever the policies say (nothing else from the node).
+    #[arg(long, env = "VEIL_ALLOW_LOCAL_NODE_PROBES", default_value_t = veil_l7_policy::DEFAULT_ALLOW_LOCAL_NODE_PROBES, action = clap::ArgAction::Set)]
+    pub allow_local_node_probes: bool,
 }
 
 /// Node-to-node encryption modes.
@@ -170,6 +182,12 @@ pub struct ConfigError {
 impl Config {
     /// Checks rules no single flag parser can.
     pub fn validate(&self) -> Result<(), ConfigError> {
+        if let Err(e) = veil_identity::TrustDomain::new(&self.trust_domain) {
+            return Err(ConfigError {
+                setting: "--trust-domain (VEIL_TRUST_DOMAIN)",
+                reason: format!("{:?} is not a SPIFFE trust domain: {e}", self.trust_domain),
+            });
+        }
         if self.node_name.trim().is_empty() {
             return Err(ConfigError {
                 setting: "--node-name (VEIL_NODE_NAME)",

@@ -4,12 +4,9 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::time::Duration;
 
-use futures::StreamExt;
 use ipnet::Ipv4Net;
 use k8s_openapi::api::core::v1::Node;
-use kube::runtime::{reflector, watcher, WatchStreamExt};
 use kube::{Api, Client};
-use tokio::sync::watch;
 
 use crate::peers::Candidate;
 
@@ -230,42 +227,4 @@ pub fn candidates(nodes: &[std::sync::Arc<Node>]) -> Vec<Candidate> {
             info: node_info(n).map_err(|e| e.to_string()),
         })
         .collect()
-}
-
-/// Watches Nodes and publishes them, unchecked, whenever they change, from the first
-/// complete list on (`None` until then: nothing is routed or served on a partial view).
-/// When the API server is unreachable the watcher retries with backoff and the last
-/// published list stays.
-pub async fn watch_nodes(client: Client, tx: watch::Sender<Option<Vec<Candidate>>>) {
-    let (reader, writer) = reflector::store::<Node>();
-    let nodes: Api<Node> = Api::all(client);
-    // Recompute on every event, not only on touched objects: the store swaps in the
-    // initial list only at `InitDone`, which touches no object.
-    let stream = watcher(nodes, watcher::Config::default())
-        .default_backoff()
-        .reflect(writer);
-    futures::pin_mut!(stream);
-    let mut listed = false;
-    while let Some(event) = stream.next().await {
-        match event {
-            Err(e) => {
-                tracing::warn!(error = %e, "node watch interrupted; keeping last known peers");
-                continue;
-            }
-            Ok(watcher::Event::InitDone) => listed = true,
-            Ok(_) => {}
-        }
-        if !listed {
-            continue;
-        }
-        let mut nodes = candidates(&reader.state());
-        nodes.sort_by(|a, b| a.name.cmp(&b.name));
-        tx.send_if_modified(|current| {
-            let changed = current.as_ref() != Some(&nodes);
-            if changed {
-                *current = Some(nodes);
-            }
-            changed
-        });
-    }
 }

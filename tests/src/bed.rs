@@ -316,6 +316,7 @@ impl TestBed {
             bed.control_plane.kubeconfig(&bed.control_plane.admin.token),
         )?;
         bed.grant_agents()?;
+        bed.install_crds()?;
         for _ in 0..config.nodes {
             bed.add_node()?;
         }
@@ -362,7 +363,33 @@ impl TestBed {
         &self.nodes[i]
     }
 
-    /// The agents' permissions, as the chart grants them: read Nodes, read Pods.
+    /// Installs the chart's CRDs (as `helm install` does, before anything else) and waits
+    /// until the API server serves them.
+    fn install_crds(&self) -> Result<()> {
+        use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/veil/crds/l7policy.yaml");
+        let text =
+            std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        let crd: CustomResourceDefinition =
+            serde_yaml::from_str(&text).with_context(|| format!("parse {}", path.display()))?;
+        let name = crd.metadata.name.clone().context("the CRD has a name")?;
+        let crds = Api::<CustomResourceDefinition>::all(self.client.clone());
+        self.block_on(crds.create(&PostParams::default(), &crd))
+            .with_context(|| format!("install {}", path.display()))?;
+        eventually("CRD established", Duration::from_secs(30), || {
+            let crd = self.block_on(crds.get(&name))?;
+            let established = crd
+                .status
+                .and_then(|s| s.conditions)
+                .unwrap_or_default()
+                .iter()
+                .any(|c| c.type_ == "Established" && c.status == "True");
+            Ok(established.then_some(()))
+        })
+    }
+
+    /// The agents' permissions, as the chart grants them: read Nodes, Pods, Namespaces and
+    /// L7Policies.
     fn grant_agents(&self) -> Result<()> {
         let role = ClusterRole {
             metadata: ObjectMeta {
@@ -384,6 +411,12 @@ impl TestBed {
                         "serviceaccounts".into(),
                     ]),
                     verbs: vec!["get".into(), "list".into(), "watch".into()],
+                    ..Default::default()
+                },
+                PolicyRule {
+                    api_groups: Some(vec!["veil.dev".into()]),
+                    resources: Some(vec!["l7policies".into()]),
+                    verbs: vec!["list".into(), "watch".into()],
                     ..Default::default()
                 },
             ]),

@@ -1,6 +1,262 @@
-//! The state layer: Kubernetes watches write it, the data plane (eBPF maps, the proxy,
-//! WireGuard peers) reads immutable snapshots of it and never waits on the API server.
+//! The state layer: one reflector per kind (Nodes, Pods cluster-wide, Namespaces,
+//! L7Policies) writes it; the data plane reads immutable snapshots of it — the WireGuard
+//! peer set as node candidates, the proxy and the eBPF maps as one [`Dataplane`] — and never
+//! waits on the API server. When the API server is unreachable, the watches retry with
+//! backoff and the last snapshot stays.
 
+mod build;
 pub mod dataplane;
+mod pods;
+
+use std::fmt::Debug;
+use std::hash::Hash;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::{Namespace, Node, Pod};
+use kube::runtime::reflector::{self, Store};
+use kube::runtime::{watcher, WatchStreamExt};
+use kube::{Api, Client, Resource};
+use serde::de::DeserializeOwned;
+use tokio::sync::{watch, Notify};
+use veil_l7_policy::{L7Policy, Settings};
 
 pub use dataplane::{CoveredPod, Dataplane, DataplaneRx, Workload};
+
+use crate::peers::Candidate;
+
+/// How long a burst of changes is gathered before one snapshot is built: a rollout
+/// touches many pods within milliseconds, and a policy edit must still reach new
+/// requests well within a second.
+const COALESCE: Duration = Duration::from_millis(50);
+
+/// What the state layer needs to know about its node.
+#[derive(Debug, Clone)]
+pub struct StateConfig {
+    /// This node's name.
+    pub node_name: String,
+    /// The SPIFFE trust domain workloads are named in.
+    pub trust_domain: String,
+    /// The policy engine's settings.
+    pub settings: Settings,
+}
+
+/// The receiving ends the data plane holds.
+#[derive(Clone)]
+pub struct State {
+    /// The data plane snapshot; generation 0 (empty) until every kind has been listed once.
+    pub dataplane: DataplaneRx,
+    /// Every Node, unchecked, from the first complete list on (`None` until then).
+    pub nodes: watch::Receiver<Option<Vec<Candidate>>>,
+}
+
+/// Drops what the data plane never reads, so a cluster-wide Pod cache stays small.
+fn strip_pod(pod: &mut Pod) {
+    pod.metadata.managed_fields = None;
+    pod.metadata.annotations = None;
+    pod.metadata.owner_references = None;
+    if let Some(spec) = pod.spec.as_mut() {
+        spec.volumes = None;
+        for c in &mut spec.containers {
+            c.env = None;
+            c.env_from = None;
+            c.volume_mounts = None;
+            c.command = None;
+            c.args = None;
+        }
+        spec.init_containers = None;
+    }
+    if let Some(status) = pod.status.as_mut() {
+        status.conditions = None;
+        status.container_statuses = None;
+        status.init_container_statuses = None;
+    }
+}
+
+fn strip_meta<K: Resource>(object: &mut K) {
+    object.meta_mut().managed_fields = None;
+    object.meta_mut().annotations = None;
+}
+
+fn strip_node(node: &mut Node) {
+    node.metadata.managed_fields = None;
+    // Nodes keep their annotations: the WireGuard key and port are published there.
+    if let Some(status) = node.status.as_mut() {
+        status.images = None;
+        status.conditions = None;
+    }
+}
+
+/// Runs one reflector until the task stops, waking `changed` on every event.
+async fn reflect<K>(
+    api: Api<K>,
+    writer: reflector::store::Writer<K>,
+    strip: fn(&mut K),
+    changed: Arc<Notify>,
+    kind: &'static str,
+) where
+    K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    // Every event counts, not only touched objects: the initial list is swapped into the
+    // store at `InitDone`, which touches none.
+    let stream = watcher(api, watcher::Config::default())
+        .default_backoff()
+        .modify(strip)
+        .reflect(writer);
+    futures::pin_mut!(stream);
+    while let Some(event) = stream.next().await {
+        match event {
+            Err(e) => {
+                tracing::warn!(kind, error = %e, "watch interrupted; keeping the last known state")
+            }
+            Ok(_) => changed.notify_one(),
+        }
+    }
+}
+
+/// Starts the watches. The returned future runs them and the snapshot builder; it never
+/// ends on its own (the agent treats its end as a failure).
+pub fn start(
+    client: Client,
+    config: StateConfig,
+) -> (
+    State,
+    impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let (dataplane_tx, dataplane) = watch::channel(Arc::new(Dataplane::default()));
+    let (nodes_tx, nodes) = watch::channel(None);
+    let run = run(client, config, dataplane_tx, nodes_tx);
+    (State { dataplane, nodes }, run)
+}
+
+async fn run(
+    client: Client,
+    config: StateConfig,
+    dataplane_tx: watch::Sender<Arc<Dataplane>>,
+    nodes_tx: watch::Sender<Option<Vec<Candidate>>>,
+) {
+    let (pods, pods_w) = reflector::store::<Pod>();
+    let (namespaces, namespaces_w) = reflector::store::<Namespace>();
+    let (nodes, nodes_w) = reflector::store::<Node>();
+    let (policies, policies_w) = reflector::store::<L7Policy>();
+    let changed = Arc::new(Notify::new());
+    let node_changed = Arc::new(Notify::new());
+    let watches = futures::future::join5(
+        reflect(
+            Api::all(client.clone()),
+            pods_w,
+            strip_pod,
+            changed.clone(),
+            "Pod",
+        ),
+        reflect(
+            Api::all(client.clone()),
+            namespaces_w,
+            strip_meta::<Namespace>,
+            changed.clone(),
+            "Namespace",
+        ),
+        reflect(
+            Api::all(client.clone()),
+            policies_w,
+            strip_meta::<L7Policy>,
+            changed.clone(),
+            "L7Policy",
+        ),
+        reflect(
+            Api::all(client),
+            nodes_w,
+            strip_node,
+            node_changed.clone(),
+            "Node",
+        ),
+        async {
+            tokio::join!(
+                publish_nodes(&nodes, &node_changed, &changed, &nodes_tx),
+                publish_dataplane(
+                    &config,
+                    &pods,
+                    &namespaces,
+                    &policies,
+                    &nodes,
+                    &changed,
+                    &dataplane_tx
+                ),
+            );
+        },
+    );
+    watches.await;
+}
+
+/// Publishes the Node list for the peer set on every Node event, from the first complete
+/// list on, and wakes the data plane builder (it reads the node's addresses).
+async fn publish_nodes(
+    nodes: &Store<Node>,
+    node_changed: &Notify,
+    changed: &Notify,
+    tx: &watch::Sender<Option<Vec<Candidate>>>,
+) {
+    if nodes.wait_until_ready().await.is_err() {
+        return;
+    }
+    loop {
+        let mut list = crate::k8s::candidates(&nodes.state());
+        list.sort_by(|a, b| a.name.cmp(&b.name));
+        tx.send_if_modified(|current| {
+            let differs = current.as_ref() != Some(&list);
+            if differs {
+                *current = Some(list);
+            }
+            differs
+        });
+        changed.notify_one();
+        node_changed.notified().await;
+    }
+}
+
+/// Builds and publishes a snapshot after every burst of changes, once every kind has
+/// been listed.
+async fn publish_dataplane(
+    config: &StateConfig,
+    pods: &Store<Pod>,
+    namespaces: &Store<Namespace>,
+    policies: &Store<L7Policy>,
+    nodes: &Store<Node>,
+    changed: &Notify,
+    tx: &watch::Sender<Arc<Dataplane>>,
+) {
+    for store_ready in [
+        pods.wait_until_ready().await,
+        namespaces.wait_until_ready().await,
+        policies.wait_until_ready().await,
+        nodes.wait_until_ready().await,
+    ] {
+        if store_ready.is_err() {
+            return;
+        }
+    }
+    let mut builder = build::Builder::new(&config.node_name, &config.trust_domain, config.settings);
+    loop {
+        let pods = pods.state();
+        let namespaces = namespaces.state();
+        let policies = policies.state();
+        let own_node = nodes.get(&reflector::ObjectRef::new(&config.node_name));
+        let snapshot = builder.build(&build::Inputs {
+            pods: &pods,
+            namespaces: &namespaces,
+            policies: &policies,
+            own_node: own_node.as_deref(),
+        });
+        tracing::debug!(
+            generation = snapshot.generation,
+            workloads = snapshot.workloads.len(),
+            covered = snapshot.covered.len(),
+            "data plane snapshot"
+        );
+        tx.send_replace(Arc::new(snapshot));
+        changed.notified().await;
+        tokio::time::sleep(COALESCE).await;
+    }
+}
