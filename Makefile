@@ -22,10 +22,13 @@ lint:
 	bash tests/scripts/helm-docs.sh --check
 
 # Unit, netns test bed and chart tests first, then the kind end-to-end tier on its own
-# (a three-node cluster beside other test beds would starve both on two cores).
+# (a three-node cluster beside other test beds would starve both on two cores), then
+# Kubernetes' own sig-network conformance specs on a fresh kind cluster.
 test: setup lint build
 	cargo test --workspace -- --test-threads=$(TEST_THREADS) --skip e2e_kind
 	$(MAKE) test-e2e
+	$(MAKE) conformance
+	bash tests/kind/cluster.sh down
 
 test-e2e:
 	cargo test --workspace e2e_kind -- --test-threads=1 --nocapture
@@ -40,7 +43,7 @@ cluster-down:
 
 # Kubernetes' own [sig-network] [Conformance] specs (45 on v1.34.4) against Veil on the kind
 # cluster (made when absent); last line RESULT conformance. e2e.test, ginkgo and the e2e
-# images are built once (about 7 min cold) into the cache. Not yet part of `make test`.
+# images are built once (about 7 min cold) into the cache. The last step of `make test`.
 conformance: setup build
 	bash tests/kind/conformance-setup.sh
 	bash tests/kind/cluster.sh up
