@@ -274,7 +274,7 @@ impl Leadership for LeaseLeadership {
             };
             return match api.create(&PostParams::default(), &lease).await {
                 Ok(_) => {
-                    tracing::info!(lease = %self.name, holder = %self.holder, "took the CA rotation lease");
+                    tracing::info!(lease = %self.name, holder = %self.holder, "took the lease");
                     Ok(true)
                 }
                 Err(kube::Error::Api(s)) if s.code == 409 => Ok(false),
@@ -310,7 +310,7 @@ impl Leadership for LeaseLeadership {
         {
             Ok(_) => {
                 if !ours {
-                    tracing::info!(lease = %self.name, holder = %self.holder, "took over the expired CA rotation lease");
+                    tracing::info!(lease = %self.name, holder = %self.holder, "took over the expired lease");
                 }
                 Ok(true)
             }

@@ -60,6 +60,7 @@ pub struct Agent {
     pub pod_mtu: u32,
     service: Arc<PodService>,
     listener: Option<tokio::net::UnixListener>,
+    admin: Option<tokio::net::UnixListener>,
     client: kube::Client,
     config: Config,
     wireguard: Option<(Arc<Wireguard>, u32)>,
@@ -67,6 +68,7 @@ pub struct Agent {
         Option<tokio::sync::mpsc::Receiver<tokio::sync::oneshot::Sender<Result<String, String>>>>,
     identity: Option<Identity>,
     watch: Option<tokio::task::JoinHandle<()>>,
+    policy_status: Option<tokio::task::JoinHandle<()>>,
     routes: Option<PeerRoutes>,
     peers_rx: watch::Receiver<Option<Vec<Candidate>>>,
     fatal: crate::fatal::Fatal,
@@ -212,6 +214,17 @@ impl Agent {
         );
         let mut peers_rx = state.nodes.clone();
         let watch = tokio::spawn(state_run);
+        let policy_status = config.policy_status_lease.as_deref().and_then(|lease| {
+            crate::policy_status::StatusLease::parse(lease, &node.name)
+                .ok()
+                .map(|lease| {
+                    tokio::spawn(crate::policy_status::run(
+                        client.clone(),
+                        lease,
+                        state.policies.clone(),
+                    ))
+                })
+        });
         let mut routes = PeerRoutes {
             netlink: service.netlink.clone(),
             wireguard: wireguard.clone(),
@@ -234,22 +247,28 @@ impl Agent {
                 .map_err(|e| StartError::Network(e.to_string()))?;
         }
         routes.apply(&first).await;
-        let listener = server::bind(&config.cni_socket).map_err(|source| StartError::Bind {
-            path: config.cni_socket.clone(),
-            source,
-        })?;
+        let bind = |path: &std::path::PathBuf| {
+            crate::local_socket::bind(path).map_err(|source| StartError::Bind {
+                path: path.clone(),
+                source,
+            })
+        };
+        let listener = bind(&config.cni_socket)?;
+        let admin = bind(&config.admin_socket)?;
         tracing::info!(socket = %config.cni_socket.display(), pod_mtu, "serving CNI");
         Ok(Agent {
             node,
             pod_mtu,
             service,
             listener: Some(listener),
+            admin: Some(admin),
             client,
             config,
             wireguard,
             rotate_rx,
             identity,
             watch: Some(watch),
+            policy_status,
             routes: Some(routes),
             peers_rx,
             fatal,
@@ -260,9 +279,12 @@ impl Agent {
     /// Serves until SIGTERM or SIGINT, then removes the socket. Pods keep their network:
     /// veths, addresses and routes live in the kernel, and the next agent adopts them.
     pub async fn run(mut self) -> anyhow::Result<()> {
-        let (Some(listener), Some(watch), Some(mut reconciler)) =
-            (self.listener.take(), self.watch.take(), self.routes.take())
-        else {
+        let (Some(listener), Some(admin), Some(watch), Some(mut reconciler)) = (
+            self.listener.take(),
+            self.admin.take(),
+            self.watch.take(),
+            self.routes.take(),
+        ) else {
             anyhow::bail!("Agent::run called twice");
         };
         let mut peers_rx = self.peers_rx.clone();
@@ -288,6 +310,12 @@ impl Agent {
             .take()
             .map(|identity| tokio::spawn(identity.run(self.client.clone())));
         let serve = tokio::spawn(server::serve(listener, self.service.clone()));
+        let admin = tokio::spawn(crate::admin::serve(
+            admin,
+            Arc::new(crate::admin::AdminService {
+                pods: self.service.clone(),
+            }),
+        ));
         if let Some(conf) = &self.config.cni_conf_file {
             crate::node_install::write_cni_conf(
                 conf,
@@ -302,8 +330,10 @@ impl Agent {
             ("state watches", watch),
             ("route reconciler", routes),
             ("CNI server", serve),
+            ("admin server", admin),
         ];
         tasks.extend(rotation.map(|t| ("key rotation", t)));
+        tasks.extend(self.policy_status.take().map(|t| ("policy status", t)));
         tasks.extend(identity.map(|t| ("identity", t)));
         // Every task runs for the agent's lifetime: one that ends has died.
         let fatal = self.fatal.clone();
@@ -352,6 +382,8 @@ impl Agent {
         if let Some(socket) = workload_socket {
             let _ = std::fs::remove_file(socket);
         }
+        // Nobody waits on the admin socket across a restart (unlike CNI's, see below).
+        let _ = std::fs::remove_file(&self.config.admin_socket);
         // The CNI socket stays while another agent is coming: `mesh-cni` tells "restarting,
         // try again" (a socket nobody answers) from "no agent on this node" (no socket).
         if let crate::node_install::Departure::Uninstall(why) = departure {

@@ -60,6 +60,9 @@ pub struct Config {
     /// Unix socket the CNI plugin and meshctl connect to.
     #[arg(long, env = "VEIL_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
     pub cni_socket: PathBuf,
+    /// Unix socket `meshctl` talks to (root only): pods, WireGuard, key rotation, flows.
+    #[arg(long, env = "VEIL_ADMIN_SOCKET", default_value = crate::admin::DEFAULT_ADMIN_SOCKET)]
+    pub admin_socket: PathBuf,
     /// Pod interface MTU; by default the underlay MTU minus `encap_overhead`.
     #[arg(long, env = "VEIL_POD_MTU")]
     pub pod_mtu: Option<u32>,
@@ -135,6 +138,10 @@ pub struct Config {
     /// whatever the policies say (nothing else from the node).
     #[arg(long, env = "VEIL_ALLOW_LOCAL_NODE_PROBES", default_value_t = veil_l7_policy::DEFAULT_ALLOW_LOCAL_NODE_PROBES, action = clap::ArgAction::Set)]
     pub allow_local_node_probes: bool,
+    /// `<namespace>/<name>` of the Lease that picks the one agent writing `L7Policy`
+    /// status (`Accepted`, `observedGeneration`); unset: this agent never writes status.
+    #[arg(long, env = "VEIL_POLICY_STATUS_LEASE")]
+    pub policy_status_lease: Option<String>,
 }
 
 /// Node-to-node encryption modes.
@@ -187,6 +194,14 @@ impl Config {
                 setting: "--trust-domain (VEIL_TRUST_DOMAIN)",
                 reason: format!("{:?} is not a SPIFFE trust domain: {e}", self.trust_domain),
             });
+        }
+        if let Some(lease) = &self.policy_status_lease {
+            crate::policy_status::StatusLease::parse(lease, &self.node_name).map_err(|reason| {
+                ConfigError {
+                    setting: "--policy-status-lease (VEIL_POLICY_STATUS_LEASE)",
+                    reason,
+                }
+            })?;
         }
         if self.node_name.trim().is_empty() {
             return Err(ConfigError {

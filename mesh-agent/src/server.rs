@@ -1,5 +1,5 @@
-//! The agent's unix socket: one JSON request per connection from `mesh-cni` or `meshctl`,
-//! dispatched to address management, pod networking and the eBPF counters.
+//! The agent's CNI socket: one JSON request per connection from `mesh-cni`, dispatched to
+//! address management, pod networking and the eBPF counters.
 
 use std::net::Ipv4Addr;
 use std::path::Path;
@@ -7,21 +7,18 @@ use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use rtnetlink::Handle;
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::AsyncWriteExt;
+use tokio::net::UnixListener;
 
+use crate::admin::{AdminResponse, PodInfo};
 use crate::cni::protocol::{
-    decode_request, AgentRequest, AgentResponse, Attachment, AttachmentKey, PodInfo,
+    decode_request, AgentRequest, AgentResponse, Attachment, AttachmentKey,
 };
 use crate::cni::spec::{CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
 use crate::ipam::{Ipam, IpamError};
 use crate::pod_counters::PodCounters;
 use crate::podnet::{self, format_mac, PodNetError, POD_GATEWAY};
 use veil_identity::workload_api::NetnsAttestor;
-
-/// A request line larger than this is not a CNI request; the cap keeps a broken client
-/// from growing the agent's memory.
-const MAX_REQUEST_BYTES: u64 = 1 << 20;
 
 /// Everything a request handler needs.
 pub struct PodService {
@@ -100,9 +97,6 @@ impl PodService {
             AgentRequest::Check(a) => self.check(&a).await.map(|()| AgentResponse::Done),
             AgentRequest::Status => Ok(AgentResponse::Done),
             AgentRequest::Gc { valid } => self.gc(&valid).await.map(|()| AgentResponse::Done),
-            AgentRequest::ListPods => Ok(AgentResponse::Pods { pods: self.list() }),
-            AgentRequest::WireguardStatus => self.wireguard_status(),
-            AgentRequest::RotateKey => self.rotate_key().await,
         };
         outcome.unwrap_or_else(AgentResponse::Failed)
     }
@@ -285,9 +279,10 @@ impl PodService {
         Ok(())
     }
 
-    fn wireguard_status(&self) -> Result<AgentResponse, CniError> {
+    /// The node key, peers and queues, for `meshctl wireguard`.
+    pub(crate) fn wireguard_status(&self) -> Result<AdminResponse, String> {
         let wg = self.wireguard.as_ref().ok_or_else(Self::encryption_off)?;
-        Ok(AgentResponse::Wireguard {
+        Ok(AdminResponse::Wireguard {
             public_key: crate::wireguard::keys::encode(&wg.endpoint().public_key),
             peers: wg.status(),
             dropped_no_peer: wg.dropped_no_peer(),
@@ -296,30 +291,22 @@ impl PodService {
         })
     }
 
-    async fn rotate_key(&self) -> Result<AgentResponse, CniError> {
+    /// Asks the rotation task for a new key now, for `meshctl wireguard rotate`.
+    pub(crate) async fn rotate_key(&self) -> Result<AdminResponse, String> {
         let rotate = self.rotate.as_ref().ok_or_else(Self::encryption_off)?;
         let (tx, rx) = tokio::sync::oneshot::channel();
-        let failed = |msg: String| CniError::new(ErrorCode::IoFailure, msg, "");
-        rotate
-            .send(tx)
-            .await
-            .map_err(|_| failed("the rotation task has stopped".into()))?;
-        let public_key = rx
-            .await
-            .map_err(|_| failed("the rotation task has stopped".into()))?
-            .map_err(failed)?;
-        Ok(AgentResponse::Rotated { public_key })
+        let stopped = "the rotation task has stopped";
+        rotate.send(tx).await.map_err(|_| stopped.to_string())?;
+        let public_key = rx.await.map_err(|_| stopped.to_string())??;
+        Ok(AdminResponse::Rotated { public_key })
     }
 
-    fn encryption_off() -> CniError {
-        CniError::new(
-            ErrorCode::UnsupportedField,
-            "encryption is off on this node (--encryption none)",
-            "",
-        )
+    fn encryption_off() -> String {
+        "encryption is off on this node (--encryption none)".to_string()
     }
 
-    fn list(&self) -> Vec<PodInfo> {
+    /// The attachments with their counters, for `meshctl pods`.
+    pub(crate) fn list(&self) -> Vec<PodInfo> {
         self.ipam
             .allocations()
             .into_iter()
@@ -339,113 +326,20 @@ impl PodService {
     }
 }
 
-/// Connections served at once: mesh-cni calls are short and a node runs at most a few
-/// hundred pods, so 64 leaves room for bursts while a flood of idle connections cannot
-/// exhaust the agent's file descriptors or tasks.
-pub const MAX_CONNECTIONS: usize = 64;
-/// How long a client may take to send its request line: mesh-cni writes it at once, so
-/// 10 s only ever ends slow or stalled clients.
-pub const REQUEST_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
-
-/// Binds the socket, replacing a stale one from an earlier run. The socket is root-only
-/// whatever the umask: it is created under a umask of 0o177 (so it is never reachable by
-/// others, not even for a moment), then set to 0600.
-pub fn bind(path: &Path) -> std::io::Result<UnixListener> {
-    use std::os::unix::fs::PermissionsExt;
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
-    }
-    match std::fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    // umask is process-wide; bind is only called at start, before any other file is made.
-    let old = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
-    let bound = UnixListener::bind(path);
-    nix::sys::stat::umask(old);
-    let listener = bound?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
-    Ok(listener)
-}
-
-/// Why a connection was turned away before its request was read.
-#[derive(Debug, thiserror::Error)]
-pub enum ConnectionError {
-    /// The peer's credentials could not be read.
-    #[error("read the caller's credentials (SO_PEERCRED): {0}")]
-    Credentials(std::io::Error),
-    /// The peer is not root.
-    #[error("caller uid {uid} (pid {pid:?}) is not root")]
-    NotRoot {
-        /// The caller's uid.
-        uid: u32,
-        /// The caller's pid, when known.
-        pid: Option<i32>,
-    },
-    /// The request did not arrive in time.
-    #[error("no request within {0:?}")]
-    Timeout(std::time::Duration),
-    /// Reading or writing failed.
-    #[error(transparent)]
-    Io(#[from] std::io::Error),
-}
-
-/// Serves connections until the listener fails: root callers only, at most
-/// [`MAX_CONNECTIONS`] at once (others wait in the backlog), each with
-/// [`REQUEST_TIMEOUT`] to send its request.
+/// Serves `mesh-cni` on the CNI socket until the listener fails (see
+/// [`crate::local_socket::serve`]): one request line, one answer line.
 pub async fn serve(listener: UnixListener, service: Arc<PodService>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    let mut delay = std::time::Duration::from_millis(10);
-    loop {
-        let Ok(slot) = slots.clone().acquire_owned().await else {
-            return;
-        };
-        match listener.accept().await {
-            Ok((stream, _)) => {
-                delay = std::time::Duration::from_millis(10);
-                let service = service.clone();
-                tokio::spawn(async move {
-                    let _slot = slot;
-                    if let Err(e) = serve_one(stream, &service).await {
-                        tracing::warn!(error = %e, "CNI connection refused or failed");
-                    }
-                });
-            }
-            Err(e) => {
-                // EMFILE and friends: back off instead of spinning on the error.
-                tracing::error!(error = %e, retry_in_ms = delay.as_millis() as u64, "accept on CNI socket");
-                tokio::time::sleep(delay).await;
-                delay = (delay * 2).min(std::time::Duration::from_secs(1));
-            }
+    crate::local_socket::serve(listener, "cni", move |line, mut write| {
+        let service = service.clone();
+        async move {
+            let response = match decode_request(&line) {
+                Ok(request) => service.handle(request).await,
+                Err(e) => AgentResponse::Failed(e),
+            };
+            crate::local_socket::write_line(&mut write, &response).await?;
+            write.shutdown().await?;
+            Ok(())
         }
-    }
-}
-
-async fn serve_one(stream: UnixStream, service: &PodService) -> Result<(), ConnectionError> {
-    let cred = stream.peer_cred().map_err(ConnectionError::Credentials)?;
-    if cred.uid() != 0 {
-        return Err(ConnectionError::NotRoot {
-            uid: cred.uid(),
-            pid: cred.pid(),
-        });
-    }
-    let (read, mut write) = stream.into_split();
-    let mut line = Vec::new();
-    let mut reader = BufReader::new(read.take(MAX_REQUEST_BYTES));
-    tokio::time::timeout(REQUEST_TIMEOUT, reader.read_until(b'\n', &mut line))
-        .await
-        .map_err(|_| ConnectionError::Timeout(REQUEST_TIMEOUT))??;
-    let response = match decode_request(&line) {
-        Ok(request) => service.handle(request).await,
-        Err(e) => AgentResponse::Failed(e),
-    };
-    // Plain data always serialises; an empty line would tell the client something broke.
-    let mut out = serde_json::to_vec(&response).unwrap_or_default();
-    out.push(b'\n');
-    tokio::time::timeout(REQUEST_TIMEOUT, write.write_all(&out))
-        .await
-        .map_err(|_| ConnectionError::Timeout(REQUEST_TIMEOUT))??;
-    write.shutdown().await?;
-    Ok(())
+    })
+    .await
 }

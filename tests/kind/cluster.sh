@@ -160,7 +160,7 @@ up() {
 Veil runs on kind cluster '$CLUSTER' (3 nodes). Try:
   export KUBECONFIG=$KUBECONFIG_FILE
   kubectl -n demo exec client -- veil-client http http://echo.demo.svc.cluster.local:8080/hello
-  kubectl -n $NAMESPACE exec ds/veil-agent -c agent -- meshctl --socket /run/veil/cni.sock wireguard
+  kubectl -n $NAMESPACE exec ds/veil-agent -c agent -- meshctl wireguard
   kubectl -n demo exec client -- veil-svid
 Remove it all with: make cluster-down
 MSG

@@ -15,7 +15,8 @@ use k8s_openapi::api::core::v1::Node as KubeNode;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
 use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
 use kube::Api;
-use mesh_agent::cni::protocol::{self, AgentRequest, AgentResponse, PodInfo};
+use mesh_agent::admin::{self, AdminRequest, AdminResponse, PodInfo};
+use mesh_agent::cni::protocol::{self, AgentRequest, AgentResponse};
 use serde_json::json;
 
 use crate::bins;
@@ -30,6 +31,10 @@ pub const MAX_NODES: usize = 8;
 const MAX_BEDS: u32 = 30;
 /// How long an agent may take to serve after it starts (it waits for its Node first).
 const AGENT_READY: Duration = Duration::from_secs(60);
+
+/// The Lease that picks the one agent writing `L7Policy` status (the chart's name, in
+/// namespace `default`).
+pub const POLICY_STATUS_LEASE: &str = "default/veil-policy-status";
 
 /// The shape of a bed.
 #[derive(Debug, Clone)]
@@ -94,6 +99,11 @@ impl Node {
     /// The agent's CNI socket.
     pub fn socket(&self) -> PathBuf {
         self.dir.join("cni.sock")
+    }
+
+    /// The agent's admin socket (`meshctl`).
+    pub fn admin_socket(&self) -> PathBuf {
+        self.dir.join("admin.sock")
     }
 
     /// The agent's state directory.
@@ -419,6 +429,18 @@ impl TestBed {
                     verbs: vec!["list".into(), "watch".into()],
                     ..Default::default()
                 },
+                PolicyRule {
+                    api_groups: Some(vec!["veil.dev".into()]),
+                    resources: Some(vec!["l7policies/status".into()]),
+                    verbs: vec!["patch".into()],
+                    ..Default::default()
+                },
+                PolicyRule {
+                    api_groups: Some(vec!["coordination.k8s.io".into()]),
+                    resources: Some(vec!["leases".into()]),
+                    verbs: vec!["get".into(), "create".into(), "update".into()],
+                    ..Default::default()
+                },
             ]),
             ..Default::default()
         };
@@ -540,10 +562,14 @@ impl TestBed {
         Ok(node.metadata.annotations.and_then(|a| a.get(key).cloned()))
     }
 
-    /// Asks node `i`'s agent anything; fails on an error answer.
-    pub fn ask_agent(&self, i: usize, request: AgentRequest) -> Result<AgentResponse> {
-        match protocol::call(&self.nodes[i].socket(), &request, Duration::from_secs(30)) {
-            Ok(AgentResponse::Failed(e)) => bail!("{e}"),
+    /// Asks node `i`'s agent on its admin socket; fails on an error answer.
+    pub fn ask_agent(&self, i: usize, request: AdminRequest) -> Result<AdminResponse> {
+        match admin::call(
+            &self.nodes[i].admin_socket(),
+            &request,
+            Duration::from_secs(30),
+        ) {
+            Ok(AdminResponse::Failed { error }) => bail!("{error}"),
             Ok(answer) => Ok(answer),
             Err(e) => bail!("{e}"),
         }
@@ -601,6 +627,10 @@ impl TestBed {
             .arg(node.state_dir())
             .arg("--cni-socket")
             .arg(node.socket())
+            .arg("--admin-socket")
+            .arg(node.admin_socket())
+            .arg("--policy-status-lease")
+            .arg(POLICY_STATUS_LEASE)
             .arg("--encryption")
             .arg(self.config.encryption)
             .args(
@@ -665,14 +695,9 @@ impl TestBed {
 
     /// The pods node `i`'s agent reports.
     pub fn agent_pods(&self, i: usize) -> Result<Vec<PodInfo>> {
-        match protocol::call(
-            &self.nodes[i].socket(),
-            &AgentRequest::ListPods,
-            Duration::from_secs(10),
-        ) {
-            Ok(AgentResponse::Pods { pods }) => Ok(pods),
-            Ok(other) => bail!("unexpected answer {other:?}"),
-            Err(e) => bail!("{e}"),
+        match self.ask_agent(i, AdminRequest::Pods)? {
+            AdminResponse::Pods { pods } => Ok(pods),
+            other => bail!("unexpected answer {other:?}"),
         }
     }
 
@@ -766,6 +791,22 @@ impl TestBed {
             bail!("CNI DEL for pod {} failed: {}", pod.name, out.stdout);
         }
         Ok(())
+    }
+
+    /// Everything every agent run of node `i` logged, oldest run first.
+    pub fn agent_log(&self, i: usize) -> String {
+        let mut runs: Vec<PathBuf> = std::fs::read_dir(&self.nodes[i].dir)
+            .map(|entries| entries.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default();
+        runs.retain(|p| {
+            p.file_name()
+                .map(|n| n.to_string_lossy())
+                .is_some_and(|n| n.starts_with("agent-") && n.ends_with(".log"))
+        });
+        runs.sort();
+        runs.iter()
+            .map(|p| std::fs::read_to_string(p).unwrap_or_default())
+            .collect()
     }
 
     /// Dumps the logs of every agent and the API server (for failure reports).

@@ -19,6 +19,7 @@ pub mod pki;
 pub mod process;
 
 pub use bed::{BedConfig, CniCall, CniOutput, Pod, TestBed};
+pub use mesh_agent::admin::{AdminRequest, AdminResponse};
 pub use mesh_agent::cni::protocol::{AgentRequest, AgentResponse};
 pub use process::eventually;
 

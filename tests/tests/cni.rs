@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use veil_testbed::bed::pod_call;
-use veil_testbed::{eventually, AgentRequest, AgentResponse, BedConfig, CniCall, TestBed};
+use veil_testbed::{eventually, AdminRequest, AdminResponse, BedConfig, CniCall, TestBed};
 
 /// A payload whose every byte depends on its position, so reordering or truncation shows.
 fn payload(len: usize) -> Vec<u8> {
@@ -349,8 +349,8 @@ fn cni_node_joining_and_leaving_updates_routes() {
         "the removed node's peer withdrawn",
         Duration::from_secs(20),
         || {
-            Ok(match bed.ask_agent(0, AgentRequest::WireguardStatus)? {
-                AgentResponse::Wireguard { peers, .. } => {
+            Ok(match bed.ask_agent(0, AdminRequest::Wireguard)? {
+                AdminResponse::Wireguard { peers, .. } => {
                     peers.iter().all(|p| p.node != joined_name).then_some(())
                 }
                 _ => None,

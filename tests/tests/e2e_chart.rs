@@ -190,7 +190,7 @@ fn e2e_chart_renders_the_agent_least_privileged_and_consistent() -> Result<()> {
             == [
                 "/usr/local/bin/meshctl",
                 "--socket",
-                "/run/veil/cni.sock",
+                "/run/veil/admin.sock",
                 "pods"
             ],
         "{probe:?}"
@@ -224,7 +224,23 @@ fn e2e_chart_renders_the_agent_least_privileged_and_consistent() -> Result<()> {
         )),
         "{role:?}"
     );
+    ensure!(
+        config["VEIL_POLICY_STATUS_LEASE"].as_str() == Some("veil-system/veil-policy-status"),
+        "one Lease names the agent that writes policy status"
+    );
+    ensure!(
+        role.contains(&(
+            "leases".into(),
+            vec!["get".into(), "update".into()],
+            vec!["veil-policy-status".into()]
+        )),
+        "{role:?}"
+    );
     let cluster = rules(get(&docs, "ClusterRole", "veil-agent")?);
+    ensure!(
+        cluster.contains(&("l7policies/status".into(), vec!["patch".into()], vec![])),
+        "{cluster:?}"
+    );
     let nodes = cluster
         .iter()
         .find(|(r, _, _)| r == "nodes")
@@ -299,11 +315,17 @@ fn e2e_chart_renders_without_encryption_or_identity() -> Result<()> {
         pod.get("hostPID").is_none(),
         "no host PID namespace without identity"
     );
+    // Pods and policies are read for enforcement whether identity is on or not; reading
+    // is all: no get (no single pod), no writes.
     let cluster = rules(get(&docs, "ClusterRole", "veil-agent")?);
-    ensure!(
-        cluster.iter().all(|(r, _, _)| r != "pods"),
-        "no Pod rights without identity: {cluster:?}"
-    );
+    for resource in ["pods", "namespaces", "l7policies"] {
+        ensure!(
+            cluster
+                .iter()
+                .any(|(r, verbs, _)| r == resource && verbs == &["list", "watch"]),
+            "{resource} read without identity: {cluster:?}"
+        );
+    }
 
     let docs = render(&[
         "--set",

@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use veil_testbed::{eventually, AgentRequest, AgentResponse, BedConfig, CniCall, Pod, TestBed};
+use veil_testbed::{eventually, AdminRequest, AdminResponse, BedConfig, CniCall, Pod, TestBed};
 
 /// uid and gid of `nobody` on Debian.
 const NOBODY: u32 = 65534;
@@ -18,17 +18,6 @@ fn connected_pods(bed: &TestBed) -> (Pod, Pod) {
 }
 
 /// Everything node `i`'s agents have logged so far.
-fn agent_logs(bed: &TestBed, i: usize) -> String {
-    let mut all = String::new();
-    for entry in std::fs::read_dir(&bed.node(i).dir).unwrap().flatten() {
-        let name = entry.file_name().to_string_lossy().into_owned();
-        if name.starts_with("agent-") && name.ends_with(".log") {
-            all += &std::fs::read_to_string(entry.path()).unwrap_or_default();
-        }
-    }
-    all
-}
-
 /// Runs the real `meshctl` against `socket`, as `uid` when given.
 fn meshctl(socket: &Path, args: &[&str], uid: Option<u32>) -> (bool, String) {
     let mut cmd = std::process::Command::new(veil_testbed::bins::veil("meshctl").unwrap());
@@ -106,10 +95,10 @@ fn hardening_garbage_datagrams_from_a_peer_as_nobody_leave_traffic_and_meshctl_w
         })
         .unwrap();
     }
-    let (ok, said) = meshctl(&bed.node(0).socket(), &["wireguard"], None);
+    let (ok, said) = meshctl(&bed.node(0).admin_socket(), &["wireguard"], None);
     assert!(ok, "{said}");
-    let peers = match bed.ask_agent(0, AgentRequest::WireguardStatus).unwrap() {
-        AgentResponse::Wireguard { peers, .. } => peers,
+    let peers = match bed.ask_agent(0, AdminRequest::Wireguard).unwrap() {
+        AdminResponse::Wireguard { peers, .. } => peers,
         other => panic!("{other:?}"),
     };
     assert!(
@@ -117,7 +106,7 @@ fn hardening_garbage_datagrams_from_a_peer_as_nobody_leave_traffic_and_meshctl_w
         "the malformed datagrams were counted: {peers:?}"
     );
     for i in 0..2 {
-        let logs = agent_logs(&bed, i);
+        let logs = bed.agent_log(i);
         assert!(!logs.contains("panicked"), "node-{i} agent log:\n{logs}");
     }
 }
@@ -130,9 +119,11 @@ fn hardening_local_sockets_refuse_unprivileged_callers_and_outlast_slow_clients(
         ..BedConfig::default()
     })
     .unwrap();
-    let socket = bed.node(0).socket();
-    let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
-    assert_eq!(mode, 0o600, "the CNI socket is root-only");
+    for socket in [bed.node(0).socket(), bed.node(0).admin_socket()] {
+        let mode = std::fs::metadata(&socket).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600, "{} is root-only", socket.display());
+    }
+    let socket = bed.node(0).admin_socket();
     let key = bed
         .node_annotation(0, "veil.dev/wireguard-public-key")
         .unwrap();
@@ -162,7 +153,7 @@ fn hardening_local_sockets_refuse_unprivileged_callers_and_outlast_slow_clients(
         key,
         "the key did not change"
     );
-    assert!(agent_logs(&bed, 0).contains("is not root"));
+    assert!(bed.agent_log(0).contains("is not root"));
 
     // A hundred clients that connect and say nothing hold no slot for long: root's
     // request is served once the agent has timed them out.
@@ -271,8 +262,8 @@ fn hardening_deleting_a_node_without_cluster_pod_cidr_sends_no_plaintext() {
     let (a, c) = connected_pods(&bed);
     bed.delete_node_object(1).unwrap();
     eventually("node-0 forgets node-1", Duration::from_secs(10), || {
-        Ok(match bed.ask_agent(0, AgentRequest::WireguardStatus)? {
-            AgentResponse::Wireguard { peers, .. } => peers.is_empty().then_some(()),
+        Ok(match bed.ask_agent(0, AdminRequest::Wireguard)? {
+            AdminResponse::Wireguard { peers, .. } => peers.is_empty().then_some(()),
             _ => None,
         })
     })
@@ -331,8 +322,8 @@ fn hardening_node_objects_that_would_capture_traffic_are_excluded_and_reported()
     )
     .unwrap();
     let excluded = eventually("impostors reported", Duration::from_secs(10), || {
-        Ok(match bed.ask_agent(0, AgentRequest::WireguardStatus)? {
-            AgentResponse::Wireguard { excluded, .. } => {
+        Ok(match bed.ask_agent(0, AdminRequest::Wireguard)? {
+            AdminResponse::Wireguard { excluded, .. } => {
                 // The bed writes a Node's addresses just after creating it.
                 let settled = excluded.len() == 3
                     && excluded.iter().all(|e| !e.reason.contains("no InternalIP"));
@@ -349,7 +340,7 @@ fn hardening_node_objects_that_would_capture_traffic_are_excluded_and_reported()
     );
     assert!(said.contains("is this node's"), "{said}");
     assert!(said.contains("covers every address"), "{said}");
-    let (ok, out) = meshctl(&bed.node(0).socket(), &["wireguard"], None);
+    let (ok, out) = meshctl(&bed.node(0).admin_socket(), &["wireguard"], None);
     assert!(ok && out.contains("excluded node impostor-all"), "{out}");
     // The real node keeps its place: traffic still flows, encrypted.
     a.ping(c.ip).unwrap();

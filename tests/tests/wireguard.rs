@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use veil_testbed::capture::Capture;
-use veil_testbed::{eventually, AgentRequest, AgentResponse, BedConfig, Pod, TestBed};
+use veil_testbed::{eventually, AdminRequest, AdminResponse, BedConfig, Pod, TestBed};
 
 const KEY: &str = "veil.dev/wireguard-public-key";
 
@@ -25,8 +25,8 @@ fn connected_pods(bed: &TestBed) -> (Pod, Pod) {
 
 /// Peers of node `i` as its agent reports them.
 fn peers(bed: &TestBed, i: usize) -> Vec<mesh_agent::wireguard::PeerStatus> {
-    match bed.ask_agent(i, AgentRequest::WireguardStatus).unwrap() {
-        AgentResponse::Wireguard { peers, .. } => peers,
+    match bed.ask_agent(i, AdminRequest::Wireguard).unwrap() {
+        AdminResponse::Wireguard { peers, .. } => peers,
         other => panic!("unexpected answer {other:?}"),
     }
 }
@@ -233,8 +233,8 @@ fn wireguard_strict_mode_sends_nothing_before_the_peer_key_is_known() {
     );
     // node-1 still knows node-0, so its replies and handshakes may cross, encrypted only.
     assert_only_wireguard(&seen.lines);
-    match bed.ask_agent(0, AgentRequest::WireguardStatus).unwrap() {
-        AgentResponse::Wireguard {
+    match bed.ask_agent(0, AdminRequest::Wireguard).unwrap() {
+        AdminResponse::Wireguard {
             dropped_no_peer, ..
         } => assert!(dropped_no_peer > 0),
         other => panic!("{other:?}"),
@@ -348,8 +348,8 @@ fn wireguard_peers_follow_nodes_restarts_and_key_changes() {
     // A key change (rotation on demand) is followed by the peers; node-0's session with
     // node-2 is left alone (a replaced peer would start its counters from zero).
     let node2_before = sent_to(2).unwrap();
-    let rotated = match bed.ask_agent(1, AgentRequest::RotateKey).unwrap() {
-        AgentResponse::Rotated { public_key } => public_key,
+    let rotated = match bed.ask_agent(1, AdminRequest::RotateKey).unwrap() {
+        AdminResponse::Rotated { public_key } => public_key,
         other => panic!("{other:?}"),
     };
     assert_ne!(Some(rotated.clone()), key_before);
@@ -418,8 +418,8 @@ fn wireguard_key_rotation_during_a_long_transfer_keeps_the_connection() {
     std::thread::sleep(Duration::from_millis(1200));
     for node in [0, 1] {
         assert!(matches!(
-            bed.ask_agent(node, AgentRequest::RotateKey).unwrap(),
-            AgentResponse::Rotated { .. }
+            bed.ask_agent(node, AdminRequest::RotateKey).unwrap(),
+            AdminResponse::Rotated { .. }
         ));
     }
     sender.join().unwrap().expect("the sender saw no reset");
@@ -565,8 +565,8 @@ fn wireguard_interoperates_with_wireguard_go() {
 
 /// Packets each queue of node `i` has carried: (tx, rx).
 fn queue_packets(bed: &TestBed, i: usize) -> Vec<(u64, u64)> {
-    match bed.ask_agent(i, AgentRequest::WireguardStatus).unwrap() {
-        AgentResponse::Wireguard { queues, .. } => queues
+    match bed.ask_agent(i, AdminRequest::Wireguard).unwrap() {
+        AdminResponse::Wireguard { queues, .. } => queues
             .iter()
             .map(|q| (q.tx_packets, q.rx_packets))
             .collect(),
@@ -694,7 +694,7 @@ fn meshctl(socket: &std::path::Path, args: &[&str]) -> (bool, String) {
 fn wireguard_meshctl_shows_key_peers_and_queues_and_rotates() {
     let bed = TestBed::start(BedConfig::default()).unwrap();
     let (a, c) = connected_pods(&bed);
-    let socket = bed.node(0).socket();
+    let socket = bed.node(0).admin_socket();
 
     let (ok, out) = meshctl(&socket, &["wireguard"]);
     assert!(ok, "{out}");

@@ -16,6 +16,7 @@ names ServiceAccount veil-issuer, which is the agents' default issuer ID.
 {{/* The host directory pods mount to reach the SPIFFE Workload API (and nothing else). */}}
 {{- define "veil.workloadApiDir" -}}/run/veil/workload-api{{- end }}
 {{- define "veil.cniSocket" -}}/run/veil/cni.sock{{- end }}
+{{- define "veil.adminSocket" -}}/run/veil/admin.sock{{- end }}
 
 {{- define "veil.labels" -}}
 app.kubernetes.io/name: veil

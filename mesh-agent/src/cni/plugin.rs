@@ -58,14 +58,6 @@ pub fn run(env: &HashMap<String, String>, stdin: &[u8]) -> Result<Output, CniErr
         AgentResponse::Added(result) => Ok(Some(to_json(&result.for_version(&version)))),
         AgentResponse::Done => Ok(None),
         AgentResponse::Failed(err) => Err(err.in_version(&version)),
-        AgentResponse::Pods { .. }
-        | AgentResponse::Wireguard { .. }
-        | AgentResponse::Rotated { .. } => Err(CniError::new(
-            ErrorCode::DecodingFailure,
-            "mesh-agent answered a CNI request with something else",
-            "agent and plugin versions may differ",
-        )
-        .in_version(&version)),
     }
 }
 

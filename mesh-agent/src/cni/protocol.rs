@@ -1,4 +1,4 @@
-//! The messages `mesh-cni` and `meshctl` exchange with the agent over its unix socket:
+//! The messages `mesh-cni` exchanges with the agent over its CNI socket:
 //! one JSON request line, one JSON response line, per connection.
 
 use std::io::{BufRead, BufReader, Write};
@@ -172,10 +172,7 @@ pub fn decode_request(line: &[u8]) -> Result<AgentRequest, CniError> {
             }
             valid.iter().try_for_each(AttachmentKey::validate)?;
         }
-        AgentRequest::Status
-        | AgentRequest::ListPods
-        | AgentRequest::WireguardStatus
-        | AgentRequest::RotateKey => {}
+        AgentRequest::Status => {}
     }
     Ok(request)
 }
@@ -197,30 +194,6 @@ pub enum AgentRequest {
         /// Attachments the runtime still uses.
         valid: Vec<AttachmentKey>,
     },
-    /// `meshctl pods`: the attachments on this node with their counters.
-    ListPods,
-    /// `meshctl wireguard`: the node key and the peers.
-    WireguardStatus,
-    /// `meshctl wireguard rotate`: replace the node key now and publish it.
-    RotateKey,
-}
-
-/// One attachment as `meshctl pods` shows it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PodInfo {
-    /// Container and interface.
-    #[serde(flatten)]
-    pub key: AttachmentKey,
-    /// Pod namespace and name when known.
-    pub pod: Option<String>,
-    /// The pod's address.
-    pub ip: std::net::Ipv4Addr,
-    /// The host-side interface.
-    pub host_ifname: String,
-    /// Packets the pod sent, counted by the eBPF program on its host-side interface.
-    pub tx_packets: u64,
-    /// Bytes the pod sent.
-    pub tx_bytes: u64,
 }
 
 /// The agent's answer.
@@ -233,31 +206,6 @@ pub enum AgentResponse {
     Done,
     /// The request failed; the error is what the plugin prints.
     Failed(CniError),
-    /// Answer to `WireguardStatus`.
-    Wireguard {
-        /// This node's public key (base64).
-        public_key: String,
-        /// Peers.
-        peers: Vec<crate::wireguard::PeerStatus>,
-        /// Packets dropped because no peer with a key covered their destination.
-        dropped_no_peer: u64,
-        /// Packets through each queue.
-        #[serde(default)]
-        queues: Vec<crate::wireguard::QueueStatus>,
-        /// Nodes left out of the peer set because their objects could capture traffic.
-        #[serde(default)]
-        excluded: Vec<crate::peers::Excluded>,
-    },
-    /// Answer to `RotateKey`: the new public key, published.
-    Rotated {
-        /// The new public key (base64).
-        public_key: String,
-    },
-    /// Answer to `ListPods`.
-    Pods {
-        /// The attachments, in address order.
-        pods: Vec<PodInfo>,
-    },
 }
 
 /// Sends one request and reads the answer. A socket that cannot be reached is a
@@ -385,9 +333,9 @@ mod tests {
 
     #[test]
     fn cni_protocol_round_trips_every_response() {
-        let pods = AgentResponse::Pods { pods: vec![] };
-        let line = serde_json::to_string(&pods).unwrap();
-        assert_eq!(serde_json::from_str::<AgentResponse>(&line).unwrap(), pods);
+        let done = AgentResponse::Done;
+        let line = serde_json::to_string(&done).unwrap();
+        assert_eq!(serde_json::from_str::<AgentResponse>(&line).unwrap(), done);
         let failed = AgentResponse::Failed(CniError::new(ErrorCode::IoFailure, "x", ""));
         let line = serde_json::to_string(&failed).unwrap();
         assert_eq!(

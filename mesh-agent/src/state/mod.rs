@@ -49,6 +49,8 @@ pub struct State {
     pub dataplane: DataplaneRx,
     /// Every Node, unchecked, from the first complete list on (`None` until then).
     pub nodes: watch::Receiver<Option<Vec<Candidate>>>,
+    /// Every L7Policy as last seen (for the status writer).
+    pub policies: Store<L7Policy>,
 }
 
 /// Drops what the data plane never reads, so a cluster-wide Pod cache stays small.
@@ -127,8 +129,20 @@ pub fn start(
 ) {
     let (dataplane_tx, dataplane) = watch::channel(Arc::new(Dataplane::default()));
     let (nodes_tx, nodes) = watch::channel(None);
-    let run = run(client, config, dataplane_tx, nodes_tx);
-    (State { dataplane, nodes }, run)
+    let (policies, policies_w) = reflector::store::<L7Policy>();
+    let state = State {
+        dataplane,
+        nodes,
+        policies: policies.clone(),
+    };
+    let run = run(
+        client,
+        config,
+        dataplane_tx,
+        nodes_tx,
+        (policies, policies_w),
+    );
+    (state, run)
 }
 
 async fn run(
@@ -136,11 +150,11 @@ async fn run(
     config: StateConfig,
     dataplane_tx: watch::Sender<Arc<Dataplane>>,
     nodes_tx: watch::Sender<Option<Vec<Candidate>>>,
+    (policies, policies_w): (Store<L7Policy>, reflector::store::Writer<L7Policy>),
 ) {
     let (pods, pods_w) = reflector::store::<Pod>();
     let (namespaces, namespaces_w) = reflector::store::<Namespace>();
     let (nodes, nodes_w) = reflector::store::<Node>();
-    let (policies, policies_w) = reflector::store::<L7Policy>();
     let changed = Arc::new(Notify::new());
     let node_changed = Arc::new(Notify::new());
     let watches = futures::future::join5(

@@ -50,13 +50,13 @@ fn main() -> Result<()> {
     for n in 0..bed.node_count() {
         let node = bed.node(n);
         println!(
-            "  {}: netns {}, underlay {}, pod CIDR {}, agent socket {} (meshctl --socket {} pods)",
+            "  {}: netns {}, underlay {}, pod CIDR {}, CNI socket {} (meshctl --socket {} pods)",
             node.name,
             node.netns.name(),
             node.ip,
             node.pod_cidr,
             node.socket().display(),
-            node.socket().display()
+            node.admin_socket().display()
         );
     }
     for pod in &pods {

@@ -1,0 +1,199 @@
+//! The admin messages and the client side `meshctl` and the test bed use.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::cni::protocol::AttachmentKey;
+
+/// A request to the admin socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "snake_case")]
+pub enum AdminRequest {
+    /// `meshctl pods`: the attachments on this node with their counters.
+    Pods,
+    /// `meshctl wireguard`: the node key and the peers.
+    Wireguard,
+    /// `meshctl wireguard rotate`: replace the node key now and publish it.
+    RotateKey,
+}
+
+/// One attachment as `meshctl pods` shows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PodInfo {
+    /// Container and interface.
+    #[serde(flatten)]
+    pub key: AttachmentKey,
+    /// Pod namespace and name when known.
+    pub pod: Option<String>,
+    /// The pod's address.
+    pub ip: std::net::Ipv4Addr,
+    /// The host-side interface.
+    pub host_ifname: String,
+    /// Packets the pod sent, counted by the eBPF program on its host-side interface.
+    pub tx_packets: u64,
+    /// Bytes the pod sent.
+    pub tx_bytes: u64,
+}
+
+/// An answer line from the admin socket.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "answer", rename_all = "snake_case")]
+pub enum AdminResponse {
+    /// The request failed; the message says why.
+    Failed {
+        /// What went wrong.
+        error: String,
+    },
+    /// Answer to `Wireguard`.
+    Wireguard {
+        /// This node's public key (base64).
+        public_key: String,
+        /// Peers.
+        peers: Vec<crate::wireguard::PeerStatus>,
+        /// Packets dropped because no peer with a key covered their destination.
+        dropped_no_peer: u64,
+        /// Packets through each queue.
+        queues: Vec<crate::wireguard::QueueStatus>,
+        /// Nodes left out of the peer set because their objects could capture traffic.
+        excluded: Vec<crate::peers::Excluded>,
+    },
+    /// Answer to `RotateKey`: the new public key, published.
+    Rotated {
+        /// The new public key (base64).
+        public_key: String,
+    },
+    /// Answer to `Pods`.
+    Pods {
+        /// The attachments, in address order.
+        pods: Vec<PodInfo>,
+    },
+}
+
+/// How long `meshctl` waits for an answer line.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why an admin call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// The socket could not be reached or the connection broke.
+    #[error("mesh-agent admin socket {path}: {what}: {source}; is the mesh-agent running on this node (and are you root)?")]
+    Unreachable {
+        /// The socket.
+        path: PathBuf,
+        /// The step that failed.
+        what: &'static str,
+        /// The underlying error.
+        source: std::io::Error,
+    },
+    /// The agent closed the connection without answering.
+    #[error("mesh-agent admin socket {0}: closed without answering")]
+    NoAnswer(PathBuf),
+    /// The answer is no admin answer.
+    #[error("mesh-agent's answer could not be decoded: {0}")]
+    Decode(String),
+}
+
+/// An open admin connection with its request sent.
+pub struct Connection {
+    reader: BufReader<UnixStream>,
+    path: PathBuf,
+}
+
+impl Connection {
+    /// Connects to `socket` and sends `request`; `timeout` bounds each read and write.
+    pub fn open(
+        socket: &Path,
+        request: &AdminRequest,
+        timeout: Option<Duration>,
+    ) -> Result<Connection, AdminError> {
+        let path = socket.to_path_buf();
+        let unreachable = |what, source| AdminError::Unreachable {
+            path: path.clone(),
+            what,
+            source,
+        };
+        let mut stream = UnixStream::connect(socket).map_err(|e| unreachable("connect", e))?;
+        stream
+            .set_read_timeout(timeout)
+            .and_then(|()| stream.set_write_timeout(timeout))
+            .map_err(|e| unreachable("set timeout", e))?;
+        let mut line = serde_json::to_vec(request).unwrap_or_default();
+        line.push(b'\n');
+        stream
+            .write_all(&line)
+            .map_err(|e| unreachable("send request", e))?;
+        Ok(Connection {
+            reader: BufReader::new(stream),
+            path,
+        })
+    }
+
+    /// The next answer line; `None` when the agent closed the stream.
+    pub fn next_answer(&mut self) -> Option<Result<AdminResponse, AdminError>> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => None,
+            Ok(_) => Some(
+                serde_json::from_str(&line).map_err(|e| AdminError::Decode(format!("{e}: {line}"))),
+            ),
+            Err(source) => Some(Err(AdminError::Unreachable {
+                path: self.path.clone(),
+                what: "read answer",
+                source,
+            })),
+        }
+    }
+}
+
+/// Sends one request and reads its one answer.
+pub fn call(
+    socket: &Path,
+    request: &AdminRequest,
+    timeout: Duration,
+) -> Result<AdminResponse, AdminError> {
+    let mut connection = Connection::open(socket, request, Some(timeout))?;
+    connection
+        .next_answer()
+        .unwrap_or_else(|| Err(AdminError::NoAnswer(socket.to_path_buf())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn admin_protocol_round_trips() {
+        for request in [
+            AdminRequest::Pods,
+            AdminRequest::Wireguard,
+            AdminRequest::RotateKey,
+        ] {
+            let line = serde_json::to_string(&request).expect("serialise");
+            assert_eq!(
+                serde_json::from_str::<AdminRequest>(&line).expect("parse"),
+                request
+            );
+        }
+        let failed = AdminResponse::Failed { error: "x".into() };
+        let line = serde_json::to_string(&failed).expect("serialise");
+        assert!(line.contains(r#""answer":"failed""#), "{line}");
+        assert_eq!(
+            serde_json::from_str::<AdminResponse>(&line).expect("parse"),
+            failed
+        );
+        // CNI verbs are no admin requests.
+        assert!(serde_json::from_str::<AdminRequest>(r#"{"request":"add"}"#).is_err());
+    }
+
+    #[test]
+    fn admin_unreachable_agent_names_the_socket() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("absent.sock");
+        let err = call(&path, &AdminRequest::Pods, Duration::from_secs(1)).expect_err("no agent");
+        assert!(err.to_string().contains("absent.sock"), "{err}");
+    }
+}
