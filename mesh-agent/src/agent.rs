@@ -161,13 +161,13 @@ impl Agent {
         enable_forwarding()?;
         let ipam = Ipam::open(node.pod_cidr, &config.state_dir.join("ipam"))?;
         let counters = PodCounters::load()?;
-        let (wireguard, rotate_tx, rotate_rx) = match config.encryption {
+        let (wireguard, rotate_tx, rotate_rx) = match config.network.encryption {
             Encryption::None => (None, None, None),
             Encryption::Wireguard => {
                 let key_path = config.state_dir.join("wireguard/private.key");
                 let wg = Wireguard::start(
                     &key_path,
-                    config.wireguard_port,
+                    config.network.wireguard_port,
                     pod_mtu,
                     config.wireguard_queues(),
                     &fatal,
@@ -206,32 +206,36 @@ impl Agent {
             client.clone(),
             crate::state::StateConfig {
                 node_name: node.name.clone(),
-                trust_domain: config.trust_domain.clone(),
+                trust_domain: config.policy.trust_domain.clone(),
                 settings: veil_l7_policy::Settings {
-                    allow_local_node_probes: config.allow_local_node_probes,
+                    allow_local_node_probes: config.policy.allow_local_node_probes,
                 },
             },
         );
         let mut peers_rx = state.nodes.clone();
         let watch = tokio::spawn(state_run);
-        let policy_status = config.policy_status_lease.as_deref().and_then(|lease| {
-            crate::policy_status::StatusLease::parse(lease, &node.name)
-                .ok()
-                .map(|lease| {
-                    tokio::spawn(crate::policy_status::run(
-                        client.clone(),
-                        lease,
-                        state.policies.clone(),
-                    ))
-                })
-        });
+        let policy_status = config
+            .policy
+            .policy_status_lease
+            .as_deref()
+            .and_then(|lease| {
+                crate::policy_status::StatusLease::parse(lease, &node.name)
+                    .ok()
+                    .map(|lease| {
+                        tokio::spawn(crate::policy_status::run(
+                            client.clone(),
+                            lease,
+                            state.policies.clone(),
+                        ))
+                    })
+            });
         let mut routes = PeerRoutes {
             netlink: service.netlink.clone(),
             wireguard: wireguard.clone(),
             known: KnownCidrs::load(&config.state_dir.join(KNOWN_CIDRS_FILE)),
             own: node.clone(),
-            catch_all: config.cluster_pod_cidr,
-            services: config.service_cidr,
+            catch_all: config.network.cluster_pod_cidr,
+            services: config.network.service_cidr,
             excluded: Vec::new(),
         };
         tracing::info!("waiting for the first complete Node list");
@@ -241,7 +245,7 @@ impl Agent {
             .map_err(|_| StartError::Network("the node watch stopped before listing".into()))?
             .clone()
             .unwrap_or_default();
-        if wireguard.is_some() || config.service_cidr.is_some() {
+        if wireguard.is_some() || config.network.service_cidr.is_some() {
             routes::ensure_pods_rule(&service.netlink, node.pod_cidr)
                 .await
                 .map_err(|e| StartError::Network(e.to_string()))?;
@@ -253,9 +257,9 @@ impl Agent {
                 source,
             })
         };
-        let listener = bind(&config.cni_socket)?;
+        let listener = bind(&config.cni.cni_socket)?;
         let admin = bind(&config.admin_socket)?;
-        tracing::info!(socket = %config.cni_socket.display(), pod_mtu, "serving CNI");
+        tracing::info!(socket = %config.cni.cni_socket.display(), pod_mtu, "serving CNI");
         Ok(Agent {
             node,
             pod_mtu,
@@ -299,7 +303,7 @@ impl Agent {
                 wg,
                 self.client.clone(),
                 self.config.node_name.clone(),
-                self.config.key_rotation,
+                self.config.network.key_rotation,
                 rx,
             ))),
             _ => None,
@@ -316,11 +320,11 @@ impl Agent {
                 pods: self.service.clone(),
             }),
         ));
-        if let Some(conf) = &self.config.cni_conf_file {
+        if let Some(conf) = &self.config.cni.cni_conf_file {
             crate::node_install::write_cni_conf(
                 conf,
-                &self.config.cni_socket,
-                self.config.cni_chain_portmap,
+                &self.config.cni.cni_socket,
+                self.config.cni.cni_chain_portmap,
             )
             .map_err(|e| anyhow::anyhow!("write CNI configuration {}: {e}", conf.display()))?;
             tracing::info!(path = %conf.display(), "CNI configuration written: pods may start");

@@ -44,7 +44,8 @@ pub const DEFAULT_WORKLOAD_API_SOCKET: &str = "/run/veil/workload-api/socket";
 /// cluster domain, as Istio and Linkerd default to it too. It must equal the issuer's.
 pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
-/// The agent's configuration.
+/// The agent's configuration: one group of flags per component, flattened into one
+/// command line (every flag keeps its name and environment variable).
 #[derive(Debug, Clone, Parser)]
 #[command(name = "mesh-agent", version, about = "Veil's per-node agent")]
 pub struct Config {
@@ -57,12 +58,46 @@ pub struct Config {
     /// Directory for state that must survive restarts.
     #[arg(long, env = "VEIL_STATE_DIR", default_value = DEFAULT_STATE_DIR)]
     pub state_dir: PathBuf,
-    /// Unix socket the CNI plugin and meshctl connect to.
-    #[arg(long, env = "VEIL_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
-    pub cni_socket: PathBuf,
     /// Unix socket `meshctl` talks to (root only): pods, WireGuard, key rotation, flows.
     #[arg(long, env = "VEIL_ADMIN_SOCKET", default_value = crate::admin::DEFAULT_ADMIN_SOCKET)]
     pub admin_socket: PathBuf,
+    /// `<namespace>/<name>` of the DaemonSet that runs this agent. On SIGTERM the agent
+    /// asks for it: gone (an uninstall) means the agent removes everything it put on
+    /// the node; present (an upgrade, a restart) means it leaves all of it for the next one.
+    #[arg(long, env = "VEIL_OWNER_DAEMONSET")]
+    pub owner_daemonset: Option<String>,
+    /// Pod networking and the CNI plugin.
+    #[command(flatten)]
+    pub cni: CniConfig,
+    /// Node-to-node routing and encryption.
+    #[command(flatten)]
+    pub network: NetworkConfig,
+    /// SPIFFE identities for the node's pods.
+    #[command(flatten)]
+    pub identity: IdentityConfig,
+    /// L7 policy enforcement.
+    #[command(flatten)]
+    pub policy: PolicyConfig,
+}
+
+/// Pod networking and the CNI plugin.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CniConfig {
+    /// Unix socket the CNI plugin and meshctl connect to.
+    #[arg(long, env = "VEIL_CNI_SOCKET", default_value = DEFAULT_CNI_SOCKET)]
+    pub cni_socket: PathBuf,
+    /// The CNI network configuration the agent writes once it serves pods (e.g.
+    /// `/etc/cni/net.d/05-veil.conflist`); until then the kubelet keeps pods waiting
+    /// instead of starting them without a network. Unset: the agent writes none.
+    #[arg(long, env = "VEIL_CNI_CONF_FILE")]
+    pub cni_conf_file: Option<PathBuf>,
+    /// Chain the `portmap` plugin after `mesh-cni` in that configuration, for hostPort.
+    #[arg(long, env = "VEIL_CNI_CHAIN_PORTMAP", default_value_t = true, action = clap::ArgAction::Set)]
+    pub cni_chain_portmap: bool,
+    /// The installed `mesh-cni` binary (the chart's init container copies it there);
+    /// removed with everything else when the agent's DaemonSet is uninstalled.
+    #[arg(long, env = "VEIL_CNI_PLUGIN_FILE")]
+    pub cni_plugin_file: Option<PathBuf>,
     /// Pod interface MTU; by default the underlay MTU minus `encap_overhead`.
     #[arg(long, env = "VEIL_POD_MTU")]
     pub pod_mtu: Option<u32>,
@@ -70,6 +105,11 @@ pub struct Config {
     /// node's InternalIP is IPv4, 80 when it is IPv6.
     #[arg(long, env = "VEIL_ENCAP_OVERHEAD")]
     pub encap_overhead: Option<u32>,
+}
+
+/// Node-to-node routing and encryption.
+#[derive(Debug, Clone, clap::Args)]
+pub struct NetworkConfig {
     /// Node-to-node encryption: `wireguard` (strict: never clear text) or `none`.
     #[arg(long, env = "VEIL_ENCRYPTION", value_enum, default_value_t = Encryption::Wireguard)]
     pub encryption: Encryption,
@@ -80,6 +120,9 @@ pub struct Config {
     /// them); by default one per CPU, at most 8.
     #[arg(long, env = "VEIL_WIREGUARD_QUEUES")]
     pub wireguard_queues: Option<usize>,
+    /// Period of WireGuard key rotation (`30m`, `12h`, `7d`; `0` turns it off).
+    #[arg(long, env = "VEIL_KEY_ROTATION", default_value = DEFAULT_KEY_ROTATION, value_parser = parse_period)]
+    pub key_rotation: std::time::Duration,
     /// The cluster's whole pod range: with encryption on, traffic to any of it that no
     /// known node covers is dropped rather than routed in clear.
     #[arg(long, env = "VEIL_CLUSTER_POD_CIDR")]
@@ -89,9 +132,11 @@ pub struct Config {
     /// on the node instead of following its default route off the node.
     #[arg(long, env = "VEIL_SERVICE_CIDR")]
     pub service_cidr: Option<ipnet::Ipv4Net>,
-    /// Period of WireGuard key rotation (`30m`, `12h`, `7d`; `0` turns it off).
-    #[arg(long, env = "VEIL_KEY_ROTATION", default_value = DEFAULT_KEY_ROTATION, value_parser = parse_period)]
-    pub key_rotation: std::time::Duration,
+}
+
+/// SPIFFE identities for the node's pods.
+#[derive(Debug, Clone, clap::Args)]
+pub struct IdentityConfig {
     /// The SPIFFE issuer (`host:port`). Identity is on only when this is set: the agent
     /// then keeps an SVID for every pod on its node and serves the Workload API.
     #[arg(long, env = "VEIL_ISSUER_ADDRESS")]
@@ -113,23 +158,11 @@ pub struct Config {
     /// Unix socket of the SPIFFE Workload API (served only with identity on).
     #[arg(long, env = "VEIL_WORKLOAD_API_SOCKET", default_value = DEFAULT_WORKLOAD_API_SOCKET)]
     pub workload_api_socket: PathBuf,
-    /// The CNI network configuration the agent writes once it serves pods (e.g.
-    /// `/etc/cni/net.d/05-veil.conflist`); until then the kubelet keeps pods waiting
-    /// instead of starting them without a network. Unset: the agent writes none.
-    #[arg(long, env = "VEIL_CNI_CONF_FILE")]
-    pub cni_conf_file: Option<PathBuf>,
-    /// Chain the `portmap` plugin after `mesh-cni` in that configuration, for hostPort.
-    #[arg(long, env = "VEIL_CNI_CHAIN_PORTMAP", default_value_t = true, action = clap::ArgAction::Set)]
-    pub cni_chain_portmap: bool,
-    /// The installed `mesh-cni` binary (the chart's init container copies it there);
-    /// removed with everything else when the agent's DaemonSet is uninstalled.
-    #[arg(long, env = "VEIL_CNI_PLUGIN_FILE")]
-    pub cni_plugin_file: Option<PathBuf>,
-    /// `<namespace>/<name>` of the DaemonSet that runs this agent. On SIGTERM the agent
-    /// asks for it: gone (an uninstall) means the agent removes everything it put on
-    /// the node; present (an upgrade, a restart) means it leaves all of it for the next one.
-    #[arg(long, env = "VEIL_OWNER_DAEMONSET")]
-    pub owner_daemonset: Option<String>,
+}
+
+/// L7 policy enforcement.
+#[derive(Debug, Clone, clap::Args)]
+pub struct PolicyConfig {
     /// SPIFFE trust domain of workload identities in policies and flow records
     /// (`spiffe://<trust domain>/ns/<namespace>/sa/<serviceaccount>`).
     #[arg(long, env = "VEIL_TRUST_DOMAIN", default_value = DEFAULT_TRUST_DOMAIN)]
@@ -189,13 +222,16 @@ pub struct ConfigError {
 impl Config {
     /// Checks rules no single flag parser can.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if let Err(e) = veil_identity::TrustDomain::new(&self.trust_domain) {
+        if let Err(e) = veil_identity::TrustDomain::new(&self.policy.trust_domain) {
             return Err(ConfigError {
                 setting: "--trust-domain (VEIL_TRUST_DOMAIN)",
-                reason: format!("{:?} is not a SPIFFE trust domain: {e}", self.trust_domain),
+                reason: format!(
+                    "{:?} is not a SPIFFE trust domain: {e}",
+                    self.policy.trust_domain
+                ),
             });
         }
-        if let Some(lease) = &self.policy_status_lease {
+        if let Some(lease) = &self.policy.policy_status_lease {
             crate::policy_status::StatusLease::parse(lease, &self.node_name).map_err(|reason| {
                 ConfigError {
                     setting: "--policy-status-lease (VEIL_POLICY_STATUS_LEASE)",
@@ -209,7 +245,7 @@ impl Config {
                 reason: "must not be empty".into(),
             });
         }
-        if let Some(mtu) = self.pod_mtu {
+        if let Some(mtu) = self.cni.pod_mtu {
             if !(MIN_MTU..=65535).contains(&mtu) {
                 return Err(ConfigError {
                     setting: "--pod-mtu (VEIL_POD_MTU)",
@@ -217,7 +253,7 @@ impl Config {
                 });
             }
         }
-        if let Some(overhead) = self.encap_overhead.filter(|o| *o > 1000) {
+        if let Some(overhead) = self.cni.encap_overhead.filter(|o| *o > 1000) {
             return Err(ConfigError {
                 setting: "--encap-overhead (VEIL_ENCAP_OVERHEAD)",
                 reason: format!("{overhead} bytes leaves no room for packets"),
@@ -225,25 +261,26 @@ impl Config {
         }
         // Pods mount the Workload API socket's directory: the CNI socket (root's
         // control over every pod's network) must never be inside it.
-        if let Some(dir) = self.workload_api_socket.parent() {
-            if self.cni_socket.starts_with(dir) {
+        if let Some(dir) = self.identity.workload_api_socket.parent() {
+            if self.cni.cni_socket.starts_with(dir) {
                 return Err(ConfigError {
                     setting: "--workload-api-socket (VEIL_WORKLOAD_API_SOCKET)",
                     reason: format!(
                         "its directory {} would expose the CNI socket {} to pods; give it a directory of its own",
                         dir.display(),
-                        self.cni_socket.display()
+                        self.cni.cni_socket.display()
                     ),
                 });
             }
         }
-        if self.encryption == Encryption::Wireguard && self.wireguard_port == 0 {
+        if self.network.encryption == Encryption::Wireguard && self.network.wireguard_port == 0 {
             return Err(ConfigError {
                 setting: "--wireguard-port (VEIL_WIREGUARD_PORT)",
                 reason: "must not be 0".into(),
             });
         }
         if let Some(queues) = self
+            .network
             .wireguard_queues
             .filter(|q| !(1..=MAX_QUEUES).contains(q))
         {
@@ -259,6 +296,7 @@ impl Config {
             })?;
         }
         if let Some(file) = self
+            .cni
             .cni_conf_file
             .as_ref()
             .filter(|f| f.file_name().is_none())
@@ -268,7 +306,9 @@ impl Config {
                 reason: format!("{} names no file", file.display()),
             });
         }
-        if !self.key_rotation.is_zero() && self.key_rotation < std::time::Duration::from_secs(60) {
+        if !self.network.key_rotation.is_zero()
+            && self.network.key_rotation < std::time::Duration::from_secs(60)
+        {
             return Err(ConfigError {
                 setting: "--key-rotation (VEIL_KEY_ROTATION)",
                 reason: "shorter than a minute would keep peers re-handshaking; use 0 to turn rotation off".into(),
@@ -279,11 +319,11 @@ impl Config {
 
     /// Whether the agent obtains SVIDs and serves the Workload API.
     pub fn identity_enabled(&self) -> bool {
-        self.issuer_address.is_some()
+        self.identity.issuer_address.is_some()
     }
 
     fn validate_identity(&self) -> Result<(), ConfigError> {
-        let Some(address) = &self.issuer_address else {
+        let Some(address) = &self.identity.issuer_address else {
             return Ok(());
         };
         let port_ok = address.rsplit_once(':').is_some_and(|(host, port)| {
@@ -295,13 +335,13 @@ impl Config {
                 reason: format!("{address:?} is not host:port"),
             });
         }
-        if self.issuer_token_file.is_none() {
+        if self.identity.issuer_token_file.is_none() {
             return Err(ConfigError {
                 setting: "--issuer-token-file (VEIL_ISSUER_TOKEN_FILE)",
                 reason: "is required when --issuer-address is set (the issuer authenticates agents by their ServiceAccount token)".into(),
             });
         }
-        if let Some(id) = &self.issuer_id {
+        if let Some(id) = &self.identity.issuer_id {
             veil_identity::parse_id(id).map_err(|e| ConfigError {
                 setting: "--issuer-id (VEIL_ISSUER_ID)",
                 reason: e.to_string(),
@@ -310,11 +350,11 @@ impl Config {
         for (setting, value) in [
             (
                 "--trust-bundle-namespace (VEIL_TRUST_BUNDLE_NAMESPACE)",
-                &self.trust_bundle_namespace,
+                &self.identity.trust_bundle_namespace,
             ),
             (
                 "--trust-bundle-configmap (VEIL_TRUST_BUNDLE_CONFIGMAP)",
-                &self.trust_bundle_configmap,
+                &self.identity.trust_bundle_configmap,
             ),
         ] {
             if value.trim().is_empty() {
@@ -329,13 +369,14 @@ impl Config {
 
     /// How many WireGuard queues to open.
     pub fn wireguard_queues(&self) -> usize {
-        self.wireguard_queues
+        self.network
+            .wireguard_queues
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get().min(8)))
     }
 
     /// The bytes WireGuard adds on an underlay reached from `node_ip`.
     pub fn encap_overhead_for(&self, node_ip: std::net::IpAddr) -> u32 {
-        self.encap_overhead.unwrap_or(if node_ip.is_ipv4() {
+        self.cni.encap_overhead.unwrap_or(if node_ip.is_ipv4() {
             ENCAP_OVERHEAD_IPV4
         } else {
             ENCAP_OVERHEAD_IPV6
@@ -344,7 +385,7 @@ impl Config {
 
     /// The pod MTU for an underlay of `underlay_mtu` bytes reached from `node_ip`.
     pub fn pod_mtu_for(&self, underlay_mtu: u32, node_ip: std::net::IpAddr) -> u32 {
-        self.pod_mtu.unwrap_or(
+        self.cni.pod_mtu.unwrap_or(
             underlay_mtu
                 .saturating_sub(self.encap_overhead_for(node_ip))
                 .max(MIN_MTU),
@@ -404,9 +445,12 @@ mod tests {
     #[test]
     fn config_wireguard_defaults_and_periods() {
         let config = parse(&["--node-name", "n1"]);
-        assert_eq!(config.encryption, Encryption::Wireguard);
-        assert_eq!(config.wireguard_port, 51871);
-        assert_eq!(config.key_rotation, std::time::Duration::from_secs(86400));
+        assert_eq!(config.network.encryption, Encryption::Wireguard);
+        assert_eq!(config.network.wireguard_port, 51871);
+        assert_eq!(
+            config.network.key_rotation,
+            std::time::Duration::from_secs(86400)
+        );
         assert_eq!(parse_period("30m").unwrap().as_secs(), 1800);
         assert!(parse_period("0").unwrap().is_zero());
         assert!(parse_period("12x").is_err());
@@ -421,10 +465,10 @@ mod tests {
         let config = parse(&["--node-name", "n1"]);
         config.validate().unwrap();
         assert!(!config.identity_enabled());
-        assert_eq!(config.trust_bundle_namespace, "veil-system");
-        assert_eq!(config.trust_bundle_configmap, "veil-trust-bundle");
+        assert_eq!(config.identity.trust_bundle_namespace, "veil-system");
+        assert_eq!(config.identity.trust_bundle_configmap, "veil-trust-bundle");
         assert_eq!(
-            config.workload_api_socket,
+            config.identity.workload_api_socket,
             PathBuf::from(DEFAULT_WORKLOAD_API_SOCKET)
         );
         let err = parse(&["--node-name", "n1", "--issuer-address", "issuer:8443"])

@@ -51,22 +51,24 @@ pub struct Identity {
 impl Identity {
     /// `None` when identity is off (no `--issuer-address`). Expects a validated config.
     pub fn new(config: &Config) -> Option<Self> {
-        let address = config.issuer_address.clone()?;
+        let address = config.identity.issuer_address.clone()?;
         Some(Identity {
             attestor: NetnsAttestor::new(),
             node: config.node_name.clone(),
             address,
             issuer_id: config
+                .identity
                 .issuer_id
                 .as_deref()
                 .map(|id| veil_identity::parse_id(id).expect("validated by Config::validate")),
             token_file: config
+                .identity
                 .issuer_token_file
                 .clone()
                 .expect("validated by Config::validate"),
-            bundle_namespace: config.trust_bundle_namespace.clone(),
-            bundle_configmap: config.trust_bundle_configmap.clone(),
-            socket: config.workload_api_socket.clone(),
+            bundle_namespace: config.identity.trust_bundle_namespace.clone(),
+            bundle_configmap: config.identity.trust_bundle_configmap.clone(),
+            socket: config.identity.workload_api_socket.clone(),
         })
     }
 

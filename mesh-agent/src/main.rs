@@ -32,6 +32,8 @@ fn main() -> ExitCode {
         eprintln!("mesh-agent: {e}");
         return ExitCode::from(EXIT_CONFIG);
     }
+    // Once, so a node's log always says what the agent ran with.
+    tracing::info!(config = ?config, "effective configuration");
     let runtime = tokio::runtime::Runtime::new().expect("tokio runtime");
     match runtime.block_on(async {
         let agent = Agent::build(config).await?;

@@ -166,14 +166,14 @@ pub async fn remove_from_node(config: &Config, netlink: &rtnetlink::Handle) -> V
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => failed.push(format!("{}: {e}", path.display())),
     };
-    for path in [&config.cni_conf_file, &config.cni_plugin_file]
+    for path in [&config.cni.cni_conf_file, &config.cni.cni_plugin_file]
         .into_iter()
         .flatten()
     {
         remove_file(path);
     }
-    remove_file(&config.cni_socket);
-    remove_file(&config.workload_api_socket);
+    remove_file(&config.cni.cni_socket);
+    remove_file(&config.identity.workload_api_socket);
     if let Err(e) = crate::routes::reconcile(netlink, &Default::default()).await {
         failed.push(format!("peer routes: {e}"));
     }
@@ -195,7 +195,11 @@ pub async fn remove_from_node(config: &Config, netlink: &rtnetlink::Handle) -> V
     // contents go, the (empty) directories stay where they cannot be removed.
     for dir in [
         Some(config.state_dir.clone()),
-        config.workload_api_socket.parent().map(PathBuf::from),
+        config
+            .identity
+            .workload_api_socket
+            .parent()
+            .map(PathBuf::from),
     ]
     .into_iter()
     .flatten()
