@@ -69,6 +69,7 @@ pub struct Agent {
     identity: Option<Identity>,
     watch: Option<tokio::task::JoinHandle<()>>,
     policy_status: Option<tokio::task::JoinHandle<()>>,
+    local_pods: tokio::sync::watch::Receiver<Option<crate::state::LocalPods>>,
     routes: Option<PeerRoutes>,
     peers_rx: watch::Receiver<Option<Vec<Candidate>>>,
     fatal: crate::fatal::Fatal,
@@ -213,6 +214,7 @@ impl Agent {
             },
         );
         let mut peers_rx = state.nodes.clone();
+        let local_pods = state.local_pods.clone();
         let watch = tokio::spawn(state_run);
         let policy_status = config
             .policy
@@ -273,6 +275,7 @@ impl Agent {
             identity,
             watch: Some(watch),
             policy_status,
+            local_pods,
             routes: Some(routes),
             peers_rx,
             fatal,
@@ -309,10 +312,9 @@ impl Agent {
             _ => None,
         };
         let workload_socket = self.identity.as_ref().map(|i| i.socket().to_path_buf());
-        let identity = self
-            .identity
-            .take()
-            .map(|identity| tokio::spawn(identity.run(self.client.clone())));
+        let identity = self.identity.take().map(|identity| {
+            tokio::spawn(identity.run(self.client.clone(), self.local_pods.clone()))
+        });
         let serve = tokio::spawn(server::serve(listener, self.service.clone()));
         let admin = tokio::spawn(crate::admin::serve(
             admin,

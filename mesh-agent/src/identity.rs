@@ -1,6 +1,6 @@
 //! SPIFFE identities for the node's pods (on only with `--issuer-address`): the agent
 //! reads the trust bundle the issuer publishes, keeps an SVID for every pod scheduled on
-//! its node (a Pod watch with `spec.nodeName=<node>`), and serves them on the SPIFFE
+//! its node (the state layer's pods with `spec.nodeName=<node>`), and serves them on the SPIFFE
 //! Workload API socket. A caller is attested by its network namespace, which the CNI
 //! server registers on ADD ([`crate::server::PodService`]).
 //!
@@ -15,6 +15,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::{ConfigMap, Pod};
+
+use crate::state::LocalPods;
 use kube::runtime::{watcher, WatchStreamExt};
 use kube::Api;
 use tokio::sync::watch;
@@ -39,7 +41,6 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 pub struct Identity {
     /// Maps pod network namespaces to pods; the CNI server fills it.
     pub attestor: Arc<NetnsAttestor>,
-    node: String,
     address: String,
     issuer_id: Option<SpiffeId>,
     token_file: PathBuf,
@@ -54,7 +55,6 @@ impl Identity {
         let address = config.identity.issuer_address.clone()?;
         Some(Identity {
             attestor: NetnsAttestor::new(),
-            node: config.node_name.clone(),
             address,
             issuer_id: config
                 .identity
@@ -79,7 +79,7 @@ impl Identity {
 
     /// Runs until aborted: bundle, SVID manager, Workload API, Pod and bundle watches.
     /// Aborting the task also stops the Workload API server.
-    pub async fn run(self, client: kube::Client) {
+    pub async fn run(self, client: kube::Client, pods: watch::Receiver<Option<LocalPods>>) {
         let bundle = self.read_bundle_until_done(&client).await;
         let issuer_id = match self.issuer_id.clone() {
             Some(id) => id,
@@ -105,7 +105,7 @@ impl Identity {
         let _server = self.serve_until_bound(&manager, stopped).await;
 
         tokio::join!(
-            watch_pods(client.clone(), self.node.clone(), manager.clone()),
+            follow_pods(pods, manager.clone()),
             self.watch_bundle(client, manager, bundle_tx),
         );
     }
@@ -209,52 +209,33 @@ fn pod_key(pod: &Pod) -> Option<PodKey> {
     Some((pod.metadata.namespace.clone()?, pod.metadata.name.clone()?))
 }
 
-/// Keeps the manager's pods equal to the node's pods. After a re-list, pods that were
-/// deleted while the watch was down are dropped.
-async fn watch_pods(client: kube::Client, node: String, manager: SvidManager) {
-    let config = watcher::Config::default().fields(&format!("spec.nodeName={node}"));
-    let stream = watcher(Api::<Pod>::all(client), config).default_backoff();
-    futures::pin_mut!(stream);
+/// Keeps the manager's pods equal to the node's pods, as the state layer lists them
+/// (one Pod watch for the whole agent). Pods deleted while the API server was away are
+/// dropped once it lists again.
+async fn follow_pods(mut pods: watch::Receiver<Option<LocalPods>>, manager: SvidManager) {
     let mut known: HashSet<PodKey> = HashSet::new();
-    let mut relisted: HashSet<PodKey> = HashSet::new();
-    let apply = |pod: &Pod, known: &mut HashSet<PodKey>| {
-        let Some(key) = pod_key(pod) else { return };
-        match pod_ref(pod) {
-            Some(r) => {
-                manager.pod_added(r);
-                known.insert(key);
-            }
-            None => {
-                if known.remove(&key) {
-                    manager.pod_removed(&key.0, &key.1);
+    let mut listed = false;
+    loop {
+        let current = pods.borrow_and_update().clone();
+        if let Some(list) = current {
+            let mut now = HashSet::new();
+            for pod in list.iter() {
+                if let (Some(key), Some(r)) = (pod_key(pod), pod_ref(pod)) {
+                    manager.pod_added(r);
+                    now.insert(key);
                 }
             }
-        }
-    };
-    while let Some(event) = stream.next().await {
-        match event {
-            Err(e) => tracing::warn!(error = %e, "pod watch"),
-            Ok(watcher::Event::Init) => relisted.clear(),
-            Ok(watcher::Event::InitApply(pod)) => {
-                if let Some(key) = pod_key(&pod) {
-                    relisted.insert(key);
-                }
-                apply(&pod, &mut known);
+            for (ns, name) in known.difference(&now) {
+                manager.pod_removed(ns, name);
             }
-            Ok(watcher::Event::InitDone) => {
-                for (ns, name) in known.iter().filter(|k| !relisted.contains(*k)) {
-                    manager.pod_removed(ns, name);
-                }
-                known.retain(|k| relisted.contains(k));
+            known = now;
+            if !listed {
+                listed = true;
                 tracing::info!(pods = known.len(), "pods on this node listed");
             }
-            Ok(watcher::Event::Apply(pod)) => apply(&pod, &mut known),
-            Ok(watcher::Event::Delete(pod)) => {
-                if let Some(key) = pod_key(&pod) {
-                    known.remove(&key);
-                    manager.pod_removed(&key.0, &key.1);
-                }
-            }
+        }
+        if pods.changed().await.is_err() {
+            return;
         }
     }
 }

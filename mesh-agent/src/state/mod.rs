@@ -51,6 +51,19 @@ pub struct State {
     pub nodes: watch::Receiver<Option<Vec<Candidate>>>,
     /// Every L7Policy as last seen (for the status writer).
     pub policies: Store<L7Policy>,
+    /// The Pods scheduled on this node, from the first complete list on (`None` until
+    /// then), for the identity side (one SVID each).
+    pub local_pods: watch::Receiver<Option<LocalPods>>,
+}
+
+/// The Pods on this node.
+pub type LocalPods = Arc<Vec<Arc<Pod>>>;
+
+/// The sending ends of [`State`].
+struct Senders {
+    dataplane: watch::Sender<Arc<Dataplane>>,
+    nodes: watch::Sender<Option<Vec<Candidate>>>,
+    local_pods: watch::Sender<Option<LocalPods>>,
 }
 
 /// Drops what the data plane never reads, so a cluster-wide Pod cache stays small.
@@ -130,26 +143,26 @@ pub fn start(
     let (dataplane_tx, dataplane) = watch::channel(Arc::new(Dataplane::default()));
     let (nodes_tx, nodes) = watch::channel(None);
     let (policies, policies_w) = reflector::store::<L7Policy>();
+    let (local_pods_tx, local_pods) = watch::channel(None);
     let state = State {
         dataplane,
         nodes,
         policies: policies.clone(),
+        local_pods,
     };
-    let run = run(
-        client,
-        config,
-        dataplane_tx,
-        nodes_tx,
-        (policies, policies_w),
-    );
+    let senders = Senders {
+        dataplane: dataplane_tx,
+        nodes: nodes_tx,
+        local_pods: local_pods_tx,
+    };
+    let run = run(client, config, senders, (policies, policies_w));
     (state, run)
 }
 
 async fn run(
     client: Client,
     config: StateConfig,
-    dataplane_tx: watch::Sender<Arc<Dataplane>>,
-    nodes_tx: watch::Sender<Option<Vec<Candidate>>>,
+    senders: Senders,
     (policies, policies_w): (Store<L7Policy>, reflector::store::Writer<L7Policy>),
 ) {
     let (pods, pods_w) = reflector::store::<Pod>();
@@ -188,7 +201,7 @@ async fn run(
         ),
         async {
             tokio::join!(
-                publish_nodes(&nodes, &node_changed, &changed, &nodes_tx),
+                publish_nodes(&nodes, &node_changed, &changed, &senders.nodes),
                 publish_dataplane(
                     &config,
                     &pods,
@@ -196,7 +209,7 @@ async fn run(
                     &policies,
                     &nodes,
                     &changed,
-                    &dataplane_tx
+                    &senders,
                 ),
             );
         },
@@ -239,7 +252,7 @@ async fn publish_dataplane(
     policies: &Store<L7Policy>,
     nodes: &Store<Node>,
     changed: &Notify,
-    tx: &watch::Sender<Arc<Dataplane>>,
+    senders: &Senders,
 ) {
     for store_ready in [
         pods.wait_until_ready().await,
@@ -269,7 +282,22 @@ async fn publish_dataplane(
             covered = snapshot.covered.len(),
             "data plane snapshot"
         );
-        tx.send_replace(Arc::new(snapshot));
+        senders.dataplane.send_replace(Arc::new(snapshot));
+        let mut local: Vec<Arc<Pod>> = pods
+            .iter()
+            .filter(|p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(&config.node_name)
+            })
+            .cloned()
+            .collect();
+        local.sort_by(|a, b| a.metadata.uid.cmp(&b.metadata.uid));
+        senders.local_pods.send_if_modified(|current| {
+            let differs = current.as_deref() != Some(&local);
+            if differs {
+                *current = Some(Arc::new(std::mem::take(&mut local)));
+            }
+            differs
+        });
         changed.notified().await;
         tokio::time::sleep(COALESCE).await;
     }
