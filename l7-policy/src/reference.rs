@@ -297,3 +297,53 @@ pub fn evaluate<'a>(
         reason: Reason::NoRuleMatched { policy: default },
     }
 }
+
+/// Judges a connection to `pod`:`port` before any request, the slow, obvious way: the first
+/// valid rule without `http` (policies by name, rules in order) whose ports and `from` match.
+pub fn evaluate_connection<'a>(
+    pod: &Pod<'_>,
+    port: u16,
+    policies: &[RefPolicy<'a>],
+    source: &Source<'_>,
+) -> Option<Verdict<'a>> {
+    let mut selected: Vec<RefPolicy<'a>> = policies
+        .iter()
+        .filter(|p| {
+            p.namespace == pod.namespace
+                && selector_matches(&p.spec.pod_selector, pod.labels) != Some(false)
+        })
+        .copied()
+        .collect();
+    selected.sort_by_key(|p| p.name);
+    if selected.is_empty() {
+        return Some(Verdict {
+            decision: Decision::Allow,
+            reason: Reason::NotSelected,
+        });
+    }
+    let no_request = Request {
+        method: "",
+        authority: None,
+        path: "/",
+        headers: crate::request::NO_HEADERS,
+        source_is_local_node: false,
+    };
+    for p in &selected {
+        let checked = CompiledPolicy::compile(p.namespace, p.name, p.spec);
+        for (i, rule) in p.spec.ingress.iter().enumerate() {
+            if rule.http.is_none()
+                && checked.rule_is_valid(i)
+                && rule_matches(p.namespace, rule, pod, port, source, &no_request, "/")
+            {
+                return Some(Verdict {
+                    decision: Decision::Allow,
+                    reason: Reason::Rule {
+                        policy: p.name,
+                        rule: i,
+                    },
+                });
+            }
+        }
+    }
+    None
+}
