@@ -5,6 +5,7 @@ pub mod agent;
 pub mod cni;
 pub mod config;
 pub mod fatal;
+pub mod flows;
 pub mod identity;
 pub mod ipam;
 pub mod k8s;
