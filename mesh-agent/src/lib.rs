@@ -14,6 +14,7 @@ pub mod node_install;
 pub mod peers;
 pub mod pod_counters;
 pub mod podnet;
+pub mod proxy;
 pub mod routes;
 pub mod server;
 pub mod state;
