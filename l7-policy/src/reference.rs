@@ -186,15 +186,8 @@ fn rule_matches(
     port_ok && from_ok && http_ok
 }
 
-/// Judges `request` to `pod`:`port` the slow, obvious way.
-pub fn evaluate<'a>(
-    pod: &Pod<'_>,
-    port: u16,
-    policies: &[RefPolicy<'a>],
-    settings: Settings,
-    source: &Source<'_>,
-    request: &Request<'_>,
-) -> Verdict<'a> {
+/// The policies that select `pod`, by name.
+fn selected<'a>(pod: &Pod<'_>, policies: &[RefPolicy<'a>]) -> Vec<RefPolicy<'a>> {
     let mut selected: Vec<RefPolicy<'a>> = policies
         .iter()
         .filter(|p| {
@@ -204,6 +197,19 @@ pub fn evaluate<'a>(
         .copied()
         .collect();
     selected.sort_by_key(|p| p.name);
+    selected
+}
+
+/// Judges `request` to `pod`:`port` the slow, obvious way.
+pub fn evaluate<'a>(
+    pod: &Pod<'_>,
+    port: u16,
+    policies: &[RefPolicy<'a>],
+    settings: Settings,
+    source: &Source<'_>,
+    request: &Request<'_>,
+) -> Verdict<'a> {
+    let selected = selected(pod, policies);
     if selected.is_empty() {
         return Verdict {
             decision: Decision::Allow,
@@ -306,15 +312,7 @@ pub fn evaluate_connection<'a>(
     policies: &[RefPolicy<'a>],
     source: &Source<'_>,
 ) -> Option<Verdict<'a>> {
-    let mut selected: Vec<RefPolicy<'a>> = policies
-        .iter()
-        .filter(|p| {
-            p.namespace == pod.namespace
-                && selector_matches(&p.spec.pod_selector, pod.labels) != Some(false)
-        })
-        .copied()
-        .collect();
-    selected.sort_by_key(|p| p.name);
+    let selected = selected(pod, policies);
     if selected.is_empty() {
         return Some(Verdict {
             decision: Decision::Allow,

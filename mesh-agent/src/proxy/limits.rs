@@ -34,6 +34,8 @@ pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
 pub const IDLE_TIMEOUT_SETTING: &str = "proxy_idle_timeout";
 /// 5 min: longer than the keep-alive of common clients' pools (Go 90 s, Java 60 s), so the
 /// proxy is not the one that breaks them, short enough that dead peers free their slot.
+/// Applies to HTTP/2 and spliced connections; an idle HTTP/1.1 connection is closed by the
+/// header read timeout first (hyper runs it while waiting for the next request).
 pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 
 /// Setting: time from forwarding a request to the pod's response headers.

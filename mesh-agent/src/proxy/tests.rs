@@ -242,8 +242,23 @@ async fn raw_h1(
     target: &str,
     extra: &str,
 ) -> (u16, String) {
+    raw_h1_host(src, to, method, target, Some("api.shop.svc"), extra).await
+}
+
+/// [`raw_h1`] with the `Host` field chosen (`None`: none).
+async fn raw_h1_host(
+    src: Ipv4Addr,
+    to: SocketAddr,
+    method: &str,
+    target: &str,
+    host: Option<&str>,
+    extra: &str,
+) -> (u16, String) {
     let mut s = connect_from(src, to).await;
-    let req = format!("{method} {target} HTTP/1.1\r\nHost: api.shop.svc\r\n{extra}Connection: close\r\nContent-Length: 0\r\n\r\n");
+    let host = host.map(|h| format!("Host: {h}\r\n")).unwrap_or_default();
+    let req = format!(
+        "{method} {target} HTTP/1.1\r\n{host}{extra}Connection: close\r\nContent-Length: 0\r\n\r\n"
+    );
     s.write_all(req.as_bytes()).await.expect("write");
     let mut out = Vec::new();
     tokio::time::timeout(WAIT, s.read_to_end(&mut out))
@@ -302,16 +317,6 @@ async fn proxy_http1_allows_denies_and_normalises() {
         echo["headers"]["x-request-id"][0].is_string(),
         "request id added: {echo}"
     );
-    if is_root() {
-        assert_eq!(
-            echo["peer"].as_str().and_then(|p| p.split(':').next()),
-            Some("127.0.0.2")
-        );
-    } else {
-        eprintln!(
-            "not root: IP_TRANSPARENT refused, the pod sees the node address; peer not checked"
-        );
-    }
     // The pod sees the normalised path, query kept.
     for (raw, seen) in [
         ("//public//x", "/public/x"),
@@ -349,54 +354,54 @@ async fn proxy_http1_allows_denies_and_normalises() {
             .is_some_and(|r| r.starts_with("invalid path")),
         "{body}"
     );
-    // Method, header and host rules.
-    assert_eq!(raw_h1(WEB, h.front, "POST", "/public/x", "").await.0, 403);
-    assert_eq!(
-        raw_h1(WEB, h.front, "POST", "/submit", "x-token: s3cret\r\n")
-            .await
-            .0,
-        200
-    );
-    assert_eq!(
-        raw_h1(WEB, h.front, "POST", "/submit", "x-token: nope\r\n")
-            .await
-            .0,
-        403
-    );
-    assert_eq!(
-        raw_h1(
-            WEB,
-            h.front,
+    // Method, header and host rules; two Host fields, or a Host that is not the
+    // absolute-form target's, are refused.
+    let cases: [(&str, &str, Option<&str>, &str, u16); 10] = [
+        ("POST", "/public/x", Some("api.shop.svc"), "", 403),
+        (
             "POST",
             "/submit",
-            "x-token: s3cret\r\nx-token: nope\r\n"
-        )
-        .await
-        .0,
-        403
-    );
-    assert_eq!(raw_h1(WEB, h.front, "POST", "/submit", "").await.0, 403);
-    assert_eq!(raw_h1(WEB, h.front, "GET", "/hosted", "").await.0, 200);
-    let mut s = connect_from(WEB, h.front).await;
-    s.write_all(b"GET /hosted HTTP/1.1\r\nHost: evil.example\r\nConnection: close\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.expect("read");
-    assert!(out.starts_with("HTTP/1.1 403"), "{out}");
-    // Two Host fields, or a Host that is not the absolute-form target's: refused.
-    assert_eq!(
-        raw_h1(WEB, h.front, "GET", "/public/x", "Host: other\r\n")
-            .await
-            .0,
-        400
-    );
-    assert_eq!(
-        raw_h1(WEB, h.front, "GET", "http://evil.example/public/x", "")
-            .await
-            .0,
-        400
-    );
+            Some("api.shop.svc"),
+            "x-token: s3cret\r\n",
+            200,
+        ),
+        (
+            "POST",
+            "/submit",
+            Some("api.shop.svc"),
+            "x-token: nope\r\n",
+            403,
+        ),
+        (
+            "POST",
+            "/submit",
+            Some("api.shop.svc"),
+            "x-token: s3cret\r\nx-token: nope\r\n",
+            403,
+        ),
+        ("POST", "/submit", Some("api.shop.svc"), "", 403),
+        ("GET", "/hosted", Some("api.shop.svc"), "", 200),
+        ("GET", "/hosted", Some("API.shop.svc."), "", 200),
+        ("GET", "/hosted", Some("evil.example"), "", 403),
+        (
+            "GET",
+            "/public/x",
+            Some("api.shop.svc"),
+            "Host: other\r\n",
+            400,
+        ),
+        (
+            "GET",
+            "http://evil.example/public/x",
+            Some("api.shop.svc"),
+            "",
+            400,
+        ),
+    ];
+    for (method, target, host, extra, want) in cases {
+        let (status, body) = raw_h1_host(WEB, h.front, method, target, host, extra).await;
+        assert_eq!(status, want, "{method} {target} {host:?} {extra:?}: {body}");
+    }
     // Another ServiceAccount, or an address no pod owns: denied.
     assert_eq!(raw_h1(DB, h.front, "GET", "/public/x", "").await.0, 403);
     assert_eq!(
@@ -614,6 +619,24 @@ async fn proxy_slowloris_and_half_open_floods_do_not_stop_others() {
         let _ = slow.read_to_end(&mut out).await;
         (start.elapsed(), out)
     });
+    // Another one that sends its request line at once, then trickles the headers.
+    let mut slow_headers = connect_from(WEB, h.front).await;
+    slow_headers
+        .write_all(b"GET /public/x HTTP/1.1\r\n")
+        .await
+        .expect("request line");
+    let slow_headers_task = tokio::spawn(async move {
+        let start = Instant::now();
+        for b in b"Host: api.shop.svc\r\nX-Slow: 1234567890\r\n\r\n" {
+            if slow_headers.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut out = Vec::new();
+        let _ = slow_headers.read_to_end(&mut out).await;
+        (start.elapsed(), out)
+    });
     // A flood of connections that say nothing, from one address.
     let mut idle = Vec::new();
     for _ in 0..60 {
@@ -636,8 +659,18 @@ async fn proxy_slowloris_and_half_open_floods_do_not_stop_others() {
         !String::from_utf8_lossy(&out).contains("\"method\""),
         "slowloris never reached the pod"
     );
+    let (took, out) = tokio::time::timeout(WAIT, slow_headers_task)
+        .await
+        .expect("slow headers cut")
+        .expect("task");
+    assert!(
+        took < Duration::from_secs(6),
+        "slow headers cut, took {took:?}"
+    );
+    assert!(!String::from_utf8_lossy(&out).contains("\"method\""));
     let stats = h.handle.stats();
     assert!(stats.limit_refusals >= 40, "{stats:?}");
+    assert!(stats.header_timeouts >= 2, "{stats:?}");
     assert!(stats.header_timeouts >= 1, "{stats:?}");
     assert!(h
         .flows(&Filter::default())
@@ -743,4 +776,99 @@ async fn proxy_drain_deadline_cuts_what_is_left() {
         in_flight.await.expect("task").is_err(),
         "the slow request was cut"
     );
+}
+
+#[tokio::test]
+async fn proxy_upstream_is_transparent_and_pooled() {
+    let h = Harness::echo(&[("allow-web", web_policy())]).await;
+    let (_, first) = raw_h1(WEB, h.front, "GET", "/public/1", "").await;
+    let (_, second) = raw_h1(WEB, h.front, "GET", "/public/2", "").await;
+    let peer = |b: &str| json_body(b)["peer"].as_str().map(str::to_owned);
+    let (first, second) = (peer(&first), peer(&second));
+    // Two downstream connections, one pooled upstream connection (`Connection: close`
+    // is hop-by-hop and does not reach the pod).
+    assert_eq!(first, second);
+    if is_root() {
+        let ip = first.as_deref().and_then(|p| p.split(':').next());
+        assert_eq!(ip, Some("127.0.0.2"), "the pod sees the client's address");
+    } else {
+        eprintln!(
+            "skipped the peer check: not root, so IP_TRANSPARENT is refused and the pod sees \
+             the node's address"
+        );
+    }
+    // Another client gets its own upstream connection, from its own address.
+    let mut spec = web_policy();
+    spec["ingress"][0]["from"] = json!([{"serviceAccount": {"name": "db"}}]);
+    h.publish(&[("allow-web", spec)], 2);
+    let (status, other) = raw_h1(DB, h.front, "GET", "/public/3", "").await;
+    assert_eq!(status, 200, "{other}");
+    assert_ne!(peer(&other), first);
+}
+
+#[tokio::test]
+async fn proxy_http1_pipelined_requests_are_judged_each() {
+    let h = Harness::echo(&[("allow-web", web_policy())]).await;
+    let mut s = connect_from(WEB, h.front).await;
+    s.write_all(
+        b"GET /public/a HTTP/1.1\r\nHost: api.shop.svc\r\n\r\n\
+          GET /admin HTTP/1.1\r\nHost: api.shop.svc\r\n\r\n\
+          GET /public/b HTTP/1.1\r\nHost: api.shop.svc\r\nConnection: close\r\n\r\n",
+    )
+    .await
+    .expect("write");
+    let mut out = Vec::new();
+    tokio::time::timeout(WAIT, s.read_to_end(&mut out))
+        .await
+        .expect("in time")
+        .expect("read");
+    let text = String::from_utf8_lossy(&out);
+    let statuses: Vec<&str> = text
+        .match_indices("HTTP/1.1 ")
+        .filter_map(|(i, _)| text.get(i + 9..i + 12))
+        .collect();
+    assert_eq!(statuses, ["200", "403", "200"], "{text}");
+    assert!(text.contains("/public/a") && text.contains("/public/b"));
+}
+
+#[tokio::test]
+async fn proxy_pod_no_longer_covered_is_spliced() {
+    let h = Harness::echo(&[("allow-web", web_policy())]).await;
+    h.tx.send_replace(Arc::new(Dataplane {
+        generation: 2,
+        ..Dataplane::default()
+    }));
+    let (status, body) = raw_h1(STRANGER, h.front, "GET", "/admin", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(json_body(&body)["path"], "/admin");
+    let f = h.flows(&Filter::default());
+    assert!(f
+        .iter()
+        .any(|r| r.kind == FlowKind::L4 && r.reason.as_deref() == Some("not covered")));
+}
+
+#[tokio::test]
+async fn proxy_request_timeout_answers_504_and_header_limits_431() {
+    let settings = ProxySettings {
+        request_timeout: Duration::from_millis(300),
+        ..ProxySettings::default()
+    };
+    let h = Harness::new(
+        echo_server(POD_IP).await,
+        &[("allow-web", web_policy())],
+        settings,
+    )
+    .await;
+    let start = Instant::now();
+    let (status, body) = raw_h1(WEB, h.front, "GET", "/public/slower", "").await;
+    assert_eq!(status, 504, "{body}");
+    assert!(start.elapsed() < Duration::from_secs(2));
+    // More header fields than the limit: refused while parsing, recorded.
+    let many: String = (0..150).map(|i| format!("x-h{i}: 1\r\n")).collect();
+    let (status, _) = raw_h1(WEB, h.front, "GET", "/public/x", &many).await;
+    assert_eq!(status, 431);
+    let f = h.flows(&Filter::default());
+    assert!(f
+        .iter()
+        .any(|r| r.kind == FlowKind::Limit && r.verdict == FlowVerdict::Deny));
 }
