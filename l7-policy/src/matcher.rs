@@ -284,6 +284,44 @@ impl PortMatcher {
         }
     }
 
+    /// Judges a whole connection from `source` before any byte is read: the verdict of the
+    /// first rule (in decision order) without `http` whose `from` matches, which allows
+    /// every byte of the connection (an L4 allow, spliced without parsing HTTP); `None`
+    /// when no such rule matches and each request must be judged by [`Self::evaluate`].
+    /// A pod no policy selects gives `Allow` with [`Reason::NotSelected`].
+    ///
+    /// Such a rule allows the connection whatever it carries, so the request checks of
+    /// `evaluate` (limits, path and authority) do not apply to it: that is what a rule
+    /// without `http` means. Probes need no exemption here: they are HTTP requests.
+    pub fn evaluate_connection(&self, source: &Source<'_>) -> Option<Verdict<'_>> {
+        if self.default_policy.is_none() {
+            return Some(Verdict {
+                decision: Decision::Allow,
+                reason: Reason::NotSelected,
+            });
+        }
+        // Alternatives are numbered in decision order, so the first match is the best.
+        self.alts
+            .iter()
+            .filter(|alt| alt.http == u32::MAX)
+            .find(|alt| {
+                self.policies[alt.policy as usize].rules[alt.rule as usize]
+                    .as_ref()
+                    .is_some_and(|rule| {
+                        rule.peers
+                            .as_ref()
+                            .is_none_or(|ps| ps.iter().any(|p| p.matches(source)))
+                    })
+            })
+            .map(|alt| Verdict {
+                decision: Decision::Allow,
+                reason: Reason::Rule {
+                    policy: self.policies[alt.policy as usize].name.as_str(),
+                    rule: alt.rule as usize,
+                },
+            })
+    }
+
     /// Whether the probe exemption covers this request (its path normalised).
     fn is_declared_probe(&self, request: &Request<'_>, path: &str) -> bool {
         request.source_is_local_node

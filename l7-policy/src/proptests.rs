@@ -334,6 +334,11 @@ proptest! {
                 headers: &r.headers,
                 source_is_local_node: r.probe,
             };
+            prop_assert_eq!(
+                matcher.evaluate_connection(&source),
+                reference::evaluate_connection(&pod, r.port, &refs, &source),
+                "connection {:?}", r
+            );
             let got = matcher.evaluate(&source, &request);
             let want = reference::evaluate(&pod, r.port, &refs, settings, &source, &request);
             prop_assert_eq!(got, want, "request {:?}", r);

@@ -186,15 +186,8 @@ fn rule_matches(
     port_ok && from_ok && http_ok
 }
 
-/// Judges `request` to `pod`:`port` the slow, obvious way.
-pub fn evaluate<'a>(
-    pod: &Pod<'_>,
-    port: u16,
-    policies: &[RefPolicy<'a>],
-    settings: Settings,
-    source: &Source<'_>,
-    request: &Request<'_>,
-) -> Verdict<'a> {
+/// The policies that select `pod`, by name.
+fn selected<'a>(pod: &Pod<'_>, policies: &[RefPolicy<'a>]) -> Vec<RefPolicy<'a>> {
     let mut selected: Vec<RefPolicy<'a>> = policies
         .iter()
         .filter(|p| {
@@ -204,6 +197,19 @@ pub fn evaluate<'a>(
         .copied()
         .collect();
     selected.sort_by_key(|p| p.name);
+    selected
+}
+
+/// Judges `request` to `pod`:`port` the slow, obvious way.
+pub fn evaluate<'a>(
+    pod: &Pod<'_>,
+    port: u16,
+    policies: &[RefPolicy<'a>],
+    settings: Settings,
+    source: &Source<'_>,
+    request: &Request<'_>,
+) -> Verdict<'a> {
+    let selected = selected(pod, policies);
     if selected.is_empty() {
         return Verdict {
             decision: Decision::Allow,
@@ -296,4 +302,46 @@ pub fn evaluate<'a>(
         decision,
         reason: Reason::NoRuleMatched { policy: default },
     }
+}
+
+/// Judges a connection to `pod`:`port` before any request, the slow, obvious way: the first
+/// valid rule without `http` (policies by name, rules in order) whose ports and `from` match.
+pub fn evaluate_connection<'a>(
+    pod: &Pod<'_>,
+    port: u16,
+    policies: &[RefPolicy<'a>],
+    source: &Source<'_>,
+) -> Option<Verdict<'a>> {
+    let selected = selected(pod, policies);
+    if selected.is_empty() {
+        return Some(Verdict {
+            decision: Decision::Allow,
+            reason: Reason::NotSelected,
+        });
+    }
+    let no_request = Request {
+        method: "",
+        authority: None,
+        path: "/",
+        headers: crate::request::NO_HEADERS,
+        source_is_local_node: false,
+    };
+    for p in &selected {
+        let checked = CompiledPolicy::compile(p.namespace, p.name, p.spec);
+        for (i, rule) in p.spec.ingress.iter().enumerate() {
+            if rule.http.is_none()
+                && checked.rule_is_valid(i)
+                && rule_matches(p.namespace, rule, pod, port, source, &no_request, "/")
+            {
+                return Some(Verdict {
+                    decision: Decision::Allow,
+                    reason: Reason::Rule {
+                        policy: p.name,
+                        rule: i,
+                    },
+                });
+            }
+        }
+    }
+    None
 }

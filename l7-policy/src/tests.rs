@@ -44,13 +44,13 @@ impl World {
         }
     }
 
-    /// Judges with both evaluators, asserts they agree, and returns an owned summary.
-    fn judge(
+    /// Builds the pod, the engine's matcher for `port` and the reference policies, and
+    /// hands them to `f`.
+    fn with_matcher<R>(
         &self,
         port: u16,
-        src: &Source<'_>,
-        req: &Request<'_>,
-    ) -> (Decision, Option<String>, Option<usize>) {
+        f: impl FnOnce(&Pod<'_>, &PortMatcher, &[RefPolicy<'_>]) -> R,
+    ) -> R {
         let named = [("http", 8080u16)];
         let probes: Vec<Probe<'_>> = self
             .probes
@@ -69,7 +69,6 @@ impl World {
             .map(|(n, s)| Arc::new(CompiledPolicy::compile(NS, n, s)))
             .collect();
         let m = PortMatcher::new(&pod, port, &compiled, self.settings);
-        let got = m.evaluate(src, req);
         let refs: Vec<RefPolicy<'_>> = self
             .specs
             .iter()
@@ -79,13 +78,44 @@ impl World {
                 spec: s,
             })
             .collect();
-        let want = reference::evaluate(&pod, port, &refs, self.settings, src, req);
-        assert_eq!(got, want, "engine and reference disagree on {req:?}");
-        let rule = match got.reason {
-            Reason::Rule { rule, .. } => Some(rule),
-            _ => None,
-        };
-        (got.decision, got.policy().map(str::to_owned), rule)
+        f(&pod, &m, &refs)
+    }
+
+    /// Judges with both evaluators, asserts they agree, and returns an owned summary.
+    fn judge(
+        &self,
+        port: u16,
+        src: &Source<'_>,
+        req: &Request<'_>,
+    ) -> (Decision, Option<String>, Option<usize>) {
+        self.with_matcher(port, |pod, m, refs| {
+            let got = m.evaluate(src, req);
+            let want = reference::evaluate(pod, port, refs, self.settings, src, req);
+            assert_eq!(got, want, "engine and reference disagree on {req:?}");
+            let rule = match got.reason {
+                Reason::Rule { rule, .. } => Some(rule),
+                _ => None,
+            };
+            (got.decision, got.policy().map(str::to_owned), rule)
+        })
+    }
+
+    /// Judges a connection with both evaluators: `None` if HTTP must be parsed, else the
+    /// allowing policy and rule (`None` and `None` for a pod no policy selects).
+    fn connection(&self, port: u16, src: &Source<'_>) -> Option<(Option<String>, Option<usize>)> {
+        self.with_matcher(port, |pod, m, refs| {
+            let got = m.evaluate_connection(src);
+            let want = reference::evaluate_connection(pod, port, refs, src);
+            assert_eq!(got, want, "engine and reference disagree on a connection");
+            got.map(|v| {
+                assert_eq!(v.decision, Allow);
+                let rule = match v.reason {
+                    Reason::Rule { rule, .. } => Some(rule),
+                    _ => None,
+                };
+                (v.policy().map(str::to_owned), rule)
+            })
+        })
     }
 
     fn decide(
@@ -985,4 +1015,27 @@ fn hardening_probe_exemption_covers_only_declared_probes() {
     assert_eq!(judge(&w, 8080, &not_from_node), Deny);
     w.settings.allow_local_node_probes = false;
     assert_eq!(judge(&w, 8080, &from_node("GET", "/healthz")), Deny);
+}
+
+#[test]
+fn policy_golden_connection_level_rules() {
+    // Not selected: the connection is spliced.
+    let w = World::new(&[("p", "podSelector: {matchLabels: {app: other}}\n")]);
+    assert_eq!(w.connection(8080, &ANY), Some((None, None)));
+    // Only HTTP rules: every request is judged.
+    let w = World::new(&[(
+        "p",
+        "podSelector: {}\ningress:\n- http: [{path: {prefix: /}}]\n",
+    )]);
+    assert_eq!(w.connection(8080, &ANY), None);
+    // A rule without `http` allows the connection for the sources and ports it names.
+    let w = World::new(&[
+        ("b", "podSelector: {}\ningress:\n- http: [{path: {prefix: /}}]\n- from: [{serviceAccount: {name: web}}]\n  ports: [http]\n"),
+        ("c", "podSelector: {}\ningress:\n- from: [{serviceAccount: {name: web}}]\n"),
+    ]);
+    assert_eq!(w.connection(8080, &ANY), Some((Some("b".into()), Some(1))));
+    assert_eq!(w.connection(9090, &ANY), Some((Some("c".into()), Some(0))));
+    let db = src_sa("shop", "db", "spiffe://cluster.local/ns/shop/sa/db");
+    assert_eq!(w.connection(8080, &db), None);
+    assert_eq!(w.connection(8080, &Source::default()), None);
 }

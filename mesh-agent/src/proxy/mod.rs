@@ -1,0 +1,487 @@
+//! The agent's transparent L7 proxy: it enforces `L7Policy` on every connection the eBPF
+//! redirect hands to its one listening socket.
+//!
+//! Per connection: the snapshot current at accept time says whether the destination pod is
+//! covered and whether a rule without `http` allows the source (then bytes are spliced,
+//! [`l4`]); otherwise the first bytes must be HTTP, and every request (every h2 stream) is
+//! judged against the snapshot current when it arrives ([`http`]), then forwarded to the
+//! pod from the client's own address ([`upstream`]) or answered 403. Every verdict is a
+//! [`FlowRecord`](crate::flows::FlowRecord) in [`Flows`].
+//!
+//! Lifecycle: [`spawn_runtime`] (the proxy's own threads), [`Proxy::bind`] → [`Bound`]
+//! (read the port and the listener fd for the BPF sockmap), [`Bound::run`] with a shutdown
+//! future: on shutdown it stops accepting, lets in-flight requests finish until
+//! [`ProxySettings::drain_timeout`], then cuts what is left.
+
+mod http;
+mod io;
+mod l4;
+mod limits;
+mod listener;
+mod respond;
+#[cfg(test)]
+mod tests;
+mod upstream;
+
+use std::future::Future;
+use std::net::{Ipv4Addr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::server::conn::auto;
+use tokio::net::TcpStream;
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tracing::{debug, info, warn, Instrument};
+use veil_l7_policy::{Decision, Request, Source};
+
+pub use limits::*;
+
+use crate::flows::{FlowKind, FlowVerdict, Flows};
+use crate::state::DataplaneRx;
+use http::{policy_name, reason_text, ConnCtx};
+use io::{sniff, Sniffed};
+use upstream::Upstream;
+
+/// `SO_MARK` on the proxy's upstream sockets. The node's policy routing sends marked
+/// packets to the pod itself; without it, a packet from the proxy (with the client pod's
+/// source address, to the covered pod) would be steered back into the proxy, a loop. The
+/// routing and eBPF side match on this value, so it must not change without them.
+pub const UPSTREAM_MARK: u32 = 0x0a00;
+
+/// Setting: the proxy's listening port.
+pub const PORT_SETTING: &str = "proxy_port";
+/// 15001: Istio's outbound capture port, familiar to operators and unused by pods (the
+/// listener only receives what `sk_lookup` assigns it, so it never collides with a pod).
+pub const DEFAULT_PORT: u16 = 15001;
+
+/// Setting: worker threads of the proxy's runtime.
+pub const THREADS_SETTING: &str = "proxy_threads";
+/// 2: the proxy spends most time waiting on sockets; two threads keep one slow handler
+/// from stalling the rest while leaving the node's CPUs to its pods.
+pub const DEFAULT_THREADS: usize = 2;
+
+/// Why the proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    /// A step of setting up the listening socket failed (`IP_TRANSPARENT` needs
+    /// CAP_NET_ADMIN).
+    #[error("proxy listener {addr}: {op}: {source}")]
+    Listener {
+        /// The address being bound.
+        addr: SocketAddr,
+        /// The step (`socket`, `IP_TRANSPARENT`, `bind`, `listen`, ...).
+        op: &'static str,
+        /// The error.
+        source: std::io::Error,
+    },
+    /// The proxy's runtime could not be built.
+    #[error("proxy runtime: {0}")]
+    Runtime(std::io::Error),
+}
+
+/// What the proxy needs.
+#[derive(Debug)]
+pub struct ProxyConfig {
+    /// Where to listen: `0.0.0.0:<port>` in the agent, `127.0.0.1:0` in tests.
+    pub addr: SocketAddr,
+    /// Limits and timeouts.
+    pub settings: ProxySettings,
+    /// The data plane snapshots (pods, identities, matchers).
+    pub dataplane: DataplaneRx,
+    /// Where flow records go.
+    pub flows: Flows,
+}
+
+impl ProxyConfig {
+    /// The agent's configuration: all addresses on [`DEFAULT_PORT`], default settings.
+    pub fn new(dataplane: DataplaneRx, flows: Flows) -> ProxyConfig {
+        ProxyConfig {
+            addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
+            settings: ProxySettings::default(),
+            dataplane,
+            flows,
+        }
+    }
+}
+
+/// Counters the agent exports (see [`ProxyHandle::stats`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ProxyStats {
+    /// Connections accepted since start.
+    pub connections: u64,
+    /// Connections open now.
+    pub connections_open: u64,
+    /// Connections spliced at L4 (a rule without `http`, or the pod no longer covered).
+    pub connections_l4: u64,
+    /// Connections closed because their bytes were not HTTP where HTTP rules apply.
+    pub connections_not_http: u64,
+    /// Connections or requests refused by a limit (connection counts, header size).
+    pub limit_refusals: u64,
+    /// Connections that did not send a request's headers within the header timeout.
+    pub header_timeouts: u64,
+    /// Requests allowed.
+    pub requests_allowed: u64,
+    /// Requests denied (403, or 400 for a refused `Host`).
+    pub requests_denied: u64,
+    /// Requests an `audit` policy would have denied (forwarded).
+    pub requests_audit_denied: u64,
+    /// Requests or splices whose pod could not be reached (503/504).
+    pub upstream_errors: u64,
+}
+
+/// The counters behind [`ProxyStats`].
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    pub(crate) connections: AtomicU64,
+    pub(crate) connections_l4: AtomicU64,
+    pub(crate) not_http: AtomicU64,
+    pub(crate) limit_refusals: AtomicU64,
+    pub(crate) header_timeouts: AtomicU64,
+    pub(crate) requests_allowed: AtomicU64,
+    pub(crate) requests_denied: AtomicU64,
+    pub(crate) requests_audit_denied: AtomicU64,
+    pub(crate) upstream_errors: AtomicU64,
+}
+
+/// What every connection shares.
+pub(crate) struct Shared {
+    pub(crate) settings: ProxySettings,
+    pub(crate) dataplane: DataplaneRx,
+    pub(crate) flows: Flows,
+    pub(crate) counters: Counters,
+    pub(crate) limits: Arc<ConnLimits>,
+    pub(crate) upstream: Upstream,
+    pub(crate) server: auto::Builder<TokioExecutor>,
+    /// Set to `true` when the proxy drains: connections finish their requests and close.
+    pub(crate) drain: watch::Sender<bool>,
+}
+
+/// The proxy, before it is bound.
+#[derive(Debug)]
+pub struct Proxy;
+
+impl Proxy {
+    /// Binds the transparent listener (needs CAP_NET_ADMIN for `IP_TRANSPARENT`). Needs no
+    /// runtime; the returned [`Bound`] is run on the proxy's runtime.
+    pub fn bind(config: ProxyConfig) -> Result<Bound, ProxyError> {
+        let listener = listener::bind_transparent(config.addr)?;
+        let addr = listener
+            .local_addr()
+            .map_err(|source| ProxyError::Listener {
+                addr: config.addr,
+                op: "getsockname",
+                source,
+            })?;
+        info!(addr = %addr, "proxy listening");
+        Ok(Bound {
+            addr,
+            listener,
+            handle: ProxyHandle::new(config.settings, config.dataplane, config.flows),
+            #[cfg(test)]
+            original_destination: None,
+        })
+    }
+}
+
+/// The bound proxy: its address and listener, ready to [`run`](Bound::run).
+#[derive(Debug)]
+pub struct Bound {
+    addr: SocketAddr,
+    listener: std::net::TcpListener,
+    handle: ProxyHandle,
+    /// Tests have no `sk_lookup`: every accepted connection is taken to be for this address.
+    #[cfg(test)]
+    pub(crate) original_destination: Option<SocketAddr>,
+}
+
+impl Bound {
+    /// The bound address (the real port when bound to port 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// The listening socket, for the BPF sockmap that `sk_lookup` assigns connections from.
+    /// The socket lives until [`run`](Bound::run) returns.
+    pub fn listener_fd(&self) -> BorrowedFd<'_> {
+        self.listener.as_fd()
+    }
+
+    /// The listening socket's raw descriptor (see [`listener_fd`](Bound::listener_fd)).
+    pub fn listener_raw_fd(&self) -> RawFd {
+        self.listener.as_raw_fd()
+    }
+
+    /// A handle for stats and flows, valid after `run` starts.
+    pub fn handle(&self) -> ProxyHandle {
+        self.handle.clone()
+    }
+
+    /// Serves until `shutdown` completes, then drains: stops accepting, asks open
+    /// connections to finish (HTTP/1.1 after the current request, HTTP/2 with GOAWAY),
+    /// waits up to the drain timeout and cuts what is left. Call on the proxy's runtime.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+        let Bound {
+            addr,
+            listener,
+            handle,
+            #[cfg(test)]
+            original_destination,
+        } = self;
+        #[cfg(not(test))]
+        let original_destination: Option<SocketAddr> = None;
+        let listener =
+            tokio::net::TcpListener::from_std(listener).map_err(|source| ProxyError::Listener {
+                addr,
+                op: "register with the runtime",
+                source,
+            })?;
+        let mut tasks = JoinSet::new();
+        tokio::pin!(shutdown);
+        loop {
+            tokio::select! {
+                () = &mut shutdown => break,
+                r = listener.accept() => match r {
+                    Ok((stream, peer)) => {
+                        // With `sk_lookup` the local address is the original destination.
+                        let orig_dst = match original_destination {
+                            Some(a) => Ok(a),
+                            None => stream.local_addr(),
+                        };
+                        let Ok(orig_dst) = orig_dst else { continue };
+                        let span = tracing::debug_span!("proxy", peer = %peer, dst = %orig_dst);
+                        let h = handle.clone();
+                        tasks.spawn(
+                            async move { h.serve_connection(stream, peer, orig_dst).await }
+                                .instrument(span),
+                        );
+                    }
+                    Err(e) => {
+                        // EMFILE and friends: back off rather than spin on accept.
+                        warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    }
+                },
+            }
+            while tasks.try_join_next().is_some() {}
+        }
+        drop(listener);
+        let deadline = handle.shared.settings.drain_timeout;
+        info!(
+            open = tasks.len(),
+            deadline_ms = deadline.as_millis(),
+            "proxy draining"
+        );
+        handle.shared.drain.send_replace(true);
+        let drained = tokio::time::timeout(deadline, async {
+            while tasks.join_next().await.is_some() {}
+        })
+        .await;
+        if drained.is_err() {
+            warn!(
+                left = tasks.len(),
+                "drain deadline passed, closing connections"
+            );
+            tasks.shutdown().await;
+        }
+        info!("proxy stopped");
+        Ok(())
+    }
+}
+
+/// Builds the proxy's own multi-threaded runtime, so that the control plane cannot starve
+/// the data path (and the reverse).
+pub fn spawn_runtime(threads: usize) -> Result<tokio::runtime::Runtime, ProxyError> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(threads.max(1))
+        .thread_name("veil-proxy")
+        .enable_all()
+        .build()
+        .map_err(ProxyError::Runtime)
+}
+
+/// A cheap handle on a proxy: stats, flows, and the per-connection entry point.
+#[derive(Clone)]
+pub struct ProxyHandle {
+    shared: Arc<Shared>,
+}
+
+impl std::fmt::Debug for ProxyHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ProxyHandle").finish_non_exhaustive()
+    }
+}
+
+impl ProxyHandle {
+    /// A proxy without a listener: connections come in through
+    /// [`serve_connection`](ProxyHandle::serve_connection).
+    pub fn new(settings: ProxySettings, dataplane: DataplaneRx, flows: Flows) -> ProxyHandle {
+        let mut server = auto::Builder::new(TokioExecutor::new());
+        server
+            .http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(settings.header_read_timeout)
+            // hyper refuses (panics on) buffers under 8 KiB.
+            .max_buf_size(settings.max_header_bytes.max(8 * 1024))
+            .max_headers(settings.max_headers);
+        server
+            .http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(settings.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(settings.max_concurrent_streams);
+        let (drain, _) = watch::channel(false);
+        ProxyHandle {
+            shared: Arc::new(Shared {
+                limits: Arc::new(ConnLimits::new(
+                    settings.max_connections,
+                    settings.max_connections_per_source,
+                )),
+                upstream: Upstream::new(settings.clone()),
+                settings,
+                dataplane,
+                flows,
+                counters: Counters::default(),
+                server,
+                drain,
+            }),
+        }
+    }
+
+    /// The counters, now.
+    pub fn stats(&self) -> ProxyStats {
+        let c = &self.shared.counters;
+        let get = |a: &AtomicU64| a.load(Ordering::Relaxed);
+        ProxyStats {
+            connections: get(&c.connections),
+            connections_open: u64::try_from(self.shared.limits.open()).unwrap_or(u64::MAX),
+            connections_l4: get(&c.connections_l4),
+            connections_not_http: get(&c.not_http),
+            limit_refusals: get(&c.limit_refusals),
+            header_timeouts: get(&c.header_timeouts),
+            requests_allowed: get(&c.requests_allowed),
+            requests_denied: get(&c.requests_denied),
+            requests_audit_denied: get(&c.requests_audit_denied),
+            upstream_errors: get(&c.upstream_errors),
+        }
+    }
+
+    /// The flow ring the proxy records into.
+    pub fn flows(&self) -> &Flows {
+        &self.shared.flows
+    }
+
+    /// Serves one accepted connection from `peer` whose original destination is
+    /// `orig_dst` (the accepted socket's local address under `sk_lookup`). Returns when the
+    /// connection is done.
+    pub async fn serve_connection(
+        &self,
+        mut stream: TcpStream,
+        peer: SocketAddr,
+        orig_dst: SocketAddr,
+    ) {
+        let shared = &self.shared;
+        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
+        let ctx = Arc::new(ConnCtx::new(Arc::clone(shared), peer, orig_dst));
+        let snapshot = shared.dataplane.borrow().clone();
+        // Over a limit: closed at once, before reading a byte. The protocol is not known
+        // yet (an HTTP error response would be garbage to h2 or to non-HTTP clients), and
+        // closing costs the least while under a flood.
+        let _permit = match shared.limits.try_acquire(peer.ip()) {
+            Ok(p) => p,
+            Err(limit) => {
+                shared
+                    .counters
+                    .limit_refusals
+                    .fetch_add(1, Ordering::Relaxed);
+                debug!(limit = %limit, "connection refused");
+                let mut flow = ctx.flow(&snapshot, FlowKind::Limit, FlowVerdict::Deny);
+                flow.reason = Some(limit.to_string());
+                shared.flows.record(flow);
+                return;
+            }
+        };
+        // The connection-level decision, with the engine's borrowed answer made owned.
+        let l4 = match snapshot.covered(orig_dst.ip()) {
+            None => Some((None, None, "not covered".to_owned())),
+            Some(pod) => {
+                let client = snapshot.workload(peer.ip());
+                let source = client.map(|w| w.source()).unwrap_or_default();
+                pod.matcher(orig_dst.port())
+                    .evaluate_connection(&source)
+                    .map(|v| {
+                        let rule = match v.reason {
+                            veil_l7_policy::Reason::Rule { rule, .. } => Some(rule),
+                            _ => None,
+                        };
+                        (
+                            v.policy().map(|n| policy_name(pod, n)),
+                            rule,
+                            reason_text(&v.reason),
+                        )
+                    })
+            }
+        };
+        if let Some((policy, rule, reason)) = l4 {
+            shared
+                .counters
+                .connections_l4
+                .fetch_add(1, Ordering::Relaxed);
+            let mut flow = ctx.flow(&snapshot, FlowKind::L4, FlowVerdict::Allow);
+            (flow.policy, flow.rule, flow.reason) = (policy, rule, Some(reason));
+            shared.flows.record(flow);
+            drop(snapshot);
+            l4::splice(ctx, stream, Vec::new()).await;
+            return;
+        }
+        let sniffed = sniff(&mut stream, shared.settings.header_read_timeout).await;
+        match sniffed {
+            Ok(Sniffed::Http(prefix)) => {
+                drop(snapshot);
+                http::serve(ctx, stream, prefix).await;
+            }
+            Ok(Sniffed::NotHttp(prefix)) => {
+                shared.counters.not_http.fetch_add(1, Ordering::Relaxed);
+                let (decision, policy) = snapshot
+                    .covered(orig_dst.ip())
+                    .map(|pod| default_verdict(pod, orig_dst.port()))
+                    .unwrap_or((Decision::Deny, None));
+                let mut flow = ctx.flow(&snapshot, FlowKind::NotHttp, decision.into());
+                (flow.policy, flow.reason) = (policy, Some("not-http".to_owned()));
+                shared.flows.record(flow);
+                drop(snapshot);
+                if decision.passes() {
+                    // An audit policy lets through what it would deny.
+                    l4::splice(ctx, stream, prefix).await;
+                }
+            }
+            Ok(Sniffed::TimedOut) => {
+                shared
+                    .counters
+                    .header_timeouts
+                    .fetch_add(1, Ordering::Relaxed);
+                let mut flow = ctx.flow(&snapshot, FlowKind::Limit, FlowVerdict::Deny);
+                flow.reason = Some("no request within the header read timeout".to_owned());
+                shared.flows.record(flow);
+            }
+            Ok(Sniffed::Closed) => {}
+            Err(e) => debug!(error = %e, "reading the first bytes failed"),
+        }
+    }
+}
+
+/// What the pod's policies do with what no rule allows (`Deny`, or `AuditDeny` when only
+/// audit policies select it), and the policy that says so: the engine's answer to a request
+/// that matches nothing.
+fn default_verdict(pod: &crate::state::CoveredPod, port: u16) -> (Decision, Option<String>) {
+    let nothing = Request {
+        method: "",
+        authority: None,
+        path: "",
+        headers: veil_l7_policy::request::NO_HEADERS,
+        source_is_local_node: false,
+    };
+    let v = pod.matcher(port).evaluate(&Source::default(), &nothing);
+    (v.decision, v.policy().map(|n| policy_name(pod, n)))
+}
