@@ -42,6 +42,9 @@ pub enum StartError {
     /// The agent cannot read its own DaemonSet (`--owner-daemonset`).
     #[error("{0}")]
     Owner(String),
+    /// The proxy's listener could not be bound.
+    #[error(transparent)]
+    Proxy(#[from] crate::proxy::ProxyError),
     /// The CNI socket could not be bound.
     #[error("bind CNI socket {path}: {source}")]
     Bind {
@@ -70,6 +73,8 @@ pub struct Agent {
     watch: Option<tokio::task::JoinHandle<()>>,
     policy_status: Option<tokio::task::JoinHandle<()>>,
     local_pods: tokio::sync::watch::Receiver<Option<crate::state::LocalPods>>,
+    proxy: Option<crate::proxy::Bound>,
+    flows: crate::flows::Flows,
     routes: Option<PeerRoutes>,
     peers_rx: watch::Receiver<Option<Vec<Candidate>>>,
     fatal: crate::fatal::Fatal,
@@ -215,6 +220,7 @@ impl Agent {
         );
         let mut peers_rx = state.nodes.clone();
         let local_pods = state.local_pods.clone();
+        let dataplane = state.dataplane.clone();
         let watch = tokio::spawn(state_run);
         let policy_status = config
             .policy
@@ -259,6 +265,16 @@ impl Agent {
                 source,
             })
         };
+        let flows = crate::flows::Flows::default();
+        let proxy = crate::proxy::Proxy::bind(crate::proxy::ProxyConfig {
+            addr: std::net::SocketAddr::from((
+                std::net::Ipv4Addr::UNSPECIFIED,
+                config.policy.proxy_port,
+            )),
+            settings: crate::proxy::ProxySettings::default(),
+            dataplane: dataplane.clone(),
+            flows: flows.clone(),
+        })?;
         let listener = bind(&config.cni.cni_socket)?;
         let admin = bind(&config.admin_socket)?;
         tracing::info!(socket = %config.cni.cni_socket.display(), pod_mtu, "serving CNI");
@@ -276,6 +292,8 @@ impl Agent {
             watch: Some(watch),
             policy_status,
             local_pods,
+            proxy: Some(proxy),
+            flows,
             routes: Some(routes),
             peers_rx,
             fatal,
@@ -316,10 +334,29 @@ impl Agent {
             tokio::spawn(identity.run(self.client.clone(), self.local_pods.clone()))
         });
         let serve = tokio::spawn(server::serve(listener, self.service.clone()));
+        let Some(proxy) = self.proxy.take() else {
+            anyhow::bail!("Agent::run called twice");
+        };
+        let proxy_handle = proxy.handle();
+        let (stop_proxy, proxy_stopped) = tokio::sync::oneshot::channel::<()>();
+        let proxy_threads = self.config.policy.proxy_threads;
+        // Its own runtime on its own threads: the control plane cannot starve requests.
+        let proxy = tokio::task::spawn_blocking(move || {
+            let outcome = crate::proxy::spawn_runtime(proxy_threads).and_then(|runtime| {
+                runtime.block_on(proxy.run(async {
+                    let _ = proxy_stopped.await;
+                }))
+            });
+            if let Err(e) = outcome {
+                tracing::error!(error = %e, "proxy stopped");
+            }
+        });
         let admin = tokio::spawn(crate::admin::serve(
             admin,
             Arc::new(crate::admin::AdminService {
                 pods: self.service.clone(),
+                flows: self.flows.clone(),
+                proxy: Some(proxy_handle),
             }),
         ));
         if let Some(conf) = &self.config.cni.cni_conf_file {
@@ -337,6 +374,7 @@ impl Agent {
             ("route reconciler", routes),
             ("CNI server", serve),
             ("admin server", admin),
+            ("proxy", proxy),
         ];
         tasks.extend(rotation.map(|t| ("key rotation", t)));
         tasks.extend(self.policy_status.take().map(|t| ("policy status", t)));
@@ -379,6 +417,9 @@ impl Agent {
             reason = self.died.died() => Err(anyhow::anyhow!(reason)),
         };
         stopping.store(true, std::sync::atomic::Ordering::SeqCst);
+        // The proxy drains (stops accepting, lets in-flight requests finish up to its
+        // deadline); aborting cannot stop its thread, the signal does.
+        let _ = stop_proxy.send(());
         for (abort, _) in &watchers {
             abort.abort();
         }

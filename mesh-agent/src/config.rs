@@ -175,6 +175,13 @@ pub struct PolicyConfig {
     /// status (`Accepted`, `observedGeneration`); unset: this agent never writes status.
     #[arg(long, env = "VEIL_POLICY_STATUS_LEASE")]
     pub policy_status_lease: Option<String>,
+    /// TCP port of the proxy's transparent listener (it only receives what the eBPF
+    /// `sk_lookup` program assigns it; nothing connects to the port itself).
+    #[arg(long, env = "VEIL_PROXY_PORT", default_value_t = crate::proxy::DEFAULT_PORT)]
+    pub proxy_port: u16,
+    /// Worker threads of the proxy's own runtime.
+    #[arg(long, env = "VEIL_PROXY_THREADS", default_value_t = crate::proxy::DEFAULT_THREADS)]
+    pub proxy_threads: usize,
 }
 
 /// Node-to-node encryption modes.
@@ -238,6 +245,12 @@ impl Config {
                     reason,
                 }
             })?;
+        }
+        if !(1..=64).contains(&self.policy.proxy_threads) {
+            return Err(ConfigError {
+                setting: "--proxy-threads (VEIL_PROXY_THREADS)",
+                reason: format!("{} is outside 1..=64", self.policy.proxy_threads),
+            });
         }
         if self.node_name.trim().is_empty() {
             return Err(ConfigError {

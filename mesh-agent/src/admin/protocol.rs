@@ -8,6 +8,8 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::cni::protocol::AttachmentKey;
+use crate::flows::{Filter, FlowRecord, FlowVerdict};
+use crate::proxy::ProxyStats;
 
 /// A request to the admin socket.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -19,6 +21,43 @@ pub enum AdminRequest {
     Wireguard,
     /// `meshctl wireguard rotate`: replace the node key now and publish it.
     RotateKey,
+    /// `meshctl observe`: the flow records in the ring that pass the filter, then (with
+    /// `follow`) every new one until the client hangs up.
+    Observe(ObserveRequest),
+    /// `meshctl proxy`: the proxy's counters.
+    Proxy,
+}
+
+/// What `observe` shows; unset fields match anything.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ObserveRequest {
+    /// Source or destination namespace.
+    #[serde(default)]
+    pub namespace: Option<String>,
+    /// Source or destination pod name.
+    #[serde(default)]
+    pub pod: Option<String>,
+    /// The verdict.
+    #[serde(default)]
+    pub verdict: Option<FlowVerdict>,
+    /// The policy, `<namespace>/<name>`.
+    #[serde(default)]
+    pub policy: Option<String>,
+    /// Keep streaming new records after the ring's.
+    #[serde(default)]
+    pub follow: bool,
+}
+
+impl ObserveRequest {
+    /// The flow ring's filter for this request.
+    pub fn filter(&self) -> Filter {
+        Filter {
+            namespace: self.namespace.clone(),
+            pod: self.pod.clone(),
+            verdict: self.verdict,
+            policy: self.policy.clone(),
+        }
+    }
 }
 
 /// One attachment as `meshctl pods` shows it.
@@ -71,6 +110,17 @@ pub enum AdminResponse {
         /// The attachments, in address order.
         pods: Vec<PodInfo>,
     },
+    /// One flow record of an `Observe` stream.
+    Flow(Box<FlowRecord>),
+    /// The observer fell behind: this many records were skipped.
+    Lagged {
+        /// Records skipped.
+        missed: u64,
+    },
+    /// The end of an `Observe` without `follow`.
+    End,
+    /// Answer to `Proxy`.
+    Proxy(ProxyStats),
 }
 
 /// How long `meshctl` waits for an answer line.
@@ -167,10 +217,18 @@ mod tests {
 
     #[test]
     fn admin_protocol_round_trips() {
+        let observe = AdminRequest::Observe(ObserveRequest {
+            verdict: Some(FlowVerdict::Deny),
+            policy: Some("shop/api".into()),
+            follow: true,
+            ..Default::default()
+        });
         for request in [
             AdminRequest::Pods,
             AdminRequest::Wireguard,
             AdminRequest::RotateKey,
+            AdminRequest::Proxy,
+            observe,
         ] {
             let line = serde_json::to_string(&request).expect("serialise");
             assert_eq!(

@@ -108,7 +108,7 @@ impl ProxyConfig {
 }
 
 /// Counters the agent exports (see [`ProxyHandle::stats`]).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct ProxyStats {
     /// Connections accepted since start.
     pub connections: u64,
