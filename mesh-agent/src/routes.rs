@@ -166,15 +166,54 @@ pub fn desired(
     want
 }
 
-/// Makes sure the rule "from `pods` look up [`PODS_TO_NODES_TABLE`]" exists, once.
+/// Whether `msg` is exactly the rule [`ensure_pods_rule`] adds for `pods`.
+fn is_pods_rule(
+    msg: &rtnetlink::packet_route::rule::RuleMessage,
+    src: Option<Ipv4Net>,
+    pods: Ipv4Net,
+) -> bool {
+    use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
+    let priority = msg.attributes.iter().find_map(|a| match a {
+        RuleAttribute::Priority(p) => Some(*p),
+        _ => None,
+    });
+    src == Some(pods)
+        && msg.header.action == RuleAction::ToTable
+        && priority == Some(PODS_TO_NODES_RULE_PRIORITY)
+}
+
+/// Makes the rules that look up [`PODS_TO_NODES_TABLE`] exactly one: "from `pods`
+/// lookup it" at [`PODS_TO_NODES_RULE_PRIORITY`]. A rule left for an earlier pod CIDR of
+/// the node, or with another action or priority, is replaced (the right one is added
+/// first, so pods' packets never miss it).
 pub async fn ensure_pods_rule(handle: &Handle, pods: Ipv4Net) -> Result<(), PodNetError> {
-    if pods_rules(handle)
-        .await?
+    let existing = pods_rules(handle).await?;
+    if !existing
         .iter()
-        .any(|(src, _)| *src == Some(pods))
+        .any(|(src, msg)| is_pods_rule(msg, *src, pods))
     {
-        return Ok(());
+        add_pods_rule(handle, pods).await?;
     }
+    for (src, msg) in existing {
+        if is_pods_rule(&msg, src, pods) {
+            continue;
+        }
+        tracing::info!(from = ?src, "replacing a stale rule to the pods' table");
+        handle
+            .rule()
+            .del(msg)
+            .execute()
+            .await
+            .map_err(|source| PodNetError::Netlink {
+                op: "delete stale rule",
+                target: format!("from {src:?} lookup {PODS_TO_NODES_TABLE}"),
+                source,
+            })?;
+    }
+    Ok(())
+}
+
+async fn add_pods_rule(handle: &Handle, pods: Ipv4Net) -> Result<(), PodNetError> {
     handle
         .rule()
         .add()
@@ -361,5 +400,75 @@ mod tests {
             msg.header.protocol = PEER_ROUTE_PROTOCOL;
             assert_eq!(peer_route(&msg), Some(route), "{ip}");
         }
+    }
+
+    /// Runs `work` on a netlink handle inside a fresh network namespace.
+    fn in_fresh_netns(
+        name: &str,
+        work: impl FnOnce(&Handle, &tokio::runtime::Runtime) + Send + 'static,
+    ) {
+        let ns = format!("veil-rt-{name}-{}", std::process::id());
+        let ip = |args: &[&str]| {
+            std::process::Command::new("ip")
+                .args(args)
+                .status()
+                .map(|s| s.success())
+        };
+        assert!(
+            ip(&["netns", "add", &ns]).unwrap_or(false),
+            "ip netns add {ns}"
+        );
+        let path = std::path::PathBuf::from(format!("/run/netns/{ns}"));
+        let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            let handle = rt
+                .block_on(crate::netns::netlink_in(&path))
+                .expect("netlink in netns");
+            work(&handle, &rt);
+        }));
+        let _ = ip(&["netns", "del", &ns]);
+        if let Err(panic) = outcome {
+            std::panic::resume_unwind(panic);
+        }
+    }
+
+    #[test]
+    fn wireguard_pods_rule_replaces_stale_rules() {
+        if !nix::unistd::Uid::effective().is_root() {
+            eprintln!("skipped: needs root for a network namespace");
+            return;
+        }
+        in_fresh_netns("rule", |handle, rt| {
+            let ns_rules =
+                |rt: &tokio::runtime::Runtime| rt.block_on(pods_rules(handle)).expect("list rules");
+            // An earlier pod CIDR of the node, and a rule with the wrong priority.
+            let old: Ipv4Net = "198.19.9.0/24".parse().expect("net");
+            let pods: Ipv4Net = "198.19.1.0/24".parse().expect("net");
+            rt.block_on(add_pods_rule(handle, old)).expect("stale rule");
+            rt.block_on(
+                handle
+                    .rule()
+                    .add()
+                    .v4()
+                    .source_prefix(pods.network(), pods.prefix_len())
+                    .table_id(PODS_TO_NODES_TABLE)
+                    .priority(PODS_TO_NODES_RULE_PRIORITY + 5)
+                    .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
+                    .execute(),
+            )
+            .expect("wrong-priority rule");
+            assert_eq!(ns_rules(rt).len(), 2);
+            rt.block_on(ensure_pods_rule(handle, pods)).expect("ensure");
+            let left = ns_rules(rt);
+            assert_eq!(left.len(), 1, "{left:?}");
+            assert!(is_pods_rule(&left[0].1, left[0].0, pods));
+            // Idempotent.
+            rt.block_on(ensure_pods_rule(handle, pods))
+                .expect("ensure again");
+            assert_eq!(ns_rules(rt).len(), 1);
+        });
     }
 }
