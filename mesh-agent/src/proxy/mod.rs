@@ -435,7 +435,10 @@ impl ProxyHandle {
             l4::splice(ctx, stream, Vec::new()).await;
             return;
         }
+        // Not held while waiting for bytes: a slow client must not pin an old snapshot.
+        drop(snapshot);
         let sniffed = sniff(&mut stream, shared.settings.header_read_timeout).await;
+        let snapshot = shared.dataplane.borrow().clone();
         match sniffed {
             Ok(Sniffed::Http(prefix)) => {
                 drop(snapshot);

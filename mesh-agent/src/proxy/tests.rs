@@ -65,9 +65,11 @@ async fn echo_server(ip: Ipv4Addr) -> SocketAddr {
                         "version": format!("{:?}", req.version()),
                         "headers": headers,
                     });
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
-                        body.to_string(),
-                    ))))
+                    let grpc = req
+                        .headers()
+                        .get("content-type")
+                        .is_some_and(|v| v == "application/grpc");
+                    Ok::<_, std::convert::Infallible>(echo_response(body, grpc))
                 });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
                     .serve_connection(TokioIo::new(stream), svc)
@@ -77,6 +79,29 @@ async fn echo_server(ip: Ipv4Addr) -> SocketAddr {
     });
     addr
 }
+
+/// The echo's answer: the JSON as the body; for gRPC calls, as a message with trailers.
+fn echo_response(body: Value, grpc: bool) -> Response<EchoBody> {
+    let bytes = Bytes::from(body.to_string());
+    if !grpc {
+        return Response::new(Full::new(bytes).boxed());
+    }
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+    let frames = vec![
+        Ok(hyper::body::Frame::data(bytes)),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ];
+    let mut resp =
+        Response::new(http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed());
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
+type EchoBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 /// A TCP server that echoes bytes back.
 async fn tcp_echo(ip: Ipv4Addr) -> SocketAddr {
@@ -170,6 +195,7 @@ fn web_policy() -> Value {
             {"from": web, "http": [{"methods": ["POST"], "path": {"exact": "/submit"},
                                     "headers": [{"name": "x-token", "exact": "s3cret"}]}]},
             {"from": web, "http": [{"path": {"exact": "/hosted"}, "hosts": ["api.shop.svc"]}]},
+            {"from": web, "http": [{"methods": ["POST"], "path": {"prefix": "/pkg.Public"}}]},
         ]
     })
 }
@@ -501,6 +527,25 @@ async fn proxy_http2_streams_are_judged_one_by_one_and_grpc_gets_status_7() {
     assert!(
         msg.contains("shop/allow-web") && msg.contains("denied"),
         "{msg}"
+    );
+    // An allowed gRPC call reaches the pod over h2, and its trailers come back.
+    let mut call = req("POST", "/pkg.Public/Get");
+    call.headers_mut()
+        .insert("content-type", "application/grpc".parse().expect("ct"));
+    call.headers_mut()
+        .insert("te", "trailers".parse().expect("te"));
+    let resp = sender.send_request(call).await.expect("grpc call");
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    let echo = json_body(&String::from_utf8_lossy(&collected.to_bytes()));
+    assert_eq!(
+        echo["headers"]["te"][0], "trailers",
+        "te: trailers passes end to end"
     );
     // And the connection still serves allowed streams.
     let again = sender
