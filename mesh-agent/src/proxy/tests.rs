@@ -241,6 +241,12 @@ impl Harness {
         .await
     }
 
+    /// The echo pod under [`web_policy`], with `settings`.
+    async fn web(settings: ProxySettings) -> Harness {
+        let pod = echo_server(POD_IP).await;
+        Harness::new(pod, &[("allow-web", web_policy())], settings).await
+    }
+
     fn publish(&self, policies: &[(&str, Value)], generation: u64) {
         self.tx
             .send_replace(dataplane(self.pod, policies, generation));
@@ -669,12 +675,7 @@ async fn proxy_slowloris_and_half_open_floods_do_not_stop_others() {
         max_connections_per_source: 20,
         ..ProxySettings::default()
     };
-    let h = Harness::new(
-        echo_server(POD_IP).await,
-        &[("allow-web", web_policy())],
-        settings,
-    )
-    .await;
+    let h = Harness::web(settings).await;
     // A slowloris client, one byte a second; another that sends its request line at
     // once, then trickles the headers (cut by hyper's header timeout, not the sniffing).
     let slow_task = trickle(connect_from(WEB, h.front).await, b"", SLOW_REQUEST);
@@ -889,12 +890,7 @@ async fn proxy_request_timeout_answers_504_and_header_limits_431() {
         request_timeout: Duration::from_millis(300),
         ..ProxySettings::default()
     };
-    let h = Harness::new(
-        echo_server(POD_IP).await,
-        &[("allow-web", web_policy())],
-        settings,
-    )
-    .await;
+    let h = Harness::web(settings).await;
     let start = Instant::now();
     let (status, body) = raw_h1(WEB, h.front, "GET", "/public/slower", "").await;
     assert_eq!(status, 504, "{body}");
