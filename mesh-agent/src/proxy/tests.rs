@@ -26,6 +26,8 @@ const WEB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const DB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const STRANGER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
 const FLOODER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+/// The node's own address, where the kubelet probes from.
+const NODE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 const WAIT: Duration = Duration::from_secs(10);
 
 fn is_root() -> bool {
@@ -134,7 +136,8 @@ fn workload(ip: Ipv4Addr, name: &str, sa: &str) -> Arc<Workload> {
 }
 
 /// A snapshot in which the pod at `pod` (namespace `shop`, `app=api`) is covered by
-/// `policies` (name, spec as JSON), and `web`, `db` are known clients.
+/// `policies` (name, spec as JSON) and declares an `httpGet` probe of `/healthz`, `web` and
+/// `db` are known clients, and [`NODE`] is the node.
 fn dataplane(pod: SocketAddr, policies: &[(&str, Value)], generation: u64) -> Arc<Dataplane> {
     let IpAddr::V4(pod_ip) = pod.ip() else {
         panic!("IPv4 pod");
@@ -149,11 +152,15 @@ fn dataplane(pod: SocketAddr, policies: &[(&str, Value)], generation: u64) -> Ar
             Arc::new(p)
         })
         .collect();
+    let probes = [veil_l7_policy::Probe {
+        port: pod.port(),
+        path: "/healthz",
+    }];
     let engine_pod = Pod {
         namespace: "shop",
         labels: &server.labels,
         named_ports: &[],
-        probes: &[],
+        probes: &probes,
     };
     let matcher = |port| {
         Arc::new(PortMatcher::new(
@@ -180,7 +187,7 @@ fn dataplane(pod: SocketAddr, policies: &[(&str, Value)], generation: u64) -> Ar
     Arc::new(Dataplane {
         workloads,
         covered: HashMap::from([(pod.ip(), Arc::new(covered))]),
-        node_ips: vec![],
+        node_ips: vec![IpAddr::V4(NODE)],
         generation,
     })
 }
@@ -903,4 +910,20 @@ async fn proxy_request_timeout_answers_504_and_header_limits_431() {
     assert!(f
         .iter()
         .any(|r| r.kind == FlowKind::Limit && r.verdict == FlowVerdict::Deny));
+}
+
+#[tokio::test]
+async fn proxy_kubelet_probes_from_the_node_pass_only_for_declared_paths() {
+    let h = Harness::echo(&[("deny-all", json!({"podSelector": {}}))]).await;
+    let (status, body) = raw_h1(NODE, h.front, "GET", "/healthz", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(raw_h1(NODE, h.front, "GET", "/admin", "").await.0, 403);
+    assert_eq!(raw_h1(NODE, h.front, "POST", "/healthz", "").await.0, 403);
+    assert_eq!(raw_h1(WEB, h.front, "GET", "/healthz", "").await.0, 403);
+    let f = h.flows(&Filter {
+        verdict: Some(FlowVerdict::Allow),
+        ..Filter::default()
+    });
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].reason.as_deref(), Some("local node probe"));
 }
