@@ -261,10 +261,7 @@ fn judge(
     let verdict = pod.matcher(ctx.orig_dst.port()).evaluate(&source, &request);
     judged.decision = verdict.decision;
     judged.policy = verdict.policy().map(|name| policy_name(pod, name));
-    judged.rule = match verdict.reason {
-        Reason::Rule { rule, .. } => Some(rule),
-        _ => None,
-    };
+    judged.rule = rule_index(&verdict.reason);
     judged.reason = reason_text(&verdict.reason);
     Ok(judged)
 }
@@ -272,6 +269,14 @@ fn judge(
 /// `<namespace>/<name>` of a policy selecting `pod` (policies select in their namespace).
 pub(crate) fn policy_name(pod: &CoveredPod, name: &str) -> String {
     format!("{}/{}", pod.workload.namespace, name)
+}
+
+/// The index of the rule that allowed, if one did.
+pub(crate) fn rule_index(reason: &Reason<'_>) -> Option<usize> {
+    match reason {
+        Reason::Rule { rule, .. } => Some(*rule),
+        _ => None,
+    }
 }
 
 /// The reason in words, for flows and deny bodies.

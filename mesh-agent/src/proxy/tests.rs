@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use veil_l7_policy::{CompiledPolicy, L7PolicySpec, Pod, PortMatcher, Settings};
 
 use super::*;
-use crate::flows::{Filter, FlowRecord, FlowVerdict};
+use crate::flows::{Filter, FlowKind, FlowRecord, FlowVerdict};
 use crate::state::{CoveredPod, Dataplane, Workload};
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);
