@@ -482,6 +482,25 @@ async fn proxy_audit_mode_passes_and_records_audit_deny() {
     assert_eq!(f[0].request_id.as_deref(), Some("audit-1"));
     assert_eq!(f[0].policy.as_deref(), Some("shop/watch"));
     assert_eq!(h.handle.stats().requests_audit_denied, 1);
+    // Bytes that are not HTTP pass too (to an HTTP pod, which answers 400 itself).
+    let mut s = connect_from(DB, h.front).await;
+    s.write_all(b"\x16\x03\x01 hello\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    let f = h.flows(&Filter {
+        verdict: Some(FlowVerdict::AuditDeny),
+        ..Filter::default()
+    });
+    assert!(f
+        .iter()
+        .any(|r| r.kind == FlowKind::NotHttp && r.policy.as_deref() == Some("shop/watch")));
 }
 
 #[tokio::test]
@@ -626,8 +645,20 @@ async fn proxy_rule_without_http_splices_raw_bytes_for_allowed_peers_only() {
             && r.source.pod.as_deref() == Some("db")),
         "{f:?}"
     );
+    // A request line, then lines that are not HTTP headers: hyper answers 400, recorded.
+    let mut s = connect_from(DB, h.front).await;
+    s.write_all(b"GET / HTTP/1.1\r\nthis is no header\r\n\r\n")
+        .await
+        .expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
     let stats = h.handle.stats();
-    assert_eq!((stats.connections_l4, stats.connections_not_http), (1, 1));
+    assert_eq!((stats.connections_l4, stats.connections_not_http), (1, 2));
 }
 
 #[tokio::test]
