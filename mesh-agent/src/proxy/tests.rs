@@ -46,40 +46,64 @@ async fn echo_server(ip: Ipv4Addr) -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                    let path = req.uri().path_and_query().map(|p| p.to_string());
-                    match req.uri().path() {
-                        "/public/slow" => tokio::time::sleep(Duration::from_millis(700)).await,
-                        "/public/slower" => tokio::time::sleep(Duration::from_secs(3)).await,
-                        _ => {}
-                    }
-                    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                    for (n, v) in req.headers() {
-                        headers
-                            .entry(n.to_string())
-                            .or_default()
-                            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
-                    }
-                    let body = json!({
-                        "method": req.method().as_str(),
-                        "path": path,
-                        "peer": peer.to_string(),
-                        "version": format!("{:?}", req.version()),
-                        "headers": headers,
+                let svc =
+                    hyper::service::service_fn(move |mut req: Request<Incoming>| async move {
+                        if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+                            return Ok(upgrade_to_echo(&mut req));
+                        }
+                        let path = req.uri().path_and_query().map(|p| p.to_string());
+                        match req.uri().path() {
+                            "/public/slow" => tokio::time::sleep(Duration::from_millis(700)).await,
+                            "/public/slower" => tokio::time::sleep(Duration::from_secs(3)).await,
+                            _ => {}
+                        }
+                        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                        for (n, v) in req.headers() {
+                            headers
+                                .entry(n.to_string())
+                                .or_default()
+                                .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+                        }
+                        let body = json!({
+                            "method": req.method().as_str(),
+                            "path": path,
+                            "peer": peer.to_string(),
+                            "version": format!("{:?}", req.version()),
+                            "headers": headers,
+                        });
+                        let grpc = req
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|v| v == "application/grpc");
+                        Ok::<_, std::convert::Infallible>(echo_response(body, grpc))
                     });
-                    let grpc = req
-                        .headers()
-                        .get("content-type")
-                        .is_some_and(|v| v == "application/grpc");
-                    Ok::<_, std::convert::Infallible>(echo_response(body, grpc))
-                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
         }
     });
     addr
+}
+
+/// Agrees to switch to the `echo` protocol: after the 101, bytes come back as sent.
+fn upgrade_to_echo(req: &mut Request<Incoming>) -> Response<EchoBody> {
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(
+        "connection",
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert("upgrade", hyper::header::HeaderValue::from_static("echo"));
+    resp
 }
 
 /// The echo's answer: the JSON as the body; for gRPC calls, as a message with trailers.
@@ -957,4 +981,51 @@ async fn proxy_kubelet_probes_from_the_node_pass_only_for_declared_paths() {
     });
     assert_eq!(f.len(), 1);
     assert_eq!(f[0].reason.as_deref(), Some("local node probe"));
+}
+
+#[tokio::test]
+async fn proxy_upgrade_is_judged_then_tunnelled() {
+    let h = Harness::echo(&[("allow-web", web_policy())]).await;
+    let upgrade = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: api.shop.svc\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+    };
+    let mut s = connect_from(WEB, h.front).await;
+    s.write_all(upgrade("/public/ws").as_bytes())
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(n, 1, "closed early: {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 101") && head.contains("upgrade: echo"),
+        "{head}"
+    );
+    s.write_all(b"ping through the tunnel")
+        .await
+        .expect("write");
+    let mut buf = [0u8; 23];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .expect("in time")
+        .expect("echo");
+    assert_eq!(&buf, b"ping through the tunnel");
+    // A denied upgrade is answered 403 and never switches.
+    let mut s = connect_from(DB, h.front).await;
+    s.write_all(upgrade("/public/ws").as_bytes())
+        .await
+        .expect("write");
+    let mut out = vec![0u8; 12];
+    tokio::time::timeout(WAIT, s.read_exact(&mut out))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&out, b"HTTP/1.1 403");
 }

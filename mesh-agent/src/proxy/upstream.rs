@@ -138,15 +138,19 @@ impl Upstream {
                 None => {
                     let io = TokioIo::new(self.connect(client, dst).await?);
                     let (sender, conn) = http1::handshake(io).await.map_err(http)?;
-                    tokio::spawn(drive(conn, dst));
+                    // With upgrades: a `101 Switching Protocols` hands the socket over.
+                    tokio::spawn(drive(conn.with_upgrades(), dst));
                     sender
                 }
             };
             sender.ready().await.map_err(http)?;
             let resp = sender.send_request(req).await.map_err(http)?;
             // Back in the pool at once: it is taken again only when `is_ready`, that is
-            // once this response's body has been read to its end.
-            self.put_h1(key, sender);
+            // once this response's body has been read to its end. An upgraded connection
+            // belongs to its tunnel.
+            if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                self.put_h1(key, sender);
+            }
             Ok(resp)
         }
     }
