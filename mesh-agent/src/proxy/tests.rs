@@ -507,12 +507,7 @@ async fn proxy_audit_mode_passes_and_records_audit_deny() {
     assert_eq!(f[0].policy.as_deref(), Some("shop/watch"));
     assert_eq!(h.handle.stats().requests_audit_denied, 1);
     // Bytes that are not HTTP pass too (to an HTTP pod, which answers 400 itself).
-    let mut s = connect_from(DB, h.front).await;
-    s.write_all(b"\x16\x03\x01 hello\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    let out = send_raw(DB, h.front, b"\x16\x03\x01 hello\r\n\r\n").await;
     assert!(
         out.starts_with(b"HTTP/1.1 400"),
         "{:?}",
@@ -629,6 +624,27 @@ async fn proxy_policy_change_applies_to_next_request_on_same_connection() {
     );
 }
 
+/// Sends `bytes` on a new connection from `src`; what comes back until the proxy closes
+/// (or an error, or the wait runs out).
+async fn send_raw(src: Ipv4Addr, to: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = connect_from(src, to).await;
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    out
+}
+
+/// Sends `msg` and asserts it comes back.
+async fn assert_echoed(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.expect("write");
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .expect("in time")
+        .expect("echoed");
+    assert_eq!(buf, msg);
+}
+
 #[tokio::test]
 async fn proxy_rule_without_http_splices_raw_bytes_for_allowed_peers_only() {
     let pod = tcp_echo(POD_IP).await;
@@ -636,15 +652,7 @@ async fn proxy_rule_without_http_splices_raw_bytes_for_allowed_peers_only() {
         json!({"podSelector": {}, "ingress": [{"from": [{"serviceAccount": {"name": "web"}}]}]});
     let h = Harness::new(pod, &[("tcp", spec)], ProxySettings::default()).await;
     let mut s = connect_from(WEB, h.front).await;
-    s.write_all(b"\x16\x03\x01 not http at all\n")
-        .await
-        .expect("write");
-    let mut buf = [0u8; 20];
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-        .await
-        .expect("in time")
-        .expect("echoed");
-    assert_eq!(&buf, b"\x16\x03\x01 not http at all\n");
+    assert_echoed(&mut s, b"\x16\x03\x01 not http at all\n").await;
     // Another peer: HTTP would be judged, and raw bytes close the connection.
     let mut s = connect_from(DB, h.front).await;
     s.write_all(b"\x16\x03\x01 not http at all\n")
@@ -670,12 +678,7 @@ async fn proxy_rule_without_http_splices_raw_bytes_for_allowed_peers_only() {
         "{f:?}"
     );
     // A request line, then lines that are not HTTP headers: hyper answers 400, recorded.
-    let mut s = connect_from(DB, h.front).await;
-    s.write_all(b"GET / HTTP/1.1\r\nthis is no header\r\n\r\n")
-        .await
-        .expect("write");
-    let mut out = Vec::new();
-    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    let out = send_raw(DB, h.front, b"GET / HTTP/1.1\r\nthis is no header\r\n\r\n").await;
     assert!(
         out.starts_with(b"HTTP/1.1 400"),
         "{:?}",
@@ -1008,15 +1011,7 @@ async fn proxy_upgrade_is_judged_then_tunnelled() {
         head.starts_with("http/1.1 101") && head.contains("upgrade: echo"),
         "{head}"
     );
-    s.write_all(b"ping through the tunnel")
-        .await
-        .expect("write");
-    let mut buf = [0u8; 23];
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-        .await
-        .expect("in time")
-        .expect("echo");
-    assert_eq!(&buf, b"ping through the tunnel");
+    assert_echoed(&mut s, b"ping through the tunnel").await;
     // A denied upgrade is answered 403 and never switches.
     let mut s = connect_from(DB, h.front).await;
     s.write_all(upgrade("/public/ws").as_bytes())
