@@ -188,15 +188,16 @@ async fn handle(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBody
     let start = Instant::now();
     ctx.in_flight.fetch_add(1, Ordering::Relaxed);
     let _busy = Busy(&ctx.in_flight);
-    let request_id = ensure_request_id(req.headers_mut());
     let grpc = is_grpc(req.headers());
     let snapshot = ctx.shared.dataplane.borrow().clone();
+    // Judged as the client sent it, before the proxy adds anything.
+    let judged = judge(ctx, &snapshot, &req);
+    let request_id = ensure_request_id(req.headers_mut());
     let mut flow = ctx.flow(&snapshot, FlowKind::Http, FlowVerdict::Allow);
+    drop(snapshot);
     flow.method = Some(req.method().as_str().to_owned());
     flow.request_id = Some(request_id.clone());
     let counters = &ctx.shared.counters;
-    let judged = judge(ctx, &snapshot, &req);
-    drop(snapshot);
     let resp = match judged {
         Err(e) => {
             counters.requests_denied.fetch_add(1, Ordering::Relaxed);
@@ -343,6 +344,16 @@ async fn forward(
     strip_hop_by_hop(&mut parts.headers);
     if let Some(protocol) = upgrade {
         set_upgrade(&mut parts.headers, protocol);
+    }
+    if !h2 && !parts.headers.contains_key(HOST) {
+        // An absolute-form request without `Host`: the origin-form sent on needs it.
+        if let Some(v) = judged
+            .authority
+            .as_deref()
+            .and_then(|a| HeaderValue::from_str(a).ok())
+        {
+            parts.headers.insert(HOST, v);
+        }
     }
     let uri = if h2 {
         // HTTP/2 carries the authority in the URI (`:authority`), not in `Host`.
