@@ -3,9 +3,9 @@
 //!
 //! Per connection: the snapshot current at accept time says whether the destination pod is
 //! covered and whether a rule without `http` allows the source (then bytes are spliced,
-//! [`l4`]); otherwise the first bytes must be HTTP, and every request (every h2 stream) is
-//! judged against the snapshot current when it arrives ([`http`]), then forwarded to the
-//! pod from the client's own address ([`upstream`]) or answered 403. Every verdict is a
+//! `l4.rs`); otherwise the first bytes must be HTTP, and every request (every h2 stream) is
+//! judged against the snapshot current when it arrives (`http.rs`), then forwarded to the
+//! pod from the client's own address (`upstream.rs`) or answered 403. Every verdict is a
 //! [`FlowRecord`](crate::flows::FlowRecord) in [`Flows`].
 //!
 //! Lifecycle: [`spawn_runtime`] (the proxy's own threads), [`Proxy::bind`] → [`Bound`]
