@@ -18,7 +18,7 @@ use hyper::{Request, Response, StatusCode, Uri, Version};
 use hyper_util::rt::TokioIo;
 use serde_json::json;
 use tokio::net::TcpStream;
-use tracing::{debug, warn};
+use tracing::{debug, warn, Instrument};
 use veil_l7_policy::{normalize_path, Decision, HeaderLookup, Reason};
 
 use super::io::{Activity, ConnIo};
@@ -38,6 +38,18 @@ pub(crate) struct ConnCtx {
     pub(crate) activity: Arc<Activity>,
     /// Requests waiting for their response head: the connection is not idle meanwhile.
     in_flight: AtomicUsize,
+    /// The tunnel of an upgraded request, which outlives hyper's connection.
+    tunnel: std::sync::Mutex<Option<AbortOnDrop>>,
+}
+
+/// A spawned task that is aborted when its handle is dropped (so a connection cut at the
+/// drain deadline takes its tunnel with it).
+pub(crate) struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
 }
 
 impl ConnCtx {
@@ -48,6 +60,7 @@ impl ConnCtx {
             orig_dst,
             activity: Arc::new(Activity::new()),
             in_flight: AtomicUsize::new(0),
+            tunnel: std::sync::Mutex::new(None),
         }
     }
 
@@ -86,7 +99,7 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, prefix: Vec<u8>)
         let ctx = Arc::clone(&svc_ctx);
         async move { Ok::<_, Infallible>(handle(&ctx, req).await) }
     });
-    let conn = ctx.shared.server.serve_connection(io, svc);
+    let conn = ctx.shared.server.serve_connection_with_upgrades(io, svc);
     tokio::pin!(conn);
     let mut drain = ctx.shared.drain.subscribe();
     let mut draining = *drain.borrow_and_update();
@@ -112,6 +125,23 @@ pub(crate) async fn serve(ctx: Arc<ConnCtx>, stream: TcpStream, prefix: Vec<u8>)
             }
         }
     };
+    // An upgraded request (WebSocket) hands the socket to its tunnel: the connection
+    // lives on in it, under the same idle timeout, and ends with this task.
+    let tunnel = ctx
+        .tunnel
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .take();
+    if let Some(mut tunnel) = tunnel {
+        let idle = ctx
+            .activity
+            .idle(ctx.shared.settings.idle_timeout, || false);
+        tokio::select! {
+            _ = &mut tunnel.0 => {}
+            () = idle => debug!("idle tunnel closed"),
+        }
+        return;
+    }
     let Err(e) = result else { return };
     let Some(e) = e.downcast_ref::<hyper::Error>() else {
         debug!(error = %e, "connection ended");
@@ -158,15 +188,16 @@ async fn handle(ctx: &ConnCtx, mut req: Request<Incoming>) -> Response<ProxyBody
     let start = Instant::now();
     ctx.in_flight.fetch_add(1, Ordering::Relaxed);
     let _busy = Busy(&ctx.in_flight);
-    let request_id = ensure_request_id(req.headers_mut());
     let grpc = is_grpc(req.headers());
     let snapshot = ctx.shared.dataplane.borrow().clone();
+    // Judged as the client sent it, before the proxy adds anything.
+    let judged = judge(ctx, &snapshot, &req);
+    let request_id = ensure_request_id(req.headers_mut());
     let mut flow = ctx.flow(&snapshot, FlowKind::Http, FlowVerdict::Allow);
+    drop(snapshot);
     flow.method = Some(req.method().as_str().to_owned());
     flow.request_id = Some(request_id.clone());
     let counters = &ctx.shared.counters;
-    let judged = judge(ctx, &snapshot, &req);
-    drop(snapshot);
     let resp = match judged {
         Err(e) => {
             counters.requests_denied.fetch_add(1, Ordering::Relaxed);
@@ -261,10 +292,7 @@ fn judge(
     let verdict = pod.matcher(ctx.orig_dst.port()).evaluate(&source, &request);
     judged.decision = verdict.decision;
     judged.policy = verdict.policy().map(|name| policy_name(pod, name));
-    judged.rule = match verdict.reason {
-        Reason::Rule { rule, .. } => Some(rule),
-        _ => None,
-    };
+    judged.rule = rule_index(&verdict.reason);
     judged.reason = reason_text(&verdict.reason);
     Ok(judged)
 }
@@ -272,6 +300,14 @@ fn judge(
 /// `<namespace>/<name>` of a policy selecting `pod` (policies select in their namespace).
 pub(crate) fn policy_name(pod: &CoveredPod, name: &str) -> String {
     format!("{}/{}", pod.workload.namespace, name)
+}
+
+/// The index of the rule that allowed, if one did.
+pub(crate) fn rule_index(reason: &Reason<'_>) -> Option<usize> {
+    match reason {
+        Reason::Rule { rule, .. } => Some(*rule),
+        _ => None,
+    }
 }
 
 /// The reason in words, for flows and deny bodies.
@@ -296,9 +332,29 @@ async fn forward(
     request_id: &str,
 ) -> Response<ProxyBody> {
     let dst = ctx.orig_dst;
+    let mut req = req;
+    // HTTP/1.1 `Upgrade` (WebSocket): the protocol named is kept for the pod, and the
+    // downstream socket is taken over once the pod agrees (101).
+    let upgrade = (req.version() != Version::HTTP_2)
+        .then(|| upgrade_protocol(req.headers()))
+        .flatten();
+    let downstream_upgrade = upgrade.is_some().then(|| hyper::upgrade::on(&mut req));
     let (mut parts, body) = req.into_parts();
     let h2 = parts.version == Version::HTTP_2;
     strip_hop_by_hop(&mut parts.headers);
+    if let Some(protocol) = upgrade {
+        set_upgrade(&mut parts.headers, protocol);
+    }
+    if !h2 && !parts.headers.contains_key(HOST) {
+        // An absolute-form request without `Host`: the origin-form sent on needs it.
+        if let Some(v) = judged
+            .authority
+            .as_deref()
+            .and_then(|a| HeaderValue::from_str(a).ok())
+        {
+            parts.headers.insert(HOST, v);
+        }
+    }
     let uri = if h2 {
         // HTTP/2 carries the authority in the URI (`:authority`), not in `Host`.
         let authority = judged.authority.clone().unwrap_or_else(|| dst.to_string());
@@ -334,9 +390,34 @@ async fn forward(
         .send(ctx.peer.ip(), dst, h2, Request::from_parts(parts, body));
     let timeout = ctx.shared.settings.request_timeout;
     let (status, grpc_status, error) = match tokio::time::timeout(timeout, send).await {
-        Ok(Ok(resp)) => {
+        Ok(Ok(mut resp)) => {
+            let switched = resp.status() == StatusCode::SWITCHING_PROTOCOLS;
+            let tunnel = match downstream_upgrade {
+                Some(down) if switched => Some((down, hyper::upgrade::on(&mut resp))),
+                _ => None,
+            };
             let (mut parts, body) = resp.into_parts();
+            let upgrade = upgrade_protocol(&parts.headers);
             strip_hop_by_hop(&mut parts.headers);
+            if let (Some((down, up)), Some(protocol)) = (tunnel, upgrade) {
+                set_upgrade(&mut parts.headers, protocol);
+                let task = tokio::spawn(
+                    async move {
+                        match tokio::try_join!(down, up) {
+                            Ok((down, up)) => {
+                                let (mut down, mut up) = (TokioIo::new(down), TokioIo::new(up));
+                                let r = tokio::io::copy_bidirectional(&mut down, &mut up).await;
+                                debug!(result = ?r, "tunnel closed");
+                            }
+                            Err(e) => debug!(error = %e, "upgrade failed"),
+                        }
+                    }
+                    .instrument(tracing::debug_span!("tunnel", dst = %dst)),
+                );
+                *ctx.tunnel
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(AbortOnDrop(task));
+            }
             if !parts.headers.contains_key(REQUEST_ID) {
                 if let Ok(v) = HeaderValue::from_str(request_id) {
                     parts.headers.insert(REQUEST_ID, v);
@@ -367,6 +448,24 @@ async fn forward(
         .fetch_add(1, Ordering::Relaxed);
     let body = json!({"error": error, "destination": dst.to_string(), "request_id": request_id});
     own_response(grpc, status, grpc_status, &body, request_id)
+}
+
+/// The protocol a message asks to switch to: its `Upgrade` value, when `Connection` lists
+/// `upgrade` (RFC 9110 7.8).
+fn upgrade_protocol(headers: &HeaderMap) -> Option<HeaderValue> {
+    let listed = headers
+        .get_all(CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    listed.then(|| headers.get(UPGRADE).cloned()).flatten()
+}
+
+/// Puts back the two fields an upgrade needs, after the hop-by-hop ones were removed.
+fn set_upgrade(headers: &mut HeaderMap, protocol: HeaderValue) {
+    headers.insert(CONNECTION, HeaderValue::from_static("upgrade"));
+    headers.insert(UPGRADE, protocol);
 }
 
 /// Most names a `Connection` header may list for removal; more are ignored (the standard

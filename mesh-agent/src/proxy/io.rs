@@ -47,7 +47,12 @@ impl Activity {
             }
             // Sleep until the earliest moment the connection could be idle long enough;
             // with a request in progress, look again a timeout later.
-            let wait = timeout.saturating_sub(idle).max(Duration::from_millis(10));
+            let wait = if idle >= timeout {
+                timeout
+            } else {
+                timeout - idle
+            };
+            let wait = wait.max(Duration::from_millis(10));
             tokio::time::sleep(wait).await;
         }
     }

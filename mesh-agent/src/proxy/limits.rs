@@ -82,14 +82,15 @@ pub const DEFAULT_UPSTREAM_IDLE_TIMEOUT: Duration = Duration::from_secs(4);
 
 /// Setting: most idle HTTP/1.1 upstream connections pooled per (client, destination).
 pub const MAX_IDLE_PER_UPSTREAM_SETTING: &str = "proxy_max_idle_per_upstream";
-/// 8: enough to absorb a burst of one client's parallel requests without reconnecting.
-pub const DEFAULT_MAX_IDLE_PER_UPSTREAM: usize = 8;
+/// 4: absorbs a small burst of one client's parallel requests without reconnecting; with
+/// [`DEFAULT_MAX_UPSTREAM_KEYS`] at most 4096 idle sockets, well inside the agent's fd limit.
+pub const DEFAULT_MAX_IDLE_PER_UPSTREAM: usize = 4;
 
 /// Setting: most (client, destination) pairs with pooled upstream connections.
 pub const MAX_UPSTREAM_KEYS_SETTING: &str = "proxy_max_upstream_keys";
-/// 4096: one per live client-pod/server-pod pair on a node; past it requests still work,
-/// their connections are just not pooled.
-pub const DEFAULT_MAX_UPSTREAM_KEYS: usize = 4096;
+/// 1024: one per client-pod/server-pod pair talking within the idle timeout (100 clients
+/// of 10 local pods); past it requests still work, their connections are just not pooled.
+pub const DEFAULT_MAX_UPSTREAM_KEYS: usize = 1024;
 
 /// The proxy's limits and timeouts.
 #[derive(Debug, Clone, PartialEq, Eq)]

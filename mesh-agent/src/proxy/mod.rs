@@ -3,9 +3,9 @@
 //!
 //! Per connection: the snapshot current at accept time says whether the destination pod is
 //! covered and whether a rule without `http` allows the source (then bytes are spliced,
-//! [`l4`]); otherwise the first bytes must be HTTP, and every request (every h2 stream) is
-//! judged against the snapshot current when it arrives ([`http`]), then forwarded to the
-//! pod from the client's own address ([`upstream`]) or answered 403. Every verdict is a
+//! `l4.rs`); otherwise the first bytes must be HTTP, and every request (every h2 stream) is
+//! judged against the snapshot current when it arrives (`http.rs`), then forwarded to the
+//! pod from the client's own address (`upstream.rs`) or answered 403. Every verdict is a
 //! [`FlowRecord`](crate::flows::FlowRecord) in [`Flows`].
 //!
 //! Lifecycle: [`spawn_runtime`] (the proxy's own threads), [`Proxy::bind`] → [`Bound`]
@@ -13,6 +13,7 @@
 //! future: on shutdown it stops accepting, lets in-flight requests finish until
 //! [`ProxySettings::drain_timeout`], then cuts what is left.
 
+mod conn;
 mod http;
 mod io;
 mod l4;
@@ -34,15 +35,12 @@ use hyper_util::server::conn::auto;
 use tokio::net::TcpStream;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
-use tracing::{debug, info, warn, Instrument};
-use veil_l7_policy::{Decision, Request, Source};
+use tracing::{info, warn, Instrument};
 
 pub use limits::*;
 
-use crate::flows::{FlowKind, FlowVerdict, Flows};
+use crate::flows::Flows;
 use crate::state::DataplaneRx;
-use http::{policy_name, reason_text, ConnCtx};
-use io::{sniff, Sniffed};
 use upstream::Upstream;
 
 /// `SO_MARK` on the proxy's upstream sockets. The node's policy routing sends marked
@@ -377,111 +375,10 @@ impl ProxyHandle {
     /// connection is done.
     pub async fn serve_connection(
         &self,
-        mut stream: TcpStream,
+        stream: TcpStream,
         peer: SocketAddr,
         orig_dst: SocketAddr,
     ) {
-        let shared = &self.shared;
-        shared.counters.connections.fetch_add(1, Ordering::Relaxed);
-        let ctx = Arc::new(ConnCtx::new(Arc::clone(shared), peer, orig_dst));
-        let snapshot = shared.dataplane.borrow().clone();
-        // Over a limit: closed at once, before reading a byte. The protocol is not known
-        // yet (an HTTP error response would be garbage to h2 or to non-HTTP clients), and
-        // closing costs the least while under a flood.
-        let _permit = match shared.limits.try_acquire(peer.ip()) {
-            Ok(p) => p,
-            Err(limit) => {
-                shared
-                    .counters
-                    .limit_refusals
-                    .fetch_add(1, Ordering::Relaxed);
-                debug!(limit = %limit, "connection refused");
-                let mut flow = ctx.flow(&snapshot, FlowKind::Limit, FlowVerdict::Deny);
-                flow.reason = Some(limit.to_string());
-                shared.flows.record(flow);
-                return;
-            }
-        };
-        // The connection-level decision, with the engine's borrowed answer made owned.
-        let l4 = match snapshot.covered(orig_dst.ip()) {
-            None => Some((None, None, "not covered".to_owned())),
-            Some(pod) => {
-                let client = snapshot.workload(peer.ip());
-                let source = client.map(|w| w.source()).unwrap_or_default();
-                pod.matcher(orig_dst.port())
-                    .evaluate_connection(&source)
-                    .map(|v| {
-                        let rule = match v.reason {
-                            veil_l7_policy::Reason::Rule { rule, .. } => Some(rule),
-                            _ => None,
-                        };
-                        (
-                            v.policy().map(|n| policy_name(pod, n)),
-                            rule,
-                            reason_text(&v.reason),
-                        )
-                    })
-            }
-        };
-        if let Some((policy, rule, reason)) = l4 {
-            shared
-                .counters
-                .connections_l4
-                .fetch_add(1, Ordering::Relaxed);
-            let mut flow = ctx.flow(&snapshot, FlowKind::L4, FlowVerdict::Allow);
-            (flow.policy, flow.rule, flow.reason) = (policy, rule, Some(reason));
-            shared.flows.record(flow);
-            drop(snapshot);
-            l4::splice(ctx, stream, Vec::new()).await;
-            return;
-        }
-        let sniffed = sniff(&mut stream, shared.settings.header_read_timeout).await;
-        match sniffed {
-            Ok(Sniffed::Http(prefix)) => {
-                drop(snapshot);
-                http::serve(ctx, stream, prefix).await;
-            }
-            Ok(Sniffed::NotHttp(prefix)) => {
-                shared.counters.not_http.fetch_add(1, Ordering::Relaxed);
-                let (decision, policy) = snapshot
-                    .covered(orig_dst.ip())
-                    .map(|pod| default_verdict(pod, orig_dst.port()))
-                    .unwrap_or((Decision::Deny, None));
-                let mut flow = ctx.flow(&snapshot, FlowKind::NotHttp, decision.into());
-                (flow.policy, flow.reason) = (policy, Some("not-http".to_owned()));
-                shared.flows.record(flow);
-                drop(snapshot);
-                if decision.passes() {
-                    // An audit policy lets through what it would deny.
-                    l4::splice(ctx, stream, prefix).await;
-                }
-            }
-            Ok(Sniffed::TimedOut) => {
-                shared
-                    .counters
-                    .header_timeouts
-                    .fetch_add(1, Ordering::Relaxed);
-                let mut flow = ctx.flow(&snapshot, FlowKind::Limit, FlowVerdict::Deny);
-                flow.reason = Some("no request within the header read timeout".to_owned());
-                shared.flows.record(flow);
-            }
-            Ok(Sniffed::Closed) => {}
-            Err(e) => debug!(error = %e, "reading the first bytes failed"),
-        }
+        conn::serve(Arc::clone(&self.shared), stream, peer, orig_dst).await;
     }
-}
-
-/// What the pod's policies do with what no rule allows (`Deny`, or `AuditDeny` when only
-/// audit policies select it), and the policy that says so: the engine's answer to a request
-/// that matches nothing.
-fn default_verdict(pod: &crate::state::CoveredPod, port: u16) -> (Decision, Option<String>) {
-    let nothing = Request {
-        method: "",
-        authority: None,
-        path: "",
-        headers: veil_l7_policy::request::NO_HEADERS,
-        source_is_local_node: false,
-    };
-    let v = pod.matcher(port).evaluate(&Source::default(), &nothing);
-    (v.decision, v.policy().map(|n| policy_name(pod, n)))
 }

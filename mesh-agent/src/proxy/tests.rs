@@ -18,7 +18,7 @@ use tokio::sync::watch;
 use veil_l7_policy::{CompiledPolicy, L7PolicySpec, Pod, PortMatcher, Settings};
 
 use super::*;
-use crate::flows::{Filter, FlowRecord, FlowVerdict};
+use crate::flows::{Filter, FlowKind, FlowRecord, FlowVerdict};
 use crate::state::{CoveredPod, Dataplane, Workload};
 
 const POD_IP: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 10);
@@ -26,6 +26,8 @@ const WEB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 2);
 const DB: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 3);
 const STRANGER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 4);
 const FLOODER: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 5);
+/// The node's own address, where the kubelet probes from.
+const NODE: Ipv4Addr = Ipv4Addr::new(127, 0, 0, 6);
 const WAIT: Duration = Duration::from_secs(10);
 
 fn is_root() -> bool {
@@ -44,39 +46,88 @@ async fn echo_server(ip: Ipv4Addr) -> SocketAddr {
                 return;
             };
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: Request<Incoming>| async move {
-                    let path = req.uri().path_and_query().map(|p| p.to_string());
-                    match req.uri().path() {
-                        "/public/slow" => tokio::time::sleep(Duration::from_millis(700)).await,
-                        "/public/slower" => tokio::time::sleep(Duration::from_secs(3)).await,
-                        _ => {}
-                    }
-                    let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
-                    for (n, v) in req.headers() {
-                        headers
-                            .entry(n.to_string())
-                            .or_default()
-                            .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
-                    }
-                    let body = json!({
-                        "method": req.method().as_str(),
-                        "path": path,
-                        "peer": peer.to_string(),
-                        "version": format!("{:?}", req.version()),
-                        "headers": headers,
+                let svc =
+                    hyper::service::service_fn(move |mut req: Request<Incoming>| async move {
+                        if req.headers().get("upgrade").is_some_and(|v| v == "echo") {
+                            return Ok(upgrade_to_echo(&mut req));
+                        }
+                        let path = req.uri().path_and_query().map(|p| p.to_string());
+                        match req.uri().path() {
+                            "/public/slow" => tokio::time::sleep(Duration::from_millis(700)).await,
+                            "/public/slower" => tokio::time::sleep(Duration::from_secs(3)).await,
+                            _ => {}
+                        }
+                        let mut headers: BTreeMap<String, Vec<String>> = BTreeMap::new();
+                        for (n, v) in req.headers() {
+                            headers
+                                .entry(n.to_string())
+                                .or_default()
+                                .push(String::from_utf8_lossy(v.as_bytes()).into_owned());
+                        }
+                        let body = json!({
+                            "method": req.method().as_str(),
+                            "path": path,
+                            "peer": peer.to_string(),
+                            "version": format!("{:?}", req.version()),
+                            "headers": headers,
+                        });
+                        let grpc = req
+                            .headers()
+                            .get("content-type")
+                            .is_some_and(|v| v == "application/grpc");
+                        Ok::<_, std::convert::Infallible>(echo_response(body, grpc))
                     });
-                    Ok::<_, std::convert::Infallible>(Response::new(Full::new(Bytes::from(
-                        body.to_string(),
-                    ))))
-                });
                 let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                    .serve_connection(TokioIo::new(stream), svc)
+                    .serve_connection_with_upgrades(TokioIo::new(stream), svc)
                     .await;
             });
         }
     });
     addr
 }
+
+/// Agrees to switch to the `echo` protocol: after the 101, bytes come back as sent.
+fn upgrade_to_echo(req: &mut Request<Incoming>) -> Response<EchoBody> {
+    let on = hyper::upgrade::on(req);
+    tokio::spawn(async move {
+        if let Ok(upgraded) = on.await {
+            let (mut r, mut w) = tokio::io::split(TokioIo::new(upgraded));
+            let _ = tokio::io::copy(&mut r, &mut w).await;
+        }
+    });
+    let mut resp = Response::new(Full::new(Bytes::new()).boxed());
+    *resp.status_mut() = StatusCode::SWITCHING_PROTOCOLS;
+    let h = resp.headers_mut();
+    h.insert(
+        "connection",
+        hyper::header::HeaderValue::from_static("upgrade"),
+    );
+    h.insert("upgrade", hyper::header::HeaderValue::from_static("echo"));
+    resp
+}
+
+/// The echo's answer: the JSON as the body; for gRPC calls, as a message with trailers.
+fn echo_response(body: Value, grpc: bool) -> Response<EchoBody> {
+    let bytes = Bytes::from(body.to_string());
+    if !grpc {
+        return Response::new(Full::new(bytes).boxed());
+    }
+    let mut trailers = hyper::HeaderMap::new();
+    trailers.insert("grpc-status", hyper::header::HeaderValue::from_static("0"));
+    let frames = vec![
+        Ok(hyper::body::Frame::data(bytes)),
+        Ok(hyper::body::Frame::trailers(trailers)),
+    ];
+    let mut resp =
+        Response::new(http_body_util::StreamBody::new(futures::stream::iter(frames)).boxed());
+    resp.headers_mut().insert(
+        "content-type",
+        hyper::header::HeaderValue::from_static("application/grpc"),
+    );
+    resp
+}
+
+type EchoBody = http_body_util::combinators::BoxBody<Bytes, std::convert::Infallible>;
 
 /// A TCP server that echoes bytes back.
 async fn tcp_echo(ip: Ipv4Addr) -> SocketAddr {
@@ -109,7 +160,8 @@ fn workload(ip: Ipv4Addr, name: &str, sa: &str) -> Arc<Workload> {
 }
 
 /// A snapshot in which the pod at `pod` (namespace `shop`, `app=api`) is covered by
-/// `policies` (name, spec as JSON), and `web`, `db` are known clients.
+/// `policies` (name, spec as JSON) and declares an `httpGet` probe of `/healthz`, `web` and
+/// `db` are known clients, and [`NODE`] is the node.
 fn dataplane(pod: SocketAddr, policies: &[(&str, Value)], generation: u64) -> Arc<Dataplane> {
     let IpAddr::V4(pod_ip) = pod.ip() else {
         panic!("IPv4 pod");
@@ -124,11 +176,15 @@ fn dataplane(pod: SocketAddr, policies: &[(&str, Value)], generation: u64) -> Ar
             Arc::new(p)
         })
         .collect();
+    let probes = [veil_l7_policy::Probe {
+        port: pod.port(),
+        path: "/healthz",
+    }];
     let engine_pod = Pod {
         namespace: "shop",
         labels: &server.labels,
         named_ports: &[],
-        probes: &[],
+        probes: &probes,
     };
     let matcher = |port| {
         Arc::new(PortMatcher::new(
@@ -155,7 +211,7 @@ fn dataplane(pod: SocketAddr, policies: &[(&str, Value)], generation: u64) -> Ar
     Arc::new(Dataplane {
         workloads,
         covered: HashMap::from([(pod.ip(), Arc::new(covered))]),
-        node_ips: vec![],
+        node_ips: vec![IpAddr::V4(NODE)],
         generation,
     })
 }
@@ -170,6 +226,7 @@ fn web_policy() -> Value {
             {"from": web, "http": [{"methods": ["POST"], "path": {"exact": "/submit"},
                                     "headers": [{"name": "x-token", "exact": "s3cret"}]}]},
             {"from": web, "http": [{"path": {"exact": "/hosted"}, "hosts": ["api.shop.svc"]}]},
+            {"from": web, "http": [{"methods": ["POST"], "path": {"prefix": "/pkg.Public"}}]},
         ]
     })
 }
@@ -213,6 +270,12 @@ impl Harness {
             ProxySettings::default(),
         )
         .await
+    }
+
+    /// The echo pod under [`web_policy`], with `settings`.
+    async fn web(settings: ProxySettings) -> Harness {
+        let pod = echo_server(POD_IP).await;
+        Harness::new(pod, &[("allow-web", web_policy())], settings).await
     }
 
     fn publish(&self, policies: &[(&str, Value)], generation: u64) {
@@ -356,47 +419,25 @@ async fn proxy_http1_allows_denies_and_normalises() {
     );
     // Method, header and host rules; two Host fields, or a Host that is not the
     // absolute-form target's, are refused.
-    let cases: [(&str, &str, Option<&str>, &str, u16); 10] = [
-        ("POST", "/public/x", Some("api.shop.svc"), "", 403),
+    const API: Option<&str> = Some("api.shop.svc");
+    let cases: [(&str, &str, Option<&str>, &str, u16); 11] = [
+        ("POST", "/public/x", API, "", 403),
+        ("POST", "/submit", API, "x-token: s3cret\r\n", 200),
+        ("POST", "/submit", API, "x-token: nope\r\n", 403),
         (
             "POST",
             "/submit",
-            Some("api.shop.svc"),
-            "x-token: s3cret\r\n",
-            200,
-        ),
-        (
-            "POST",
-            "/submit",
-            Some("api.shop.svc"),
-            "x-token: nope\r\n",
-            403,
-        ),
-        (
-            "POST",
-            "/submit",
-            Some("api.shop.svc"),
+            API,
             "x-token: s3cret\r\nx-token: nope\r\n",
             403,
         ),
-        ("POST", "/submit", Some("api.shop.svc"), "", 403),
-        ("GET", "/hosted", Some("api.shop.svc"), "", 200),
+        ("POST", "/submit", API, "", 403),
+        ("GET", "/hosted", API, "", 200),
         ("GET", "/hosted", Some("API.shop.svc."), "", 200),
         ("GET", "/hosted", Some("evil.example"), "", 403),
-        (
-            "GET",
-            "/public/x",
-            Some("api.shop.svc"),
-            "Host: other\r\n",
-            400,
-        ),
-        (
-            "GET",
-            "http://evil.example/public/x",
-            Some("api.shop.svc"),
-            "",
-            400,
-        ),
+        ("GET", "/public/x", API, "Host: other\r\n", 400),
+        ("GET", "http://evil.example/public/x", API, "", 400),
+        ("GET", "http://api.shop.svc/hosted", None, "", 200),
     ];
     for (method, target, host, extra, want) in cases {
         let (status, body) = raw_h1_host(WEB, h.front, method, target, host, extra).await;
@@ -443,6 +484,20 @@ async fn proxy_audit_mode_passes_and_records_audit_deny() {
     assert_eq!(f[0].request_id.as_deref(), Some("audit-1"));
     assert_eq!(f[0].policy.as_deref(), Some("shop/watch"));
     assert_eq!(h.handle.stats().requests_audit_denied, 1);
+    // Bytes that are not HTTP pass too (to an HTTP pod, which answers 400 itself).
+    let out = send_raw(DB, h.front, b"\x16\x03\x01 hello\r\n\r\n").await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
+    let f = h.flows(&Filter {
+        verdict: Some(FlowVerdict::AuditDeny),
+        ..Filter::default()
+    });
+    assert!(f
+        .iter()
+        .any(|r| r.kind == FlowKind::NotHttp && r.policy.as_deref() == Some("shop/watch")));
 }
 
 #[tokio::test]
@@ -502,6 +557,25 @@ async fn proxy_http2_streams_are_judged_one_by_one_and_grpc_gets_status_7() {
         msg.contains("shop/allow-web") && msg.contains("denied"),
         "{msg}"
     );
+    // An allowed gRPC call reaches the pod over h2, and its trailers come back.
+    let mut call = req("POST", "/pkg.Public/Get");
+    call.headers_mut()
+        .insert("content-type", "application/grpc".parse().expect("ct"));
+    call.headers_mut()
+        .insert("te", "trailers".parse().expect("te"));
+    let resp = sender.send_request(call).await.expect("grpc call");
+    assert_eq!(resp.status(), 200);
+    let collected = resp.into_body().collect().await.expect("body");
+    let trailers = collected.trailers().cloned().unwrap_or_default();
+    assert_eq!(
+        trailers.get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"0"[..])
+    );
+    let echo = json_body(&String::from_utf8_lossy(&collected.to_bytes()));
+    assert_eq!(
+        echo["headers"]["te"][0], "trailers",
+        "te: trailers passes end to end"
+    );
     // And the connection still serves allowed streams.
     let again = sender
         .send_request(req("GET", "/public/again"))
@@ -528,6 +602,27 @@ async fn proxy_policy_change_applies_to_next_request_on_same_connection() {
     );
 }
 
+/// Sends `bytes` on a new connection from `src`; what comes back until the proxy closes
+/// (or an error, or the wait runs out).
+async fn send_raw(src: Ipv4Addr, to: SocketAddr, bytes: &[u8]) -> Vec<u8> {
+    let mut s = connect_from(src, to).await;
+    s.write_all(bytes).await.expect("write");
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, s.read_to_end(&mut out)).await;
+    out
+}
+
+/// Sends `msg` and asserts it comes back.
+async fn assert_echoed(s: &mut TcpStream, msg: &[u8]) {
+    s.write_all(msg).await.expect("write");
+    let mut buf = vec![0u8; msg.len()];
+    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
+        .await
+        .expect("in time")
+        .expect("echoed");
+    assert_eq!(buf, msg);
+}
+
 #[tokio::test]
 async fn proxy_rule_without_http_splices_raw_bytes_for_allowed_peers_only() {
     let pod = tcp_echo(POD_IP).await;
@@ -535,15 +630,7 @@ async fn proxy_rule_without_http_splices_raw_bytes_for_allowed_peers_only() {
         json!({"podSelector": {}, "ingress": [{"from": [{"serviceAccount": {"name": "web"}}]}]});
     let h = Harness::new(pod, &[("tcp", spec)], ProxySettings::default()).await;
     let mut s = connect_from(WEB, h.front).await;
-    s.write_all(b"\x16\x03\x01 not http at all\n")
-        .await
-        .expect("write");
-    let mut buf = [0u8; 20];
-    tokio::time::timeout(WAIT, s.read_exact(&mut buf))
-        .await
-        .expect("in time")
-        .expect("echoed");
-    assert_eq!(&buf, b"\x16\x03\x01 not http at all\n");
+    assert_echoed(&mut s, b"\x16\x03\x01 not http at all\n").await;
     // Another peer: HTTP would be judged, and raw bytes close the connection.
     let mut s = connect_from(DB, h.front).await;
     s.write_all(b"\x16\x03\x01 not http at all\n")
@@ -568,8 +655,15 @@ async fn proxy_rule_without_http_splices_raw_bytes_for_allowed_peers_only() {
             && r.source.pod.as_deref() == Some("db")),
         "{f:?}"
     );
+    // A request line, then lines that are not HTTP headers: hyper answers 400, recorded.
+    let out = send_raw(DB, h.front, b"GET / HTTP/1.1\r\nthis is no header\r\n\r\n").await;
+    assert!(
+        out.starts_with(b"HTTP/1.1 400"),
+        "{:?}",
+        String::from_utf8_lossy(&out)
+    );
     let stats = h.handle.stats();
-    assert_eq!((stats.connections_l4, stats.connections_not_http), (1, 1));
+    assert_eq!((stats.connections_l4, stats.connections_not_http), (1, 2));
 }
 
 #[tokio::test]
@@ -592,6 +686,31 @@ async fn proxy_upstream_down_answers_503_promptly() {
     assert_eq!(h.handle.stats().upstream_errors, 1);
 }
 
+const SLOW_REQUEST: &[u8] =
+    b"GET /public/x HTTP/1.1\r\nHost: api.shop.svc\r\nX-Slow: 1234567890\r\n\r\n";
+
+/// Writes `head` at once, then `rest` one byte a second; how long until the proxy closed
+/// the connection, and what it sent.
+fn trickle(
+    mut s: TcpStream,
+    head: &'static [u8],
+    rest: &'static [u8],
+) -> tokio::task::JoinHandle<(Duration, Vec<u8>)> {
+    tokio::spawn(async move {
+        let start = Instant::now();
+        let _ = s.write_all(head).await;
+        for b in rest {
+            if s.write_all(&[*b]).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+        let mut out = Vec::new();
+        let _ = s.read_to_end(&mut out).await;
+        (start.elapsed(), out)
+    })
+}
+
 #[tokio::test]
 async fn proxy_slowloris_and_half_open_floods_do_not_stop_others() {
     let settings = ProxySettings {
@@ -599,44 +718,12 @@ async fn proxy_slowloris_and_half_open_floods_do_not_stop_others() {
         max_connections_per_source: 20,
         ..ProxySettings::default()
     };
-    let h = Harness::new(
-        echo_server(POD_IP).await,
-        &[("allow-web", web_policy())],
-        settings,
-    )
-    .await;
-    // A slowloris client: one byte a second.
-    let mut slow = connect_from(WEB, h.front).await;
-    let slow_task = tokio::spawn(async move {
-        let start = Instant::now();
-        for b in b"GET /public/x HTTP/1.1\r\nHost: api.shop.svc\r\n\r\n" {
-            if slow.write_all(&[*b]).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let mut out = Vec::new();
-        let _ = slow.read_to_end(&mut out).await;
-        (start.elapsed(), out)
-    });
-    // Another one that sends its request line at once, then trickles the headers.
-    let mut slow_headers = connect_from(WEB, h.front).await;
-    slow_headers
-        .write_all(b"GET /public/x HTTP/1.1\r\n")
-        .await
-        .expect("request line");
-    let slow_headers_task = tokio::spawn(async move {
-        let start = Instant::now();
-        for b in b"Host: api.shop.svc\r\nX-Slow: 1234567890\r\n\r\n" {
-            if slow_headers.write_all(&[*b]).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_secs(1)).await;
-        }
-        let mut out = Vec::new();
-        let _ = slow_headers.read_to_end(&mut out).await;
-        (start.elapsed(), out)
-    });
+    let h = Harness::web(settings).await;
+    // A slowloris client, one byte a second; another that sends its request line at
+    // once, then trickles the headers (cut by hyper's header timeout, not the sniffing).
+    let slow_task = trickle(connect_from(WEB, h.front).await, b"", SLOW_REQUEST);
+    let (line, headers) = SLOW_REQUEST.split_at(24);
+    let slow_headers_task = trickle(connect_from(WEB, h.front).await, line, headers);
     // A flood of connections that say nothing, from one address.
     let mut idle = Vec::new();
     for _ in 0..60 {
@@ -647,27 +734,20 @@ async fn proxy_slowloris_and_half_open_floods_do_not_stop_others() {
         let (status, _) = raw_h1(WEB, h.front, "GET", &format!("/public/{i}"), "").await;
         assert_eq!(status, 200);
     }
-    let (took, out) = tokio::time::timeout(WAIT, slow_task)
-        .await
-        .expect("slowloris cut")
-        .expect("task");
-    assert!(
-        took < Duration::from_secs(6),
-        "slowloris cut after the header timeout, took {took:?}"
-    );
-    assert!(
-        !String::from_utf8_lossy(&out).contains("\"method\""),
-        "slowloris never reached the pod"
-    );
-    let (took, out) = tokio::time::timeout(WAIT, slow_headers_task)
-        .await
-        .expect("slow headers cut")
-        .expect("task");
-    assert!(
-        took < Duration::from_secs(6),
-        "slow headers cut, took {took:?}"
-    );
-    assert!(!String::from_utf8_lossy(&out).contains("\"method\""));
+    for task in [slow_task, slow_headers_task] {
+        let (took, out) = tokio::time::timeout(WAIT, task)
+            .await
+            .expect("slow client cut")
+            .expect("task");
+        assert!(
+            took < Duration::from_secs(6),
+            "cut after the header timeout, took {took:?}"
+        );
+        assert!(
+            !String::from_utf8_lossy(&out).contains("\"method\""),
+            "never reached the pod"
+        );
+    }
     let stats = h.handle.stats();
     assert!(stats.limit_refusals >= 40, "{stats:?}");
     assert!(stats.header_timeouts >= 2, "{stats:?}");
@@ -853,12 +933,7 @@ async fn proxy_request_timeout_answers_504_and_header_limits_431() {
         request_timeout: Duration::from_millis(300),
         ..ProxySettings::default()
     };
-    let h = Harness::new(
-        echo_server(POD_IP).await,
-        &[("allow-web", web_policy())],
-        settings,
-    )
-    .await;
+    let h = Harness::web(settings).await;
     let start = Instant::now();
     let (status, body) = raw_h1(WEB, h.front, "GET", "/public/slower", "").await;
     assert_eq!(status, 504, "{body}");
@@ -871,4 +946,59 @@ async fn proxy_request_timeout_answers_504_and_header_limits_431() {
     assert!(f
         .iter()
         .any(|r| r.kind == FlowKind::Limit && r.verdict == FlowVerdict::Deny));
+}
+
+#[tokio::test]
+async fn proxy_kubelet_probes_from_the_node_pass_only_for_declared_paths() {
+    let h = Harness::echo(&[("deny-all", json!({"podSelector": {}}))]).await;
+    let (status, body) = raw_h1(NODE, h.front, "GET", "/healthz", "").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(raw_h1(NODE, h.front, "GET", "/admin", "").await.0, 403);
+    assert_eq!(raw_h1(NODE, h.front, "POST", "/healthz", "").await.0, 403);
+    assert_eq!(raw_h1(WEB, h.front, "GET", "/healthz", "").await.0, 403);
+    let f = h.flows(&Filter {
+        verdict: Some(FlowVerdict::Allow),
+        ..Filter::default()
+    });
+    assert_eq!(f.len(), 1);
+    assert_eq!(f[0].reason.as_deref(), Some("local node probe"));
+}
+
+#[tokio::test]
+async fn proxy_upgrade_is_judged_then_tunnelled() {
+    let h = Harness::echo(&[("allow-web", web_policy())]).await;
+    let upgrade = |path: &str| {
+        format!("GET {path} HTTP/1.1\r\nHost: api.shop.svc\r\nConnection: Upgrade\r\nUpgrade: echo\r\n\r\n")
+    };
+    let mut s = connect_from(WEB, h.front).await;
+    s.write_all(upgrade("/public/ws").as_bytes())
+        .await
+        .expect("write");
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut b = [0u8; 1];
+        let n = tokio::time::timeout(WAIT, s.read(&mut b))
+            .await
+            .expect("in time")
+            .expect("read");
+        assert_eq!(n, 1, "closed early: {:?}", String::from_utf8_lossy(&head));
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head).to_ascii_lowercase();
+    assert!(
+        head.starts_with("http/1.1 101") && head.contains("upgrade: echo"),
+        "{head}"
+    );
+    assert_echoed(&mut s, b"ping through the tunnel").await;
+    // A denied upgrade is answered 403 and never switches.
+    let mut s = connect_from(DB, h.front).await;
+    s.write_all(upgrade("/public/ws").as_bytes())
+        .await
+        .expect("write");
+    let mut out = vec![0u8; 12];
+    tokio::time::timeout(WAIT, s.read_exact(&mut out))
+        .await
+        .expect("in time")
+        .expect("read");
+    assert_eq!(&out, b"HTTP/1.1 403");
 }

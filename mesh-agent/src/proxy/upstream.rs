@@ -53,7 +53,27 @@ type Key = (IpAddr, SocketAddr);
 #[derive(Default)]
 struct Pool {
     h1: HashMap<Key, Vec<(http1::SendRequest<Incoming>, Instant)>>,
-    h2: HashMap<Key, http2::SendRequest<Incoming>>,
+    /// The shared HTTP/2 connection per key, and when it was last handed out.
+    h2: HashMap<Key, (http2::SendRequest<Incoming>, Instant)>,
+    /// When expired and closed connections were last dropped from every key.
+    last_sweep: Option<Instant>,
+}
+
+impl Pool {
+    /// Drops expired or closed connections of every key, at most once per `idle`: a key
+    /// that is never asked for again must not keep its sockets open.
+    fn sweep(&mut self, idle: std::time::Duration) {
+        if self.last_sweep.is_some_and(|t| t.elapsed() < idle) {
+            return;
+        }
+        self.last_sweep = Some(Instant::now());
+        self.h1.retain(|_, list| {
+            list.retain(|(s, at)| !s.is_closed() && at.elapsed() < idle);
+            !list.is_empty()
+        });
+        self.h2
+            .retain(|_, (s, at)| !s.is_closed() && at.elapsed() < idle);
+    }
 }
 
 /// Opens and pools connections to pods.
@@ -118,15 +138,19 @@ impl Upstream {
                 None => {
                     let io = TokioIo::new(self.connect(client, dst).await?);
                     let (sender, conn) = http1::handshake(io).await.map_err(http)?;
-                    tokio::spawn(drive(conn, dst));
+                    // With upgrades: a `101 Switching Protocols` hands the socket over.
+                    tokio::spawn(drive(conn.with_upgrades(), dst));
                     sender
                 }
             };
             sender.ready().await.map_err(http)?;
             let resp = sender.send_request(req).await.map_err(http)?;
             // Back in the pool at once: it is taken again only when `is_ready`, that is
-            // once this response's body has been read to its end.
-            self.put_h1(key, sender);
+            // once this response's body has been read to its end. An upgraded connection
+            // belongs to its tunnel.
+            if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
+                self.put_h1(key, sender);
+            }
             Ok(resp)
         }
     }
@@ -148,6 +172,7 @@ impl Upstream {
 
     fn put_h1(&self, key: Key, sender: http1::SendRequest<Incoming>) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.sweep(self.settings.upstream_idle_timeout);
         if !pool.h1.contains_key(&key) && !make_room(&mut pool, self.settings.max_upstream_keys) {
             return;
         }
@@ -159,8 +184,11 @@ impl Upstream {
 
     fn take_h2(&self, key: Key) -> Option<http2::SendRequest<Incoming>> {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
-        match pool.h2.get(&key) {
-            Some(s) if !s.is_closed() => Some(s.clone()),
+        match pool.h2.get_mut(&key) {
+            Some((s, at)) if !s.is_closed() => {
+                *at = Instant::now();
+                Some(s.clone())
+            }
             Some(_) => {
                 pool.h2.remove(&key);
                 None
@@ -171,8 +199,9 @@ impl Upstream {
 
     fn put_h2(&self, key: Key, sender: http2::SendRequest<Incoming>) {
         let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        pool.sweep(self.settings.upstream_idle_timeout);
         if pool.h2.contains_key(&key) || make_room(&mut pool, self.settings.max_upstream_keys) {
-            pool.h2.insert(key, sender);
+            pool.h2.insert(key, (sender, Instant::now()));
         }
     }
 
@@ -223,7 +252,7 @@ fn make_room(pool: &mut Pool, max_keys: usize) -> bool {
     }
     pool.h1
         .retain(|_, list| list.iter().any(|(s, _)| !s.is_closed()));
-    pool.h2.retain(|_, s| !s.is_closed());
+    pool.h2.retain(|_, (s, _)| !s.is_closed());
     count(pool) < max_keys
 }
 
