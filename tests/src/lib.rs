@@ -18,9 +18,10 @@ pub mod objects;
 pub mod pki;
 pub mod process;
 
-pub use bed::{BedConfig, CniCall, CniOutput, Pod, TestBed};
+pub use bed::{BedConfig, CniCall, CniOutput, HttpReply, Pod, TestBed};
 pub use mesh_agent::admin::{AdminRequest, AdminResponse};
 pub use mesh_agent::cni::protocol::{AgentRequest, AgentResponse};
+pub use objects::{ServicePortSpec, Workload};
 pub use process::eventually;
 
 /// Fails unless the test runs as root, with a message saying why it must.
