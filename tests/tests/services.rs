@@ -127,6 +127,45 @@ fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_ad
         );
     }
 
+    // An address of the Service range that no Service holds has no kube-proxy rule: the
+    // agent's route refuses it on the node at once (it never leaves by the default route).
+    let unused = (1..255u8)
+        .map(|last| Ipv4Addr::new(198, 19, 240, last))
+        .find(|ip| *ip != vip && *ip != Ipv4Addr::new(198, 19, 240, 1))
+        .unwrap();
+    let started = std::time::Instant::now();
+    let err = far
+        .curl(&["--connect-timeout", "5", &format!("http://{unused}/")])
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("(7)") && started.elapsed() < Duration::from_secs(4),
+        "{unused} was not refused at once: {err}"
+    );
+    // The node's answer (an `unreachable` route: ICMP host unreachable) is rate-limited to one a second per
+    // peer: the refused curl above may have used it up.
+    let ping = far
+        .exec(&[
+            "ping",
+            "-c",
+            "2",
+            "-i",
+            "1.5",
+            "-W",
+            "1",
+            &unused.to_string(),
+        ])
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
+    );
+    assert!(
+        said.contains(&format!("From {n0} ")) && said.contains("Unreachable"),
+        "ping {unused}: {said}"
+    );
+
     // The Service exists only inside the nodes: the host's own rules never name it.
     let host = std::process::Command::new("iptables-save")
         .output()
