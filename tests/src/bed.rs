@@ -126,6 +126,19 @@ impl Node {
         self.dir.join("state")
     }
 
+    /// Starts `cmd` (`name`) in the node's namespace, logging to `<log>-<n>.log` in its
+    /// directory, `n` counting the earlier runs.
+    fn spawn_daemon(&self, name: &str, log: &str, cmd: Command) -> Result<Proc> {
+        let prefix = format!("{log}-");
+        let n = next_log_number(&self.dir, &prefix);
+        Proc::spawn(
+            &format!("{name} {}", self.name),
+            cmd,
+            &self.dir.join(format!("{prefix}{n}.log")),
+            Some(&self.netns.path()),
+        )
+    }
+
     /// The network configuration a runtime on this node hands `mesh-cni`.
     pub fn netconf(&self) -> String {
         json!({
@@ -802,16 +815,7 @@ impl TestBed {
             .args(&node.agent_args)
             .env("RUST_LOG", "info,mesh_agent=debug")
             .env("RUST_BACKTRACE", "0");
-        let log = node.dir.join(format!(
-            "agent-{}.log",
-            next_log_number(&node.dir, "agent-")
-        ));
-        let agent = Proc::spawn(
-            &format!("mesh-agent {}", node.name),
-            cmd,
-            &log,
-            Some(&node.netns.path()),
-        )?;
+        let agent = node.spawn_daemon("mesh-agent", "agent", cmd)?;
         let socket = node.socket();
         let what = format!("agent on {} serving", node.name);
         self.nodes[i].agent = Some(agent);
@@ -859,16 +863,7 @@ impl TestBed {
             // localhost NodePorts, so no route_localnet either.
             .arg("--nodeport-addresses=primary")
             .arg("--v=2");
-        let log = node.dir.join(format!(
-            "kube-proxy-{}.log",
-            next_log_number(&node.dir, "kube-proxy-")
-        ));
-        let proc = Proc::spawn(
-            &format!("kube-proxy {}", node.name),
-            cmd,
-            &log,
-            Some(&node.netns.path()),
-        )?;
+        let proc = node.spawn_daemon("kube-proxy", "kube-proxy", cmd)?;
         let what = format!("kube-proxy on {} synced", node.name);
         self.nodes[i].kube_proxy = Some(proc);
         let node = &mut self.nodes[i];
