@@ -359,3 +359,143 @@ pub fn endpoint_slices(svc: &Service, pods: &[Pod]) -> Vec<EndpointSlice> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running(name: &str, node: &str, w: &Workload, ip: Option<&str>) -> Pod {
+        let mut p = workload_pod(name, node, w);
+        p.metadata.uid = Some(format!("uid-{name}"));
+        p.status = ip.map(|ip| k8s_openapi::api::core::v1::PodStatus {
+            pod_ip: Some(ip.into()),
+            ..Default::default()
+        });
+        p
+    }
+
+    #[test]
+    fn slices_resolve_named_ports_per_pod_and_leave_out_what_a_controller_would() {
+        let web = Workload::new("demo").label("app", "web");
+        let svc = {
+            let mut s = cluster_ip_service(
+                "demo",
+                "web",
+                &[("app", "web")],
+                &[
+                    ServicePortSpec::named("http", 80, "http"),
+                    ServicePortSpec::number("admin", 9000, 9090),
+                ],
+            );
+            s.metadata.uid = Some("svc-uid".into());
+            s
+        };
+        let pods = vec![
+            running(
+                "a",
+                "node-0",
+                &web.clone().port("http", 8080),
+                Some("198.19.0.2"),
+            ),
+            running(
+                "b",
+                "node-1",
+                &web.clone().port("http", 8080),
+                Some("198.19.1.2"),
+            ),
+            // Another number behind the same name: a slice of its own.
+            running(
+                "c",
+                "node-1",
+                &web.clone().port("http", 8081),
+                Some("198.19.1.3"),
+            ),
+            // No address yet, or not selected: not an endpoint.
+            running("d", "node-1", &web.clone().port("http", 8080), None),
+            running(
+                "e",
+                "node-1",
+                &Workload::new("demo")
+                    .label("app", "other")
+                    .port("http", 8080),
+                Some("198.19.1.4"),
+            ),
+        ];
+        let slices = endpoint_slices(&svc, &pods);
+        let summary: Vec<(Vec<String>, Vec<(String, i32)>)> = slices
+            .iter()
+            .map(|s| {
+                (
+                    s.endpoints.iter().map(|e| e.addresses[0].clone()).collect(),
+                    s.ports
+                        .iter()
+                        .flatten()
+                        .map(|p| (p.name.clone().unwrap(), p.port.unwrap()))
+                        .collect(),
+                )
+            })
+            .collect();
+        assert_eq!(
+            summary,
+            vec![
+                (
+                    vec!["198.19.0.2".to_string(), "198.19.1.2".to_string()],
+                    vec![("http".to_string(), 8080), ("admin".to_string(), 9090)]
+                ),
+                (
+                    vec!["198.19.1.3".to_string()],
+                    vec![("http".to_string(), 8081), ("admin".to_string(), 9090)]
+                ),
+            ]
+        );
+        let first = &slices[0];
+        let labels = first.metadata.labels.clone().unwrap();
+        assert_eq!(labels["kubernetes.io/service-name"], "web");
+        assert_eq!(
+            labels["endpointslice.kubernetes.io/managed-by"],
+            ENDPOINT_SLICE_MANAGER
+        );
+        assert_eq!(first.metadata.name.as_deref(), Some("web-0"));
+        assert_eq!(
+            first.metadata.owner_references.as_ref().unwrap()[0].uid,
+            "svc-uid"
+        );
+        assert_eq!(first.endpoints[0].node_name.as_deref(), Some("node-0"));
+        assert_eq!(
+            first.endpoints[0]
+                .target_ref
+                .as_ref()
+                .unwrap()
+                .uid
+                .as_deref(),
+            Some("uid-a")
+        );
+    }
+
+    #[test]
+    fn a_pod_without_the_named_port_serves_only_the_numbered_one() {
+        let svc = cluster_ip_service(
+            "demo",
+            "web",
+            &[("app", "web")],
+            &[
+                ServicePortSpec::named("http", 80, "http"),
+                ServicePortSpec::number("admin", 9000, 9090),
+            ],
+        );
+        let bare = Workload::new("demo").label("app", "web");
+        let slices = endpoint_slices(&svc, &[running("a", "node-0", &bare, Some("198.19.0.2"))]);
+        assert_eq!(slices.len(), 1);
+        let ports = slices[0].ports.clone().unwrap();
+        assert_eq!(ports.len(), 1);
+        assert_eq!(ports[0].name.as_deref(), Some("admin"));
+        // A Service without a selector gets no slices from the bed.
+        let mut unselected = svc.clone();
+        unselected.spec.as_mut().unwrap().selector = None;
+        assert!(endpoint_slices(
+            &unselected,
+            &[running("a", "node-0", &bare, Some("198.19.0.2"))]
+        )
+        .is_empty());
+    }
+}
