@@ -1,6 +1,6 @@
 //! The test bed: control plane, underlay, nodes with agents, and pods made through CNI.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -1073,6 +1073,20 @@ impl TestBed {
         self.set_pod_running(pod)
     }
 
+    /// Deletes `pod`'s Pod object at once (no kubelet confirms a graceful deletion here),
+    /// then runs CNI DEL and removes its namespace, as a kubelet would. Rewrite the
+    /// EndpointSlices of Services that selected it ([`TestBed::write_endpoint_slices`]).
+    pub fn delete_workload(&self, pod: Pod) -> Result<()> {
+        let pods = Api::<KubePod>::namespaced(self.client.clone(), &pod.namespace);
+        let now = kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        self.block_on(pods.delete(&pod.name, &now))
+            .with_context(|| format!("delete Pod {}/{}", pod.namespace, pod.name))?;
+        self.delete_pod(pod)
+    }
+
     /// Writes a kubelet's status for `pod`'s object: Running at its address.
     pub fn set_pod_running(&self, pod: &Pod) -> Result<KubePod> {
         let pods = Api::<KubePod>::namespaced(self.client.clone(), &pod.namespace);
@@ -1109,7 +1123,7 @@ impl TestBed {
     /// Writes the EndpointSlices of Service `ns/name` from the Pod objects there are now,
     /// as the EndpointSlice controller would (the bed runs no kube-controller-manager):
     /// call it again after pods come or go. With kube-proxy on, returns once every node's
-    /// kube-proxy has programmed each endpoint.
+    /// kube-proxy has programmed exactly these endpoints.
     pub fn write_endpoint_slices(&self, ns: &str, name: &str) -> Result<()> {
         let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), ns);
         let ours = format!(
@@ -1145,7 +1159,7 @@ impl TestBed {
             anyhow::Ok(want)
         })?;
         // kube-proxy's comments on its rules: "<ns>/<svc>:<port> -> <ip>:<port>".
-        let rules: Vec<String> = want
+        let want: BTreeSet<String> = want
             .iter()
             .flat_map(|slice| {
                 let ports = slice.ports.clone().unwrap_or_default();
@@ -1169,15 +1183,11 @@ impl TestBed {
             }
             let what = format!("kube-proxy on {} programmed Service {ns}/{name}", node.name);
             eventually(&what, KUBE_PROXY_READY, || {
-                let saved = self.iptables(i)?;
-                let missing: Vec<&String> = rules
-                    .iter()
-                    .filter(|r| !saved.contains(r.as_str()))
-                    .collect();
-                if missing.is_empty() {
+                let have = endpoint_rules(&self.iptables(i)?, &format!("{ns}/{name}:"));
+                if have == want {
                     return Ok(Some(()));
                 }
-                bail!("no rule for {missing:?}")
+                bail!("endpoint rules {have:?}, want {want:?}")
             })?;
         }
         Ok(())
@@ -1253,6 +1263,18 @@ pub fn pod_call(command: &str, pod: &Pod) -> CniCall {
 /// full sync is done.
 const KUBERNETES_SERVICE_RULE: &str = "default/kubernetes:https cluster IP";
 
+/// The comments of kube-proxy's endpoint rules (`<ns>/<svc>:<port> -> <ip>:<port>`) in
+/// `saved` (`iptables-save`) that start with `service` (`<ns>/<svc>:`).
+fn endpoint_rules(saved: &str, service: &str) -> BTreeSet<String> {
+    saved
+        .lines()
+        .filter_map(|line| line.split_once("--comment \"")?.1.split_once('"'))
+        .map(|(comment, _)| comment)
+        .filter(|c| c.starts_with(service) && c.contains(" -> "))
+        .map(str::to_string)
+        .collect()
+}
+
 fn iptables_save(netns: &Netns) -> Result<String> {
     let out = netns.exec(&["iptables-save"])?;
     if !out.status.success() {
@@ -1302,4 +1324,29 @@ fn claim_index() -> Result<(u32, Bridge)> {
         }
     }
     bail!("no free test bed slot: {MAX_BEDS} bridges veilbr1..veilbr{MAX_BEDS} exist (stale? `make clean-testbeds`)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_rules_are_read_from_kube_proxys_comments() {
+        // Lines as kube-proxy v1.34 wrote them in a bed.
+        let saved = r#"
+-A KUBE-SERVICES -d 198.19.240.201/32 -p tcp -m comment --comment "demo/echo:http cluster IP" -m tcp --dport 80 -j KUBE-SVC-JWGTEK2EMVJSPT4J
+-A KUBE-SVC-JWGTEK2EMVJSPT4J -m comment --comment "demo/echo:http -> 198.19.49.2:8080" -j KUBE-SEP-SEKSQWUNPB3DIFYR
+-A KUBE-SVC-KT7F22MTFYTW3VEB -m comment --comment "demo/echo:h2 -> 198.19.49.2:9090" -j KUBE-SEP-BXNE56ONSHSBWV5O
+-A KUBE-SVC-XXXXXXXXXXXXXXXX -m comment --comment "demo/echo2:http -> 198.19.49.3:8080" -j KUBE-SEP-YYYYYYYYYYYYYYYY
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -m comment --comment "default/kubernetes:https -> 198.18.7.1:6443" -j KUBE-SEP-NTF36TYMHFEEJSJN
+"#;
+        assert_eq!(
+            endpoint_rules(saved, "demo/echo:"),
+            BTreeSet::from([
+                "demo/echo:h2 -> 198.19.49.2:9090".to_string(),
+                "demo/echo:http -> 198.19.49.2:8080".to_string(),
+            ])
+        );
+        assert!(endpoint_rules(saved, "demo/none:").is_empty());
+    }
 }

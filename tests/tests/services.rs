@@ -178,3 +178,58 @@ fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_ad
         assert!(bed.iptables(i).unwrap().contains(&format!("{vip}/32")));
     }
 }
+
+/// The EndpointSlices the bed writes follow the pods: a second backend on the other node
+/// answers through the same ClusterIP once the slices are rewritten, and after it is
+/// deleted only the first one does.
+#[test]
+fn service_endpoints_follow_pods_as_the_bed_rewrites_them() {
+    let bed = TestBed::start(BedConfig {
+        nodes: 2,
+        kube_proxy: true,
+        ..Default::default()
+    })
+    .unwrap();
+    let web = Workload::new("default")
+        .label("app", "web")
+        .port("http", 8080);
+    let one = bed.add_workload(0, "web-one", &web).unwrap();
+    let _one = one.serve_echo(8080).unwrap();
+    let client = bed
+        .add_workload(1, "client", &Workload::new("default"))
+        .unwrap();
+    let svc = bed
+        .create_service(
+            "default",
+            "web",
+            &[("app", "web")],
+            &[ServicePortSpec::named("http", 80, "http")],
+        )
+        .unwrap();
+    let url = format!("http://{}/", cluster_ip(&svc).unwrap());
+    let answered_by = |client: &Pod| -> String {
+        let reply = curl(client, &[&url]);
+        assert_eq!(reply.status, 200, "{reply:?}");
+        reply.json().unwrap()["pod"].as_str().unwrap().to_string()
+    };
+    assert_eq!(answered_by(&client), "web-one");
+
+    let two = bed.add_workload(1, "web-two", &web).unwrap();
+    let server_two = two.serve_echo(8080).unwrap();
+    bed.write_endpoint_slices("default", "web").unwrap();
+    // kube-proxy picks at random: both answer within a few dozen requests.
+    let mut seen = std::collections::BTreeSet::new();
+    eventually("both backends answer", Duration::from_secs(30), || {
+        seen.insert(answered_by(&client));
+        Ok((seen.len() == 2).then_some(()))
+    })
+    .unwrap();
+    assert_eq!(seen.into_iter().collect::<Vec<_>>(), ["web-one", "web-two"]);
+
+    drop(server_two);
+    bed.delete_workload(two).unwrap();
+    bed.write_endpoint_slices("default", "web").unwrap();
+    for _ in 0..10 {
+        assert_eq!(answered_by(&client), "web-one");
+    }
+}
