@@ -364,6 +364,9 @@ pub fn endpoint_slices(svc: &Service, pods: &[Pod]) -> Vec<EndpointSlice> {
 mod tests {
     use super::*;
 
+    /// A slice's endpoint addresses and its (name, port) pairs.
+    type SliceSummary = (Vec<String>, Vec<(String, i32)>);
+
     fn running(name: &str, node: &str, w: &Workload, ip: Option<&str>) -> Pod {
         let mut p = workload_pod(name, node, w);
         p.metadata.uid = Some(format!("uid-{name}"));
@@ -422,7 +425,7 @@ mod tests {
             ),
         ];
         let slices = endpoint_slices(&svc, &pods);
-        let summary: Vec<(Vec<String>, Vec<(String, i32)>)> = slices
+        let summary: Vec<SliceSummary> = slices
             .iter()
             .map(|s| {
                 (
