@@ -167,12 +167,23 @@ fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_ad
     );
 
     // The Service exists only inside the nodes: the host's own rules never name it.
+    // And the bed's own accept rule for its underlay in the host's FORWARD chain (against
+    // Docker's DROP policy) is still there beside whatever kube-proxy did.
     let host = std::process::Command::new("iptables-save")
         .output()
         .unwrap();
+    let host = String::from_utf8_lossy(&host.stdout);
     assert!(
-        !String::from_utf8_lossy(&host.stdout).contains(&vip.to_string()),
+        !host.contains(&vip.to_string()),
         "kube-proxy wrote rules for {vip} into the host's namespace"
+    );
+    let underlay = bed.underlay();
+    assert!(
+        host.lines().any(
+            |l| l.starts_with(&format!("-A FORWARD -i {underlay} -o {underlay}"))
+                && l.ends_with("-j ACCEPT")
+        ),
+        "the bed's FORWARD accept rule for {underlay} is gone"
     );
     for i in 0..2 {
         assert!(bed.iptables(i).unwrap().contains(&format!("{vip}/32")));
