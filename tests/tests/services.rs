@@ -38,7 +38,8 @@ fn curl(client: &Pod, args: &[&str]) -> HttpReply {
 /// port 80 (→ the named port `http`, 8080) and h2c on port 9000 (→ 9090 by number). The
 /// echo sees each client pod's own address (kube-proxy DNATs, nothing SNATs), the
 /// cross-node requests cross the underlay only inside WireGuard, and kube-proxy's rules
-/// live in the nodes' namespaces, not the host's.
+/// live in the nodes' namespaces, not the host's. A node's own request and a pod calling
+/// its own Service are masqueraded to the node's address, as kube-proxy does anywhere.
 #[test]
 fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_address() {
     let bed = TestBed::start(BedConfig {
@@ -111,6 +112,25 @@ fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_ad
         assert_eq!(json["version"], "HTTP/2.0", "{json}");
         assert_eq!(peer_ip(&reply), client.ip, "{json}");
     }
+    // What kube-proxy does masquerade arrives from a node's address, as on any cluster:
+    // node 0's own request (its source is outside `--cluster-cidr`), still only through
+    // WireGuard, and the echo pod calling its own Service (hairpin).
+    let url = format!("http://{vip}/node?{marker}");
+    let out = bed
+        .node(0)
+        .netns
+        .exec(&["curl", "-sS", "--noproxy", "*", "--max-time", "10", &url])
+        .unwrap();
+    let json: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("node 0 → {url}: {e}: {out:?}"));
+    assert_eq!(
+        json["peer"].as_str().unwrap().split(':').next(),
+        Some(&*n0.to_string()),
+        "{json}"
+    );
+    let reply = curl(&echo, &[&format!("http://{vip}/hairpin")]);
+    assert_eq!(peer_ip(&reply), n1, "{reply:?}");
+
     let seen = capture.stop().unwrap();
     assert!(
         !seen.lines.is_empty(),
