@@ -11,6 +11,16 @@ use veil_testbed::control_plane::SERVICE_CIDR;
 use veil_testbed::objects::cluster_ip;
 use veil_testbed::{eventually, BedConfig, HttpReply, Pod, ServicePortSpec, TestBed, Workload};
 
+/// Two nodes, each with kube-proxy, WireGuard on (the default).
+fn bed_with_kube_proxy() -> TestBed {
+    TestBed::start(BedConfig {
+        nodes: 2,
+        kube_proxy: true,
+        ..Default::default()
+    })
+    .unwrap()
+}
+
 /// The address in `peer` (`ip:port`) of a `veil-echo` answer.
 fn peer_ip(reply: &HttpReply) -> Ipv4Addr {
     let json = reply.json().unwrap();
@@ -42,12 +52,7 @@ fn curl(client: &Pod, args: &[&str]) -> HttpReply {
 /// its own Service are masqueraded to the node's address, as kube-proxy does anywhere.
 #[test]
 fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_address() {
-    let bed = TestBed::start(BedConfig {
-        nodes: 2,
-        kube_proxy: true,
-        ..Default::default()
-    })
-    .unwrap();
+    let bed = bed_with_kube_proxy();
     bed.create_namespace("demo", &[("team", "demo")]).unwrap();
     let echo_w = Workload::new("demo")
         .label("app", "echo")
@@ -215,12 +220,7 @@ fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_ad
 /// deleted only the first one does.
 #[test]
 fn service_endpoints_follow_pods_as_the_bed_rewrites_them() {
-    let bed = TestBed::start(BedConfig {
-        nodes: 2,
-        kube_proxy: true,
-        ..Default::default()
-    })
-    .unwrap();
+    let bed = bed_with_kube_proxy();
     let web = Workload::new("default")
         .label("app", "web")
         .port("http", 8080);
