@@ -212,6 +212,9 @@ fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_ad
     );
     for i in 0..2 {
         assert!(bed.iptables(i).unwrap().contains(&format!("{vip}/32")));
+        // The built-in role of `system:kube-proxy` is all it needs.
+        let log = std::fs::read_to_string(bed.node(i).dir.join("kube-proxy-0.log")).unwrap();
+        assert!(!log.contains("forbidden"), "kube-proxy {i}: {log}");
     }
 }
 
