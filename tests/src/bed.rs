@@ -1,6 +1,6 @@
 //! The test bed: control plane, underlay, nodes with agents, and pods made through CNI.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -11,17 +11,21 @@ use std::time::Duration;
 
 use anyhow::{anyhow, bail, Context, Result};
 use ipnet::Ipv4Net;
-use k8s_openapi::api::core::v1::Node as KubeNode;
+use k8s_openapi::api::core::v1::{
+    Namespace, Node as KubeNode, Pod as KubePod, Service, ServiceAccount,
+};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, RoleRef, Subject};
-use kube::api::{ObjectMeta, Patch, PatchParams, PostParams};
+use kube::api::{ListParams, ObjectMeta, Patch, PatchParams, PostParams};
 use kube::Api;
 use mesh_agent::admin::{self, AdminRequest, AdminResponse, PodInfo};
 use mesh_agent::cni::protocol::{self, AgentRequest, AgentResponse};
 use serde_json::json;
 
 use crate::bins;
-use crate::control_plane::{random_token, ControlPlane, Token};
+use crate::control_plane::{random_token, ControlPlane, Token, SERVICE_CIDR};
 use crate::net::{ip, Bridge, Netns};
+use crate::objects::{self, ServicePortSpec, Workload};
 use crate::process::{eventually, Proc};
 
 /// Nodes a bed can hold: each has an API token made before the API server starts.
@@ -31,6 +35,10 @@ pub const MAX_NODES: usize = 8;
 const MAX_BEDS: u32 = 30;
 /// How long an agent may take to serve after it starts (it waits for its Node first).
 const AGENT_READY: Duration = Duration::from_secs(60);
+/// How long kube-proxy may take to program what there is, from its start or from a
+/// change (it syncs at most once a second by default; from its start to the first full
+/// sync took ≈ 0.4 s here).
+const KUBE_PROXY_READY: Duration = Duration::from_secs(60);
 
 /// The Lease that picks the one agent writing `L7Policy` status (the chart's name, in
 /// namespace `default`).
@@ -52,6 +60,13 @@ pub struct BedConfig {
     /// Agents get `--cluster-pod-cidr` [`CLUSTER_POD_CIDR`] (the default); without it,
     /// strictness rests on the pod CIDRs each agent has seen.
     pub cluster_pod_cidr: bool,
+    /// Every node also runs a real `kube-proxy` (iptables mode) in its namespace, as on
+    /// kind and most clusters, and agents get `--service-cidr` as the chart gives it, so
+    /// Services created with [`TestBed::create_service`] work. Off by default: it costs
+    /// a process per node (≈ 0.4 s each to its first sync), and the tests that need no
+    /// Services keep proving Veil's own paths with no other rules in the nodes' netfilter
+    /// tables. IPv4 only: an IPv6-underlay bed gives kube-proxy an IPv6 primary family.
+    pub kube_proxy: bool,
 }
 
 impl Default for BedConfig {
@@ -62,6 +77,7 @@ impl Default for BedConfig {
             encryption: "wireguard",
             ipv6_underlay: false,
             cluster_pod_cidr: true,
+            kube_proxy: false,
         }
     }
 }
@@ -84,8 +100,9 @@ pub struct Node {
     pub dir: PathBuf,
     /// Extra arguments for its agent (see [`TestBed::set_agent_args`]).
     agent_args: Vec<String>,
-    // Drop order: the agent stops before its namespace goes.
+    // Drop order: the agent and kube-proxy stop before their namespace goes.
     agent: Option<Proc>,
+    kube_proxy: Option<Proc>,
     /// The node's namespace.
     pub netns: Netns,
 }
@@ -109,6 +126,19 @@ impl Node {
     /// The agent's state directory.
     pub fn state_dir(&self) -> PathBuf {
         self.dir.join("state")
+    }
+
+    /// Starts `cmd` (`name`) in the node's namespace, logging to `<log>-<n>.log` in its
+    /// directory, `n` counting the earlier runs.
+    fn spawn_daemon(&self, name: &str, log: &str, cmd: Command) -> Result<Proc> {
+        let prefix = format!("{log}-");
+        let n = next_log_number(&self.dir, &prefix);
+        Proc::spawn(
+            &format!("{name} {}", self.name),
+            cmd,
+            &self.dir.join(format!("{prefix}{n}.log")),
+            Some(&self.netns.path()),
+        )
     }
 
     /// The network configuration a runtime on this node hands `mesh-cni`.
@@ -172,6 +202,8 @@ impl CniOutput {
 pub struct Pod {
     /// Pod name.
     pub name: String,
+    /// Its Kubernetes namespace (`K8S_POD_NAMESPACE`).
+    pub namespace: String,
     /// Index of the node it runs on.
     pub node: usize,
     /// `CNI_CONTAINERID` it was added with.
@@ -180,11 +212,129 @@ pub struct Pod {
     pub ip: Ipv4Addr,
     /// The ADD result.
     pub result: serde_json::Value,
+    /// Where the logs of processes it runs go.
+    pub log_dir: PathBuf,
     /// Its namespace.
     pub netns: Netns,
 }
 
+/// An HTTP answer `curl` got.
+#[derive(Debug, Clone)]
+pub struct HttpReply {
+    /// The status code.
+    pub status: u16,
+    /// The body.
+    pub body: String,
+}
+
+impl HttpReply {
+    /// The body as JSON (`veil-echo` answers one JSON object).
+    pub fn json(&self) -> Result<serde_json::Value> {
+        serde_json::from_str(self.body.trim())
+            .with_context(|| format!("body is not JSON: {}", self.body))
+    }
+}
+
+/// What `curl --write-out` prints after the body, so the status can be split off.
+const CURL_STATUS_MARK: &str = "\n--veil-http-status:";
+
+/// How long a server started in a pod may take to listen.
+const SERVER_READY: Duration = Duration::from_secs(20);
+
 impl Pod {
+    /// Starts `argv` (a program path or a name on PATH, and its arguments) inside the
+    /// pod's network namespace, with `POD_NAME` and `POD_NAMESPACE` set as the downward
+    /// API would; output to `<name>.log` in [`Pod::log_dir`]. Killed when dropped.
+    pub fn spawn(&self, name: &str, argv: &[&str]) -> Result<Proc> {
+        let (program, args) = argv
+            .split_first()
+            .ok_or_else(|| anyhow!("spawn {name} in {}: empty argv", self.name))?;
+        let mut cmd = Command::new(program);
+        cmd.args(args)
+            .env("POD_NAME", &self.name)
+            .env("POD_NAMESPACE", &self.namespace);
+        Proc::spawn(
+            &format!("{name} in pod {}", self.name),
+            cmd,
+            &self.log_dir.join(format!("{name}.log")),
+            Some(&self.netns.path()),
+        )
+    }
+
+    /// Starts `veil-echo` on `0.0.0.0:port` in the pod and returns once it accepts
+    /// connections on the pod's address.
+    pub fn serve_echo(&self, port: u16) -> Result<Proc> {
+        let echo = bins::veil("veil-echo")?;
+        let listen = format!("0.0.0.0:{port}");
+        let mut server = self.spawn(
+            &format!("veil-echo-{port}"),
+            &[&echo.to_string_lossy(), "--listen", &listen],
+        )?;
+        self.wait_listening(port, Some(&mut server))?;
+        Ok(server)
+    }
+
+    /// Waits until something accepts TCP connections on the pod's address at `port`
+    /// (failing at once if `server`, when given, has exited).
+    pub fn wait_listening(&self, port: u16, mut server: Option<&mut Proc>) -> Result<()> {
+        let dst = SocketAddr::from((self.ip, port));
+        let what = format!("{} listening on {dst}", self.name);
+        eventually(&what, SERVER_READY, || {
+            if let Some(server) = server.as_deref_mut() {
+                server.check_running()?;
+            }
+            let connected = self
+                .netns
+                .spawn(move || Ok(TcpStream::connect_timeout(&dst, Duration::from_secs(1)).is_ok()))
+                .join()
+                .map_err(|_| anyhow!("probe thread panicked"))??;
+            Ok(connected.then_some(()))
+        })
+    }
+
+    /// Runs `argv` inside the pod's network namespace and returns its output.
+    pub fn exec(&self, argv: &[&str]) -> Result<std::process::Output> {
+        self.netns.exec(argv)
+    }
+
+    /// Runs the real `curl` in the pod with `args` (URL and options: `--http2-prior-knowledge`,
+    /// `-H`, …; 10 s at most, no proxy from the environment) and returns the status and
+    /// body; fails when curl does (connection refused, timeout), with its message.
+    pub fn curl(&self, args: &[&str]) -> Result<HttpReply> {
+        let write_out = format!("{CURL_STATUS_MARK}%{{http_code}}");
+        let mut argv = vec![
+            "curl",
+            "--silent",
+            "--show-error",
+            "--noproxy",
+            "*",
+            "--max-time",
+            "10",
+            "--write-out",
+            &write_out,
+        ];
+        argv.extend_from_slice(args);
+        let out = self.exec(&argv)?;
+        if !out.status.success() {
+            bail!(
+                "curl {} from {} ({}): {}: {}",
+                args.join(" "),
+                self.name,
+                self.ip,
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let (body, status) = stdout
+            .rsplit_once(CURL_STATUS_MARK)
+            .ok_or_else(|| anyhow!("curl printed no status: {stdout}"))?;
+        Ok(HttpReply {
+            status: status.trim().parse()?,
+            body: body.to_string(),
+        })
+    }
+
     /// Pings `dst` from the pod (3 tries, 1 s apart at most).
     pub fn ping(&self, dst: Ipv4Addr) -> Result<()> {
         let out = self
@@ -254,6 +404,7 @@ pub struct TestBed {
     pub client: kube::Client,
     rt: tokio::runtime::Runtime,
     agent_tokens: Vec<Token>,
+    kube_proxy_token: Token,
     config: BedConfig,
     _data: tempfile::TempDir,
     dir: tempfile::TempDir,
@@ -306,8 +457,19 @@ impl TestBed {
                 groups: vec!["veil:agents".into()],
             })
             .collect();
-        let control_plane =
-            ControlPlane::start(dir.path(), data.path(), gateway, &agent_tokens, &rt)?;
+        // The user kubeadm gives kube-proxy: the built-in ClusterRoleBinding
+        // `system:node-proxier` grants it what kube-proxy reads and writes.
+        let kube_proxy_token = Token {
+            token: random_token("kube-proxy"),
+            user: "system:kube-proxy".into(),
+            groups: Vec::new(),
+        };
+        let tokens: Vec<Token> = agent_tokens
+            .iter()
+            .chain([&kube_proxy_token])
+            .cloned()
+            .collect();
+        let control_plane = ControlPlane::start(dir.path(), data.path(), gateway, &tokens, &rt)?;
         let client = control_plane.client(&rt, &control_plane.admin.token)?;
         let mut bed = TestBed {
             index,
@@ -317,6 +479,7 @@ impl TestBed {
             client,
             rt,
             agent_tokens,
+            kube_proxy_token,
             config: config.clone(),
             _data: data,
             dir,
@@ -476,6 +639,9 @@ impl TestBed {
     pub fn add_node(&mut self) -> Result<usize> {
         let i = self.add_bare_node()?;
         self.start_agent(i)?;
+        if self.config.kube_proxy {
+            self.start_kube_proxy(i)?;
+        }
         Ok(i)
     }
 
@@ -533,6 +699,7 @@ impl TestBed {
             dir,
             agent_args: Vec::new(),
             agent: None,
+            kube_proxy: None,
             netns,
         });
         Ok(i)
@@ -640,18 +807,17 @@ impl TestBed {
                     .into_iter()
                     .flatten(),
             )
+            .args(
+                self.config
+                    .kube_proxy
+                    .then_some(["--service-cidr", SERVICE_CIDR])
+                    .into_iter()
+                    .flatten(),
+            )
             .args(&node.agent_args)
             .env("RUST_LOG", "info,mesh_agent=debug")
             .env("RUST_BACKTRACE", "0");
-        let log = node
-            .dir
-            .join(format!("agent-{}.log", next_log_number(&node.dir)));
-        let agent = Proc::spawn(
-            &format!("mesh-agent {}", node.name),
-            cmd,
-            &log,
-            Some(&node.netns.path()),
-        )?;
+        let agent = node.spawn_daemon("mesh-agent", "agent", cmd)?;
         let socket = node.socket();
         let what = format!("agent on {} serving", node.name);
         self.nodes[i].agent = Some(agent);
@@ -664,6 +830,71 @@ impl TestBed {
             )
             .then_some(()))
         })
+    }
+
+    /// Starts a real `kube-proxy` (iptables mode) in node `i`'s namespace and waits until
+    /// it has programmed the Services there are (at least the API server's own,
+    /// `default/kubernetes`). It authenticates as `system:kube-proxy`, the user the
+    /// built-in ClusterRoleBinding `system:node-proxier` serves, and logs to
+    /// `kube-proxy-<n>.log` in the node's directory. Stopped with the node.
+    pub fn start_kube_proxy(&mut self, i: usize) -> Result<()> {
+        let node = &self.nodes[i];
+        let kubeconfig = node.dir.join("kube-proxy.kubeconfig");
+        std::fs::write(
+            &kubeconfig,
+            self.control_plane.kubeconfig(&self.kube_proxy_token.token),
+        )?;
+        let mut cmd = Command::new(bins::kube("kube-proxy")?);
+        cmd.arg(format!("--kubeconfig={}", kubeconfig.display()))
+            .arg(format!("--hostname-override={}", node.name))
+            .arg("--proxy-mode=iptables")
+            // What it takes for a pod source to be "local": traffic from outside the range
+            // (the node itself, say) to a ClusterIP is masqueraded, pods' is not.
+            .arg(format!("--cluster-cidr={}", self.pod_range()))
+            // nf_conntrack_max and the conntrack hash size are global (the host's
+            // namespace alone may write them): leave them. The TCP timeouts are per
+            // namespace, but kind leaves them too, and so does the bed: kube-proxy then
+            // writes no conntrack sysctl at all.
+            .arg("--conntrack-max-per-core=0")
+            .arg("--conntrack-tcp-timeout-established=0")
+            .arg("--conntrack-tcp-timeout-close-wait=0")
+            // Its default (-999) needs CAP_SYS_RESOURCE, which this host's bounding set
+            // may lack; and a test's daemon is no more precious than the test.
+            .arg("--oom-score-adj=0")
+            // NodePorts on the node's InternalIP only (upstream's recommendation): no
+            // localhost NodePorts, so no route_localnet either.
+            .arg("--nodeport-addresses=primary")
+            .arg("--v=2");
+        let proc = node.spawn_daemon("kube-proxy", "kube-proxy", cmd)?;
+        let what = format!("kube-proxy on {} synced", node.name);
+        self.nodes[i].kube_proxy = Some(proc);
+        let node = &mut self.nodes[i];
+        let proc = node.kube_proxy.as_mut().expect("just set");
+        eventually(&what, KUBE_PROXY_READY, || {
+            proc.check_running()?;
+            Ok(iptables_save(&node.netns)?
+                .contains(KUBERNETES_SERVICE_RULE)
+                .then_some(()))
+        })
+    }
+
+    /// Stops node `i`'s kube-proxy (its rules stay, as on a real node).
+    pub fn stop_kube_proxy(&mut self, i: usize) {
+        if let Some(mut proc) = self.nodes[i].kube_proxy.take() {
+            proc.stop(Duration::from_secs(10));
+        }
+    }
+
+    /// Node `i`'s iptables rules, every table (`iptables-save`).
+    pub fn iptables(&self, i: usize) -> Result<String> {
+        iptables_save(&self.nodes[i].netns)
+    }
+
+    /// The range every pod of this bed has its address from (the nodes' pod CIDRs are
+    /// carved from it): kube-proxy's `--cluster-cidr`.
+    pub fn pod_range(&self) -> Ipv4Net {
+        Ipv4Net::new(Ipv4Addr::new(198, 19, ((self.index - 1) * 8) as u8, 0), 21)
+            .expect("a valid prefix")
     }
 
     /// Stops node `i`'s agent (SIGTERM).
@@ -735,10 +966,18 @@ impl TestBed {
         })
     }
 
-    /// Creates a pod on node `i` and runs CNI ADD for it.
+    /// Creates a pod on node `i` in Kubernetes namespace `default` and runs CNI ADD for it.
     pub fn add_pod(&self, i: usize, name: &str) -> Result<Pod> {
+        self.add_pod_in(i, "default", name)
+    }
+
+    /// Creates a pod `ns/name` on node `i` and runs CNI ADD for it (no Pod object: see
+    /// [`TestBed::add_workload`]). Pod names are unique within a bed, whatever the namespace.
+    pub fn add_pod_in(&self, i: usize, ns: &str, name: &str) -> Result<Pod> {
         let netns = Netns::create(&format!("veil{}p-{name}", self.index))?;
         let container_id = format!("{name}-{}", self.index);
+        let log_dir = self.dir.path().join("pods").join(name);
+        std::fs::create_dir_all(&log_dir)?;
         let out = self.cni(
             i,
             &CniCall {
@@ -746,7 +985,7 @@ impl TestBed {
                 container_id: container_id.clone(),
                 netns: Some(netns.path()),
                 ifname: "eth0".into(),
-                args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE=default;K8S_POD_NAME={name}"),
+                args: format!("IgnoreUnknown=1;K8S_POD_NAMESPACE={ns};K8S_POD_NAME={name}"),
                 stdin: None,
             },
         )?;
@@ -766,12 +1005,196 @@ impl TestBed {
         let ip = address.parse::<Ipv4Net>()?.addr();
         Ok(Pod {
             name: name.to_string(),
+            namespace: ns.to_string(),
             node: i,
             container_id,
             ip,
             result,
+            log_dir,
             netns,
         })
+    }
+
+    /// Creates Namespace `name` with `labels`.
+    pub fn create_namespace(&self, name: &str, labels: &[(&str, &str)]) -> Result<()> {
+        let ns = objects::namespace(name, labels);
+        self.block_on(
+            Api::<Namespace>::all(self.client.clone()).create(&PostParams::default(), &ns),
+        )
+        .with_context(|| format!("create Namespace {name}"))?;
+        Ok(())
+    }
+
+    /// Creates ServiceAccount `ns/name` unless it exists (no controller manager runs in
+    /// the bed to make `default`, and pods cannot be created for a missing one).
+    pub fn ensure_service_account(&self, ns: &str, name: &str) -> Result<()> {
+        let sa = ServiceAccount {
+            metadata: objects::meta(name, Some(ns)),
+            ..Default::default()
+        };
+        match self.block_on(
+            Api::<ServiceAccount>::namespaced(self.client.clone(), ns)
+                .create(&PostParams::default(), &sa),
+        ) {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(e)) if e.code == 409 => Ok(()),
+            Err(e) => Err(e).with_context(|| format!("create ServiceAccount {ns}/{name}")),
+        }
+    }
+
+    /// A workload pod, as a kubelet makes one: the Pod object `w.namespace/name` bound to
+    /// node `i` (labels, ServiceAccount, named ports), the pod's network through CNI ADD,
+    /// then the object's status (Running, `podIP`) through the status subresource.
+    pub fn add_workload(&self, i: usize, name: &str, w: &Workload) -> Result<Pod> {
+        self.create_workload_object(i, name, w)?;
+        let pod = self.add_pod_in(i, &w.namespace, name)?;
+        self.set_pod_running(&pod)?;
+        Ok(pod)
+    }
+
+    /// The Pod object for bed pod `pod` (made by [`TestBed::add_pod_in`]) as
+    /// [`TestBed::add_workload`] writes it; `w.namespace` must be the pod's.
+    pub fn create_pod_object(&self, pod: &Pod, w: &Workload) -> Result<KubePod> {
+        if w.namespace != pod.namespace {
+            bail!(
+                "pod {} is in namespace {}, not {}",
+                pod.name,
+                pod.namespace,
+                w.namespace
+            );
+        }
+        self.create_workload_object(pod.node, &pod.name, w)?;
+        self.set_pod_running(pod)
+    }
+
+    /// The Pod object `w.namespace/name` bound to node `i`, its ServiceAccount made first.
+    fn create_workload_object(&self, i: usize, name: &str, w: &Workload) -> Result<()> {
+        self.ensure_service_account(&w.namespace, &w.service_account)?;
+        let object = objects::workload_pod(name, &self.nodes[i].name, w);
+        let pods = Api::<KubePod>::namespaced(self.client.clone(), &w.namespace);
+        self.block_on(pods.create(&PostParams::default(), &object))
+            .with_context(|| format!("create Pod {}/{name}", w.namespace))?;
+        Ok(())
+    }
+
+    /// Deletes `pod`'s Pod object at once (no kubelet confirms a graceful deletion here),
+    /// then runs CNI DEL and removes its namespace, as a kubelet would. Rewrite the
+    /// EndpointSlices of Services that selected it ([`TestBed::write_endpoint_slices`]).
+    pub fn delete_workload(&self, pod: Pod) -> Result<()> {
+        let pods = Api::<KubePod>::namespaced(self.client.clone(), &pod.namespace);
+        let now = kube::api::DeleteParams {
+            grace_period_seconds: Some(0),
+            ..Default::default()
+        };
+        self.block_on(pods.delete(&pod.name, &now))
+            .with_context(|| format!("delete Pod {}/{}", pod.namespace, pod.name))?;
+        self.delete_pod(pod)
+    }
+
+    /// Writes a kubelet's status for `pod`'s object: Running at its address.
+    pub fn set_pod_running(&self, pod: &Pod) -> Result<KubePod> {
+        let pods = Api::<KubePod>::namespaced(self.client.clone(), &pod.namespace);
+        self.block_on(pods.patch_status(
+            &pod.name,
+            &PatchParams::default(),
+            &Patch::Merge(objects::running_status(pod.ip)),
+        ))
+        .with_context(|| format!("write status of Pod {}/{}", pod.namespace, pod.name))
+    }
+
+    /// Creates a ClusterIP Service `ns/name` over the pods `selector` matches, writes its
+    /// EndpointSlices (see [`TestBed::write_endpoint_slices`]) and, with kube-proxy on,
+    /// waits until every node's kube-proxy has programmed it. Returns the Service, its
+    /// `clusterIP` set ([`objects::cluster_ip`]).
+    pub fn create_service(
+        &self,
+        ns: &str,
+        name: &str,
+        selector: &[(&str, &str)],
+        ports: &[ServicePortSpec],
+    ) -> Result<Service> {
+        let svc = objects::cluster_ip_service(ns, name, selector, ports);
+        let svc = self
+            .block_on(
+                Api::<Service>::namespaced(self.client.clone(), ns)
+                    .create(&PostParams::default(), &svc),
+            )
+            .with_context(|| format!("create Service {ns}/{name}"))?;
+        self.write_endpoint_slices(ns, name)?;
+        Ok(svc)
+    }
+
+    /// Writes the EndpointSlices of Service `ns/name` from the Pod objects there are now,
+    /// as the EndpointSlice controller would (the bed runs no kube-controller-manager):
+    /// call it again after pods come or go. With kube-proxy on, returns once every node's
+    /// kube-proxy has programmed exactly these endpoints.
+    pub fn write_endpoint_slices(&self, ns: &str, name: &str) -> Result<()> {
+        let slices = Api::<EndpointSlice>::namespaced(self.client.clone(), ns);
+        let ours = format!(
+            "kubernetes.io/service-name={name},endpointslice.kubernetes.io/managed-by={}",
+            objects::ENDPOINT_SLICE_MANAGER
+        );
+        let want = self.block_on(async {
+            let svc = Api::<Service>::namespaced(self.client.clone(), ns)
+                .get(name)
+                .await?;
+            let pods = Api::<KubePod>::namespaced(self.client.clone(), ns)
+                .list(&Default::default())
+                .await?;
+            let want = objects::endpoint_slices(&svc, &pods.items);
+            let apply = PatchParams::apply(objects::ENDPOINT_SLICE_MANAGER).force();
+            for slice in &want {
+                let slice_name = slice.metadata.name.clone().unwrap_or_default();
+                let mut body = serde_json::to_value(slice)?;
+                body["apiVersion"] = json!("discovery.k8s.io/v1");
+                body["kind"] = json!("EndpointSlice");
+                slices
+                    .patch(&slice_name, &apply, &Patch::Apply(&body))
+                    .await
+                    .with_context(|| format!("apply EndpointSlice {ns}/{slice_name}"))?;
+            }
+            let keep: Vec<Option<String>> = want.iter().map(|s| s.metadata.name.clone()).collect();
+            for old in slices.list(&ListParams::default().labels(&ours)).await? {
+                if !keep.contains(&old.metadata.name) {
+                    let old_name = old.metadata.name.unwrap_or_default();
+                    slices.delete(&old_name, &Default::default()).await?;
+                }
+            }
+            anyhow::Ok(want)
+        })?;
+        // kube-proxy's comments on its rules: "<ns>/<svc>:<port> -> <ip>:<port>".
+        let want: BTreeSet<String> = want
+            .iter()
+            .flat_map(|slice| {
+                let ports = slice.ports.clone().unwrap_or_default();
+                slice.endpoints.iter().flat_map(move |e| {
+                    let ports = ports.clone();
+                    e.addresses.clone().into_iter().flat_map(move |ip| {
+                        ports.clone().into_iter().map(move |p| {
+                            format!(
+                                "{ns}/{name}:{} -> {ip}:{}",
+                                p.name.unwrap_or_default(),
+                                p.port.unwrap_or_default()
+                            )
+                        })
+                    })
+                })
+            })
+            .collect();
+        for (i, node) in self.nodes.iter().enumerate() {
+            if node.kube_proxy.is_none() {
+                continue;
+            }
+            let what = format!("kube-proxy on {} programmed Service {ns}/{name}", node.name);
+            eventually(&what, KUBE_PROXY_READY, || {
+                let have = endpoint_rules(&self.iptables(i)?, &format!("{ns}/{name}:"));
+                if have == want {
+                    return Ok(Some(()));
+                }
+                bail!("endpoint rules {have:?}, want {want:?}")
+            })?;
+        }
+        Ok(())
     }
 
     /// Pod `a` on node 0 and pod `c` on node 1, once they reach each other.
@@ -840,16 +1263,44 @@ pub fn pod_call(command: &str, pod: &Pod) -> CniCall {
     }
 }
 
+/// The rule kube-proxy writes for the API server's own Service: once there, the first
+/// full sync is done.
+const KUBERNETES_SERVICE_RULE: &str = "default/kubernetes:https cluster IP";
+
+/// The comments of kube-proxy's endpoint rules (`<ns>/<svc>:<port> -> <ip>:<port>`) in
+/// `saved` (`iptables-save`) that start with `service` (`<ns>/<svc>:`).
+fn endpoint_rules(saved: &str, service: &str) -> BTreeSet<String> {
+    saved
+        .lines()
+        .filter_map(|line| line.split_once("--comment \"")?.1.split_once('"'))
+        .map(|(comment, _)| comment)
+        .filter(|c| c.starts_with(service) && c.contains(" -> "))
+        .map(str::to_string)
+        .collect()
+}
+
+fn iptables_save(netns: &Netns) -> Result<String> {
+    let out = netns.exec(&["iptables-save"])?;
+    if !out.status.success() {
+        bail!(
+            "iptables-save in {}: {}",
+            netns.name(),
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 fn node_name(i: usize) -> String {
     format!("node-{i}")
 }
 
-fn next_log_number(dir: &Path) -> usize {
+fn next_log_number(dir: &Path, prefix: &str) -> usize {
     std::fs::read_dir(dir)
         .map(|entries| {
             entries
                 .flatten()
-                .filter(|e| e.file_name().to_string_lossy().starts_with("agent-"))
+                .filter(|e| e.file_name().to_string_lossy().starts_with(prefix))
                 .count()
         })
         .unwrap_or(0)
@@ -877,4 +1328,29 @@ fn claim_index() -> Result<(u32, Bridge)> {
         }
     }
     bail!("no free test bed slot: {MAX_BEDS} bridges veilbr1..veilbr{MAX_BEDS} exist (stale? `make clean-testbeds`)")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_rules_are_read_from_kube_proxys_comments() {
+        // Lines as kube-proxy v1.34 wrote them in a bed.
+        let saved = r#"
+-A KUBE-SERVICES -d 198.19.240.201/32 -p tcp -m comment --comment "demo/echo:http cluster IP" -m tcp --dport 80 -j KUBE-SVC-JWGTEK2EMVJSPT4J
+-A KUBE-SVC-JWGTEK2EMVJSPT4J -m comment --comment "demo/echo:http -> 198.19.49.2:8080" -j KUBE-SEP-SEKSQWUNPB3DIFYR
+-A KUBE-SVC-KT7F22MTFYTW3VEB -m comment --comment "demo/echo:h2 -> 198.19.49.2:9090" -j KUBE-SEP-BXNE56ONSHSBWV5O
+-A KUBE-SVC-XXXXXXXXXXXXXXXX -m comment --comment "demo/echo2:http -> 198.19.49.3:8080" -j KUBE-SEP-YYYYYYYYYYYYYYYY
+-A KUBE-SVC-NPX46M4PTMTKRN6Y -m comment --comment "default/kubernetes:https -> 198.18.7.1:6443" -j KUBE-SEP-NTF36TYMHFEEJSJN
+"#;
+        assert_eq!(
+            endpoint_rules(saved, "demo/echo:"),
+            BTreeSet::from([
+                "demo/echo:h2 -> 198.19.49.2:9090".to_string(),
+                "demo/echo:http -> 198.19.49.2:8080".to_string(),
+            ])
+        );
+        assert!(endpoint_rules(saved, "demo/none:").is_empty());
+    }
 }

@@ -8,6 +8,7 @@ use veil_testbed::{BedConfig, TestBed};
 fn main() -> Result<()> {
     let mut nodes = 2usize;
     let mut pods_per_node = 1usize;
+    let mut kube_proxy = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
@@ -25,8 +26,11 @@ fn main() -> Result<()> {
                     .parse()
                     .context("--pods-per-node")?
             }
+            "--kube-proxy" => kube_proxy = true,
             "-h" | "--help" => {
-                println!("usage: local-cluster [--nodes N (2)] [--pods-per-node N (1)]");
+                println!(
+                    "usage: local-cluster [--nodes N (2)] [--pods-per-node N (1)] [--kube-proxy (a real kube-proxy per node, for Services)]"
+                );
                 return Ok(());
             }
             other => bail!("unknown argument {other:?}; try --help"),
@@ -34,6 +38,7 @@ fn main() -> Result<()> {
     }
     let bed = TestBed::start(BedConfig {
         nodes,
+        kube_proxy,
         ..Default::default()
     })?;
     let mut pods = Vec::new();
