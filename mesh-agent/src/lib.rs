@@ -11,9 +11,12 @@ pub mod k8s;
 pub mod netns;
 pub mod node_install;
 pub mod peers;
-pub mod pod_counters;
 pub mod podnet;
+pub mod redirect;
 pub mod routes;
 pub mod server;
 pub mod state;
 pub mod wireguard;
+
+/// The per-pod counters moved into [`redirect`]; this path keeps their callers unchanged.
+pub use redirect::pod_counters;

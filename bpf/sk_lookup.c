@@ -1,0 +1,40 @@
+/* sk_lookup on the node's network namespace: every new TCP connection whose local
+ * (destination) IPv4 address is a covered pod's goes to the proxy's one listening socket
+ * (veil_proxy_sock), whatever the port. Routing delivered the SYN locally in the first
+ * place (table VEIL_COVERED_TABLE), after kube-proxy's DNAT, so Service traffic is caught
+ * too and conntrack stays intact.
+ *
+ * No socket in the map (agent or proxy away): SK_DROP, which refuses the connection
+ * (the kernel answers RST). Covered connections fail closed; SK_DROP rather than SK_PASS
+ * so that a node process listening on 0.0.0.0:<port> cannot receive them either. */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+
+#include "lib/maps.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+SEC("sk_lookup")
+int veil_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	__be32 local = ctx->local_ip4;
+	__u32 slot = VEIL_PROXY_SOCK_SLOT;
+	struct bpf_sock *sk;
+	long err;
+
+	if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (!bpf_map_lookup_elem(&veil_covered, &local))
+		return SK_PASS;
+	sk = bpf_map_lookup_elem(&veil_proxy_sock, &slot);
+	if (!sk)
+		return SK_DROP;
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";
