@@ -40,7 +40,8 @@ struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
 	__uint(max_entries, 1);
 	__type(key, __u32);
-	__type(value, __u64);
+	/* A socket descriptor on update: 4 bytes, as aya's SockMap insists. */
+	__type(value, __u32);
 } veil_proxy_sock SEC(".maps");
 
 /* struct veil_spoof_event records for the agent's flow log. */

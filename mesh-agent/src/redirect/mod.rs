@@ -23,8 +23,6 @@ pub mod pod_counters;
 pub mod routing;
 
 #[cfg(test)]
-mod netns_tests;
-#[cfg(test)]
 mod test_run_tests;
 
 use std::collections::{BTreeSet, HashMap};
@@ -547,13 +545,5 @@ impl Redirect {
             .and_then(|p| p.try_into().ok())
             .expect("loaded");
         f(program)
-    }
-
-    /// For the tests: counters by interface index, attached or not.
-    #[cfg(test)]
-    pub(crate) fn counters_of(&self, ifindex: u32) -> Option<Counts> {
-        let inner = self.lock();
-        let values = inner.maps.counters.get(&ifindex, 0).ok()?;
-        Some(Counts::sum(values.iter()))
     }
 }
