@@ -11,7 +11,11 @@
  * 3. Reply steering: a covered pod's TCP segment that belongs to one of the proxy's
  *    transparent upstream connections (its destination is the proxied client, which is not
  *    this node) is assigned to that socket and marked VEIL_TO_PROXY_MARK, so the rule for
- *    that mark delivers it locally (Cilium's proxy return path). */
+ *    that mark delivers it locally (Cilium's proxy return path).
+ * 4. Covered pods as clients: their SYNs are remembered (veil_outbound), and TCP to a
+ *    covered pod's remembered port is marked VEIL_UPSTREAM_MARK so routing sends it to the
+ *    pod instead of to the proxy (table VEIL_COVERED_TABLE matches every TCP packet for the
+ *    pod, answers included). */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -47,18 +51,25 @@ static __always_inline void report_spoof(struct __sk_buff *skb, __u32 ifindex,
 	bpf_ringbuf_submit(ev, 0);
 }
 
-/* Assigns a covered pod's TCP reply to the proxy's upstream socket it belongs to. */
-static __always_inline void steer_reply(struct __sk_buff *skb, const struct iphdr *ip,
-					__u32 l4_off)
+/* A covered pod's TCP: remembers the connections it opens, and assigns its replies to
+ * the proxy's upstream socket they belong to. Returns whether it assigned. */
+static __always_inline int from_covered(struct __sk_buff *skb, const struct iphdr *ip,
+					const struct tcphdr *tcphdr)
 {
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *skc, *sk;
-	struct tcphdr tcp;
+	struct tcphdr tcp = *tcphdr;
+	int assigned = 0;
 
-	if (!bpf_map_lookup_elem(&veil_covered, &ip->saddr))
-		return;
-	if (bpf_skb_load_bytes(skb, l4_off, &tcp, sizeof(tcp)) < 0)
-		return;
+	if (tcp.syn && !tcp.ack) {
+		struct veil_outbound_key key = {
+			.ipv4 = ip->saddr,
+			.port = tcp.source,
+		};
+		__u8 one = 1;
+
+		bpf_map_update_elem(&veil_outbound, &key, &one, BPF_ANY);
+	}
 	tuple.ipv4.saddr = ip->saddr;
 	tuple.ipv4.daddr = ip->daddr;
 	tuple.ipv4.sport = tcp.source;
@@ -66,14 +77,44 @@ static __always_inline void steer_reply(struct __sk_buff *skb, const struct iphd
 	/* The node's namespace: the veth's host side lives there, and so does the proxy. */
 	skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!skc)
-		return;
+		return 0;
 	/* Only full sockets carry a mark; a timewait socket is left to the kernel. */
 	sk = bpf_sk_fullsock(skc);
 	if (sk && sk->mark == VEIL_UPSTREAM_MARK && sk->state != BPF_TCP_LISTEN) {
-		if (bpf_sk_assign(skb, sk, 0) == 0)
+		if (bpf_sk_assign(skb, sk, 0) == 0) {
 			skb->mark = (skb->mark & ~VEIL_MARK_MASK) | VEIL_TO_PROXY_MARK;
+			assigned = 1;
+		}
 	}
 	bpf_sk_release(skc);
+	return assigned;
+}
+
+/* TCP to a covered pod that answers a connection the pod opened itself: to the pod by
+ * the main table, not to the proxy. */
+static __always_inline void to_covered(struct __sk_buff *skb, const struct iphdr *ip,
+				       const struct tcphdr *tcp)
+{
+	struct veil_outbound_key key = {
+		.ipv4 = ip->daddr,
+		.port = tcp->dest,
+	};
+
+	if (bpf_map_lookup_elem(&veil_outbound, &key))
+		skb->mark = (skb->mark & ~VEIL_MARK_MASK) | VEIL_UPSTREAM_MARK;
+}
+
+static __always_inline void steer_tcp(struct __sk_buff *skb, const struct iphdr *ip,
+				      __u32 l4_off)
+{
+	struct tcphdr tcp;
+
+	if (bpf_skb_load_bytes(skb, l4_off, &tcp, sizeof(tcp)) < 0)
+		return;
+	if (bpf_map_lookup_elem(&veil_covered, &ip->saddr) && from_covered(skb, ip, &tcp))
+		return;
+	if (bpf_map_lookup_elem(&veil_covered, &ip->daddr))
+		to_covered(skb, ip, &tcp);
 }
 
 SEC("classifier")
@@ -123,7 +164,7 @@ int veil_from_pod(struct __sk_buff *skb)
 		/* Fragments after the first carry no TCP header. */
 		if (ip.protocol == IPPROTO_TCP && !(ip.frag_off & bpf_htons(0x1fff))) {
 			l4_off = ETH_HLEN + ((__u32)ip.ihl & 0xf) * 4;
-			steer_reply(skb, &ip, l4_off);
+			steer_tcp(skb, &ip, l4_off);
 		}
 		return TC_ACT_UNSPEC;
 	}

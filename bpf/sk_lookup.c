@@ -4,9 +4,13 @@
  * place (table VEIL_COVERED_TABLE), after kube-proxy's DNAT, so Service traffic is caught
  * too and conntrack stays intact.
  *
- * No socket in the map (agent or proxy away): SK_DROP, which refuses the connection
- * (the kernel answers RST). Covered connections fail closed; SK_DROP rather than SK_PASS
- * so that a node process listening on 0.0.0.0:<port> cannot receive them either. */
+ * No socket in the map (agent or proxy away): SK_DROP. Covered connections fail closed:
+ * the SYN is dropped and the client times out. Not "refused": with SK_PASS (tried) no
+ * listener is found either, but the kernel cannot send the RST, whose source (the pod's
+ * address) is no address of the node and needs a transparent socket to be sent from
+ * (ip_send_unicast_reply without IP_REPLY_ARG_NOSRCCHECK), so the client hung the same
+ * way, measured here. SK_DROP also keeps a node process listening on 0.0.0.0:<port>
+ * from receiving the connection. */
 #include <linux/bpf.h>
 #include <linux/in.h>
 #include <bpf/bpf_helpers.h>

@@ -30,4 +30,12 @@ struct veil_spoof_event {
 	__u16 reserved;
 };
 
+/* veil_outbound key: a covered pod's address and the source port of a connection it
+ * opened (both network byte order). */
+struct veil_outbound_key {
+	__be32 ipv4;
+	__be16 port;
+	__u16 reserved;
+};
+
 #endif

@@ -35,6 +35,17 @@ struct {
 	__type(value, __u8);
 } veil_covered SEC(".maps");
 
+/* Connections covered pods opened themselves (their SYN passed from_pod): the answers
+ * to them, addressed to the covered pod, must go to the pod, not to the proxy, so
+ * from_pod marks them VEIL_UPSTREAM_MARK (main table) instead of letting
+ * VEIL_COVERED_TABLE deliver them locally. Value: 1. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__uint(max_entries, VEIL_MAX_OUTBOUND);
+	__type(key, struct veil_outbound_key);
+	__type(value, __u8);
+} veil_outbound SEC(".maps");
+
 /* Slot VEIL_PROXY_SOCK_SLOT: the proxy's listening socket. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);

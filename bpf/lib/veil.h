@@ -20,7 +20,13 @@
 /* Table with `local 0.0.0.0/0 dev lo`: replies assigned to a proxy socket. */
 #define VEIL_TO_PROXY_TABLE 0x79
 
-/* fwmark VEIL_UPSTREAM_MARK/VEIL_MARK_MASK lookup main. */
+/* iif lo ipproto tcp lookup main: the node's own TCP (its answers to covered pods'
+ * connections, kubelet probes, hostNetwork pods) is never delivered back to the node by
+ * VEIL_COVERED_TABLE: a SYN-ACK of a node socket to a covered pod would otherwise loop to
+ * the proxy's listener. So node-originated connections reach covered pods unproxied. */
+#define VEIL_LOCAL_OUT_RULE_PRIORITY 0x6f
+/* fwmark VEIL_UPSTREAM_MARK/VEIL_MARK_MASK lookup main. from_pod also sets this mark on
+ * packets that answer a covered pod's own outgoing connection (see veil_outbound). */
 #define VEIL_UPSTREAM_RULE_PRIORITY 0x70
 /* fwmark VEIL_TO_PROXY_MARK/VEIL_MARK_MASK lookup VEIL_TO_PROXY_TABLE. */
 #define VEIL_TO_PROXY_RULE_PRIORITY 0x71
@@ -39,6 +45,8 @@
 /* Capacities. */
 #define VEIL_MAX_PODS 65536
 #define VEIL_MAX_COVERED 65536
+/* Covered pods' outgoing connections remembered at once (LRU: the oldest go first). */
+#define VEIL_MAX_OUTBOUND 65536
 /* Bytes of the spoof-event ring (a power of two, a multiple of the page size): 2730
  * events of 24 bytes incl. the ring's 8-byte header, enough for a burst between two
  * polls; when full, events are dropped and the per-pod counters stay exact. */

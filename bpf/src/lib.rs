@@ -31,15 +31,18 @@ pub const POD_TX_MAP: &str = POD_COUNTERS_MAP;
 pub const PODS_MAP: &str = "veil_pods";
 /// Hash, covered pod IPv4 ([`ipv4_key`]) → `u8` 1.
 pub const COVERED_MAP: &str = "veil_covered";
+/// LRU hash, [`OutboundKey`] → `u8` 1: connections covered pods opened themselves.
+pub const OUTBOUND_MAP: &str = "veil_outbound";
 /// Sockmap, slot [`consts::PROXY_SOCK_SLOT`] → the proxy's listening socket.
 pub const PROXY_SOCK_MAP: &str = "veil_proxy_sock";
 /// Ring buffer of [`SpoofEvent`]s.
 pub const SPOOF_EVENTS_MAP: &str = "veil_spoof_events";
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 5] = [
+pub const ALL_MAPS: [&str; 6] = [
     PODS_MAP,
     POD_COUNTERS_MAP,
     COVERED_MAP,
+    OUTBOUND_MAP,
     PROXY_SOCK_MAP,
     SPOOF_EVENTS_MAP,
 ];
@@ -83,6 +86,21 @@ pub struct VeilPod {
 
 // SAFETY: plain old data, `repr(C)`, no padding (checked against the BTF in the tests).
 unsafe impl aya::Pod for VeilPod {}
+
+/// A covered pod's outgoing connection, as `struct veil_outbound_key`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct OutboundKey {
+    /// The pod's address, see [`ipv4_key`].
+    pub ipv4: u32,
+    /// Its source port, network byte order.
+    pub port: u16,
+    /// Reserved, 0.
+    pub reserved: u16,
+}
+
+// SAFETY: plain old data, `repr(C)`, no padding (checked against the BTF in the tests).
+unsafe impl aya::Pod for OutboundKey {}
 
 /// One packet from_pod dropped as spoofed, as `struct veil_spoof_event`.
 #[repr(C)]

@@ -101,6 +101,14 @@ fn bpf_shared_structs_match_the_objects_btf() {
         ),
         ("veil_pod", layout_of!(VeilPod { ipv4, flags })),
         (
+            "veil_outbound_key",
+            layout_of!(OutboundKey {
+                ipv4,
+                port,
+                reserved
+            }),
+        ),
+        (
             "veil_spoof_event",
             layout_of!(RawSpoofEvent {
                 ifindex,
@@ -150,6 +158,7 @@ fn bpf_constants_come_from_the_header() {
     assert_eq!(consts::TO_PROXY_MARK & !consts::MARK_MASK, 0);
     assert_eq!(consts::COVERED_TABLE, 0x78);
     assert_eq!(consts::TO_PROXY_TABLE, 0x79);
+    assert!(consts::LOCAL_OUT_RULE_PRIORITY < consts::UPSTREAM_RULE_PRIORITY);
     assert!(consts::UPSTREAM_RULE_PRIORITY < consts::TO_PROXY_RULE_PRIORITY);
     assert!(consts::TO_PROXY_RULE_PRIORITY < consts::COVERED_RULE_PRIORITY);
 }

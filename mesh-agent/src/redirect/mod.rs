@@ -37,14 +37,14 @@ use aya::programs::tc::{self, SchedClassifier, TcAttachType};
 use aya::programs::SkLookup;
 use aya::{Ebpf, EbpfLoader};
 use veil_bpf::{
-    consts, ipv4_from_key, ipv4_key, PodCounters as RawCounters, VeilPod, ALL_MAPS, COVERED_MAP,
-    FROM_POD, FROM_POD_PROGRAM, PODS_MAP, POD_COUNTERS_MAP, PROXY_SOCK_MAP, SK_LOOKUP,
-    SK_LOOKUP_PROGRAM, SPOOF_EVENTS_MAP,
+    ipv4_from_key, ipv4_key, PodCounters as RawCounters, VeilPod, ALL_MAPS, COVERED_MAP, FROM_POD,
+    FROM_POD_PROGRAM, PODS_MAP, POD_COUNTERS_MAP, PROXY_SOCK_MAP, SK_LOOKUP, SK_LOOKUP_PROGRAM,
+    SPOOF_EVENTS_MAP,
 };
 
 pub use events::SpoofEvents;
 pub use pod_counters::Counts;
-pub use veil_bpf::{SpoofEvent, SpoofedFamily};
+pub use veil_bpf::{consts, SpoofEvent, SpoofedFamily};
 
 /// Where the agent pins its maps and links unless configured otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/veil";
@@ -187,6 +187,20 @@ fn pinned_link(path: &Path) -> Result<Option<PinnedLink>, RedirectError> {
         .map_err(|e| pin_err(path)(format!("{e:?}")))
 }
 
+/// Sets `accept_local` on a pod's host-side veth. A covered pod's address is a local
+/// route in table 120 for TCP, so the reverse-path check of the pod's own TCP packets
+/// (source = the pod) finds a local address and the kernel drops them as martians
+/// (EINVAL from `ip route get ... iif <veth> ipproto tcp`, measured here) unless the
+/// interface accepts local sources. Anti-spoofing in from_pod is what guards the source.
+fn accept_local(ifname: &str) -> Result<(), String> {
+    if ifname.contains('/') || ifname.starts_with('.') {
+        return Err(format!("bad interface name {ifname:?}"));
+    }
+    // /proc/sys/net follows the opening thread's network namespace.
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local");
+    std::fs::write(&path, b"1").map_err(|e| format!("write {path}: {e}"))
+}
+
 impl Redirect {
     /// Loads both programs, creates or reopens the maps pinned under `pin_dir` (created
     /// if missing; bpffs must be mounted there), and attaches `sk_lookup` to the calling
@@ -289,7 +303,8 @@ impl Redirect {
     }
 
     /// Attaches `from_pod` at tc ingress of the pod's host-side veth `ifname` (index
-    /// `ifindex`, in the calling thread's namespace) with the link pinned, after writing
+    /// `ifindex`, in the calling thread's namespace) with the link pinned and sets the
+    /// veth's `accept_local` (see [`accept_local`]), after writing
     /// the pod's anti-spoofing entry (`pod_ip`) and its counters (kept if they exist, so
     /// an agent restart keeps them). A link pinned by an earlier agent is updated in
     /// place to the new program (no moment without a program).
@@ -325,6 +340,7 @@ impl Redirect {
                 .insert(ifindex, zero, 0)
                 .map_err(|e| map_err(POD_COUNTERS_MAP, ifname)(format!("{e:?}")))?;
         }
+        accept_local(ifname).map_err(attach_err)?;
         let pin = self.tc_link_pin(ifname);
         let old = pinned_link(&pin)?;
         let program: &mut SchedClassifier = inner
@@ -476,7 +492,7 @@ impl Redirect {
         }
     }
 
-    /// Installs the three rules and table [`consts::TO_PROXY_TABLE`]'s route; see
+    /// Installs the four rules and table [`consts::TO_PROXY_TABLE`]'s route; see
     /// [`routing::ensure_rules`].
     pub async fn ensure_rules(&self, handle: &rtnetlink::Handle) -> Result<(), RedirectError> {
         routing::ensure_rules(handle).await

@@ -2,6 +2,7 @@
 //!
 //! | priority | selector | table |
 //! | --- | --- | --- |
+//! | [`consts::LOCAL_OUT_RULE_PRIORITY`] (111) | `iif lo ipproto tcp` | main |
 //! | [`consts::UPSTREAM_RULE_PRIORITY`] (112) | `fwmark 0x0a00/0x0f00` | main |
 //! | [`consts::TO_PROXY_RULE_PRIORITY`] (113) | `fwmark 0x0b00/0x0f00` | [`consts::TO_PROXY_TABLE`] (121): `local 0.0.0.0/0 dev lo` |
 //! | [`consts::COVERED_RULE_PRIORITY`] (114) | `ipproto tcp` | [`consts::COVERED_TABLE`] (120): `local <covered pod>/32 dev lo` |
@@ -36,29 +37,41 @@ pub struct Rule {
     pub fwmark: Option<(u32, u32)>,
     /// `ipproto tcp`, if the rule selects on it.
     pub tcp_only: bool,
+    /// `iif lo` (the node's own packets), if the rule selects on it.
+    pub local_out: bool,
     /// Table looked up.
     pub table: u32,
 }
 
-/// The three rules.
-pub fn desired_rules() -> [Rule; 3] {
+/// The four rules.
+pub fn desired_rules() -> [Rule; 4] {
     [
+        Rule {
+            priority: consts::LOCAL_OUT_RULE_PRIORITY,
+            fwmark: None,
+            tcp_only: true,
+            local_out: true,
+            table: MAIN_TABLE,
+        },
         Rule {
             priority: consts::UPSTREAM_RULE_PRIORITY,
             fwmark: Some((consts::UPSTREAM_MARK, consts::MARK_MASK)),
             tcp_only: false,
+            local_out: false,
             table: MAIN_TABLE,
         },
         Rule {
             priority: consts::TO_PROXY_RULE_PRIORITY,
             fwmark: Some((consts::TO_PROXY_MARK, consts::MARK_MASK)),
             tcp_only: false,
+            local_out: false,
             table: consts::TO_PROXY_TABLE,
         },
         Rule {
             priority: consts::COVERED_RULE_PRIORITY,
             fwmark: None,
             tcp_only: true,
+            local_out: false,
             table: consts::COVERED_TABLE,
         },
     ]
@@ -77,6 +90,7 @@ fn parse_rule(msg: &RuleMessage) -> Option<Rule> {
         priority: 0,
         fwmark: None,
         tcp_only: false,
+        local_out: false,
         table: u32::from(msg.header.table),
     };
     let (mut mark, mut mask) = (None, None);
@@ -87,6 +101,7 @@ fn parse_rule(msg: &RuleMessage) -> Option<Rule> {
             RuleAttribute::FwMark(m) => mark = Some(*m),
             RuleAttribute::FwMask(m) => mask = Some(*m),
             RuleAttribute::IpProtocol(IpProtocol::Tcp) => rule.tcp_only = true,
+            RuleAttribute::Iifname(name) if name == "lo" => rule.local_out = true,
             // Attributes the kernel reports on every rule.
             RuleAttribute::Protocol(_) | RuleAttribute::SuppressPrefixLen(_) => {}
             _ => return None,
@@ -125,7 +140,7 @@ async fn rules_at(
     Ok(found)
 }
 
-/// Makes sure each of the three rules exists exactly once at its priority: a rule at one
+/// Makes sure each of the four rules exists exactly once at its priority: a rule at one
 /// of our priorities with another selector, table or action (stale, or someone else's) is
 /// deleted and ours added. Also installs table 121's `local 0.0.0.0/0 dev lo`. Idempotent.
 pub async fn ensure_rules(handle: &Handle) -> Result<(), RedirectError> {
@@ -175,6 +190,9 @@ async fn add_rule(handle: &Handle, rule: Rule) -> Result<(), RedirectError> {
             .message_mut()
             .attributes
             .push(RuleAttribute::FwMask(mask));
+    }
+    if rule.local_out {
+        request = request.input_interface("lo");
     }
     if rule.tcp_only {
         request
@@ -355,6 +373,9 @@ mod tests {
             if rule.tcp_only {
                 msg.attributes
                     .push(RuleAttribute::IpProtocol(IpProtocol::Tcp));
+            }
+            if rule.local_out {
+                msg.attributes.push(RuleAttribute::Iifname("lo".into()));
             }
             assert_eq!(parse_rule(&msg), Some(rule));
             // A rule at our priority with a source selector is stale.

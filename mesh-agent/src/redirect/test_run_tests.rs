@@ -6,7 +6,7 @@ use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
 use aya::programs::{TestRun, TestRunOptions};
-use veil_bpf::{consts, SpoofEvent, SpoofedFamily};
+use veil_bpf::{SpoofEvent, SpoofedFamily};
 
 use super::Redirect;
 
@@ -302,7 +302,7 @@ fn redirect_bpf_test_run_sk_lookup_assigns_covered_only_and_fails_closed() {
         });
         // Uncovered: passed, nothing selected.
         assert_eq!(run_sk_lookup(&redirect, OTHER), (SK_PASS, 0));
-        // Covered with an empty sockmap: refused (fail closed).
+        // Covered with an empty sockmap: dropped (fail closed).
         assert_eq!(run_sk_lookup(&redirect, POD), (SK_DROP, 0));
         // Covered with the proxy's listener: assigned to it.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
@@ -312,6 +312,5 @@ fn redirect_bpf_test_run_sk_lookup_assigns_covered_only_and_fails_closed() {
         // The listener closes: the kernel empties the slot, covered connections fail closed.
         drop(listener);
         assert_eq!(run_sk_lookup(&redirect, POD), (SK_DROP, 0));
-        let _ = consts::PROXY_SOCK_SLOT;
     });
 }
