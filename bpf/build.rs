@@ -12,6 +12,7 @@ fn main() {
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let clang = std::env::var("CLANG").unwrap_or_else(|_| "clang".to_string());
     println!("cargo:rerun-if-env-changed=CLANG");
+    println!("cargo:rerun-if-changed=build.rs");
     for header in std::fs::read_dir(dir.join("lib")).expect("bpf/lib exists") {
         println!(
             "cargo:rerun-if-changed={}",

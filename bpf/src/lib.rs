@@ -10,6 +10,14 @@ pub mod consts {
     include!(concat!(env!("OUT_DIR"), "/constants.rs"));
 }
 
+// The rules only work in this order: the node's own TCP and the proxy's marked packets
+// must be routed before the covered table can claim them.
+const _: () = assert!(
+    consts::LOCAL_OUT_RULE_PRIORITY < consts::UPSTREAM_RULE_PRIORITY
+        && consts::UPSTREAM_RULE_PRIORITY < consts::TO_PROXY_RULE_PRIORITY
+        && consts::TO_PROXY_RULE_PRIORITY < consts::COVERED_RULE_PRIORITY
+);
+
 /// The tc program for a pod's host-side veth (`bpf/from_pod.c`); program [`FROM_POD_PROGRAM`].
 pub static FROM_POD: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from_pod.o"));
 

@@ -158,9 +158,6 @@ fn bpf_constants_come_from_the_header() {
     assert_eq!(consts::TO_PROXY_MARK & !consts::MARK_MASK, 0);
     assert_eq!(consts::COVERED_TABLE, 0x78);
     assert_eq!(consts::TO_PROXY_TABLE, 0x79);
-    assert!(consts::LOCAL_OUT_RULE_PRIORITY < consts::UPSTREAM_RULE_PRIORITY);
-    assert!(consts::UPSTREAM_RULE_PRIORITY < consts::TO_PROXY_RULE_PRIORITY);
-    assert!(consts::TO_PROXY_RULE_PRIORITY < consts::COVERED_RULE_PRIORITY);
 }
 
 #[test]

@@ -261,18 +261,15 @@ fn redirect_netns_steers_covered_pods_into_the_proxy_and_back() -> Result<()> {
     ensure_bpffs()?;
     let tag = format!("{}", std::process::id() % 100_000);
     let bed = bed(&tag)?;
-    let pin_dir = pins(&tag);
-    let _ = Redirect::unpin_all(&pin_dir);
-    let result = run(&bed, pin_dir.clone());
-    let _ = Redirect::unpin_all(&pin_dir);
-    result
+    let pins = Pins(pins(&tag));
+    let _ = Redirect::unpin_all(&pins.0);
+    run(&bed, pins.0.clone())
 }
 
 fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
-    let node = bed.node.name().to_string();
     // Everything on the node side runs on one thread inside the node's namespace: the
     // interface names and the sk_lookup attachment resolve there.
-    let (to_node, node_rx) = mpsc::channel::<Box<dyn FnOnce(&mut NodeSide) -> Result<()> + Send>>();
+    let (to_node, node_rx) = mpsc::channel::<NodeWork>();
     let (done_tx, done) = mpsc::channel::<Result<()>>();
     let node_thread = bed.node.spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -296,7 +293,7 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
         }
         Ok(())
     });
-    let on_node = |work: Box<dyn FnOnce(&mut NodeSide) -> Result<()> + Send>| -> Result<()> {
+    let on_node = |work: NodeWork| -> Result<()> {
         to_node
             .send(work)
             .map_err(|_| anyhow::anyhow!("node thread gone"))?;
@@ -482,8 +479,21 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
     node_thread
         .join()
         .map_err(|_| anyhow::anyhow!("node thread panicked"))??;
-    let _ = node;
     Ok(())
+}
+
+/// Work for the node thread.
+type NodeWork = Box<dyn FnOnce(&mut NodeSide) -> Result<()> + Send>;
+
+/// Removes the pins even when the test panics.
+struct Pins(PathBuf);
+
+impl Drop for Pins {
+    fn drop(&mut self) {
+        if let Err(e) = Redirect::unpin_all(&self.0) {
+            eprintln!("remove pins {}: {e}", self.0.display());
+        }
+    }
 }
 
 struct NodeSide {

@@ -32,9 +32,9 @@ pub(crate) fn skip_reason() -> Option<&'static str> {
 /// Mounts bpffs at /sys/fs/bpf when it is not (these machines do not at boot) and
 /// returns a fresh pin directory under it.
 pub(crate) fn pin_dir(tag: &str) -> PinDir {
-    const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+    const BPF_FS_MAGIC: libc::c_long = 0xcafe_4a11;
     let mounted = nix::sys::statfs::statfs("/sys/fs/bpf")
-        .map(|s| s.filesystem_type().0 as i64 == BPF_FS_MAGIC)
+        .map(|s| s.filesystem_type().0 == BPF_FS_MAGIC)
         .unwrap_or(false);
     if !mounted {
         let status = std::process::Command::new("mount")
