@@ -14,11 +14,14 @@ pub mod local_socket;
 pub mod netns;
 pub mod node_install;
 pub mod peers;
-pub mod pod_counters;
 pub mod podnet;
 pub mod policy_status;
 pub mod proxy;
+pub mod redirect;
 pub mod routes;
 pub mod server;
 pub mod state;
 pub mod wireguard;
+
+/// The per-pod counters moved into [`redirect`]; this path keeps their callers unchanged.
+pub use redirect::pod_counters;

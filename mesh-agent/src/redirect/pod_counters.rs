@@ -1,5 +1,7 @@
 //! The eBPF counter on every pod's host-side veth: loads `from_pod` once, attaches it at
-//! tc ingress of each pod interface, and reads per-CPU counters back.
+//! tc ingress of each pod interface, and reads per-CPU counters back. Nothing is pinned and
+//! no anti-spoofing entry is written, so this is the counting-only mode the agent used
+//! before [`super::Redirect`]; `Redirect` offers the same counters with everything else.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -42,13 +44,29 @@ pub enum CountersError {
     },
 }
 
-/// Packets and bytes a pod sent.
+/// Packets and bytes a pod sent, and what anti-spoofing dropped of it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Counts {
     /// Packets.
     pub packets: u64,
     /// Bytes.
     pub bytes: u64,
+    /// Packets dropped because their source was not the pod's address.
+    pub spoofed_packets: u64,
+    /// Bytes of those packets.
+    pub spoofed_bytes: u64,
+}
+
+impl Counts {
+    /// Sums per-CPU values.
+    pub(crate) fn sum<'a>(values: impl IntoIterator<Item = &'a RawCounters>) -> Counts {
+        values.into_iter().fold(Counts::default(), |acc, v| Counts {
+            packets: acc.packets + v.packets,
+            bytes: acc.bytes + v.bytes,
+            spoofed_packets: acc.spoofed_packets + v.spoofed_packets,
+            spoofed_bytes: acc.spoofed_bytes + v.spoofed_bytes,
+        })
+    }
 }
 
 struct Loaded {
@@ -151,9 +169,6 @@ impl PodCounters {
         let mut inner = self.inner.lock().expect("counters lock poisoned");
         let ifindex = inner.links.get(ifname)?.0;
         let values = Self::map(&mut inner.ebpf).get(&ifindex, 0).ok()?;
-        Some(values.iter().fold(Counts::default(), |acc, v| Counts {
-            packets: acc.packets + v.packets,
-            bytes: acc.bytes + v.bytes,
-        }))
+        Some(Counts::sum(values.iter()))
     }
 }

@@ -1,0 +1,44 @@
+/* sk_lookup on the node's network namespace: every new TCP connection whose local
+ * (destination) IPv4 address is a covered pod's goes to the proxy's one listening socket
+ * (veil_proxy_sock), whatever the port. Routing delivered the SYN locally in the first
+ * place (table VEIL_COVERED_TABLE), after kube-proxy's DNAT, so Service traffic is caught
+ * too and conntrack stays intact.
+ *
+ * No socket in the map (agent or proxy away): SK_DROP. Covered connections fail closed:
+ * the SYN is dropped and the client times out. Not "refused": with SK_PASS (tried) no
+ * listener is found either, but the kernel cannot send the RST, whose source (the pod's
+ * address) is no address of the node and needs a transparent socket to be sent from
+ * (ip_send_unicast_reply without IP_REPLY_ARG_NOSRCCHECK), so the client hung the same
+ * way, measured here. SK_DROP also keeps a node process listening on 0.0.0.0:<port>
+ * from receiving the connection. */
+#include <linux/bpf.h>
+#include <linux/in.h>
+#include <bpf/bpf_helpers.h>
+
+#include "lib/maps.h"
+
+#ifndef AF_INET
+#define AF_INET 2
+#endif
+
+SEC("sk_lookup")
+int veil_sk_lookup(struct bpf_sk_lookup *ctx)
+{
+	__be32 local = ctx->local_ip4;
+	__u32 slot = VEIL_PROXY_SOCK_SLOT;
+	struct bpf_sock *sk;
+	long err;
+
+	if (ctx->family != AF_INET || ctx->protocol != IPPROTO_TCP)
+		return SK_PASS;
+	if (!bpf_map_lookup_elem(&veil_covered, &local))
+		return SK_PASS;
+	sk = bpf_map_lookup_elem(&veil_proxy_sock, &slot);
+	if (!sk)
+		return SK_DROP;
+	err = bpf_sk_assign(ctx, sk, 0);
+	bpf_sk_release(sk);
+	return err ? SK_DROP : SK_PASS;
+}
+
+char LICENSE[] SEC("license") = "GPL";

@@ -1,0 +1,565 @@
+//! The eBPF and policy-routing datapath: steers connections to covered pods into the
+//! agent's transparent proxy, steers the pods' replies back to the proxy's upstream
+//! sockets, and drops what pods send from addresses not theirs.
+//!
+//! How it fits together (marks, tables and priorities are in `bpf/lib/veil.h`):
+//! - routing delivers every TCP packet for a covered pod locally (table
+//!   [`consts::COVERED_TABLE`], rule [`consts::COVERED_RULE_PRIORITY`]), after kube-proxy's
+//!   DNAT, and `sk_lookup` hands the connection to the proxy's one listener;
+//! - the proxy's upstream sockets carry [`consts::UPSTREAM_MARK`], which rule
+//!   [`consts::UPSTREAM_RULE_PRIORITY`] sends to the main table (out by the pod's veth);
+//! - `from_pod` assigns the covered pod's replies to those sockets and marks them
+//!   [`consts::TO_PROXY_MARK`], which rule [`consts::TO_PROXY_RULE_PRIORITY`] delivers locally
+//!   (table [`consts::TO_PROXY_TABLE`]);
+//! - `from_pod` also drops what a pod sends from an address not its own.
+//!
+//! Maps and links are pinned under a directory, so an agent restart keeps them all.
+//!
+//! Every call that names an interface resolves it, and `load` attaches `sk_lookup`, in the
+//! *calling thread's* network namespace: call from a thread in the node's namespace.
+
+pub mod events;
+pub mod pod_counters;
+pub mod routing;
+
+#[cfg(test)]
+mod test_run_tests;
+
+use std::collections::{BTreeSet, HashMap};
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf, SockMap};
+use aya::programs::links::{FdLink, PinnedLink};
+use aya::programs::tc::{self, SchedClassifier, TcAttachType};
+use aya::programs::SkLookup;
+use aya::{Ebpf, EbpfLoader};
+use veil_bpf::{
+    ipv4_from_key, ipv4_key, PodCounters as RawCounters, VeilPod, ALL_MAPS, COVERED_MAP, FROM_POD,
+    FROM_POD_PROGRAM, PODS_MAP, POD_COUNTERS_MAP, PROXY_SOCK_MAP, SK_LOOKUP, SK_LOOKUP_PROGRAM,
+    SPOOF_EVENTS_MAP,
+};
+
+pub use events::SpoofEvents;
+pub use pod_counters::Counts;
+pub use veil_bpf::{consts, SpoofEvent, SpoofedFamily};
+
+/// Where the agent pins its maps and links unless configured otherwise.
+pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/veil";
+
+/// Subdirectory of the pin directory holding the links.
+const LINKS_DIR: &str = "links";
+/// Pin name of the sk_lookup link.
+const SK_LOOKUP_LINK: &str = "sk_lookup";
+
+/// Errors of the redirect datapath; each names the program, map, interface or route.
+#[derive(Debug, thiserror::Error)]
+pub enum RedirectError {
+    /// An object or program could not be loaded; the message keeps the verifier's log.
+    #[error("load eBPF program {program}: {message}")]
+    Load {
+        /// Program name.
+        program: &'static str,
+        /// What failed (`{:?}` of aya's error, which carries the verifier log).
+        message: String,
+    },
+    /// Attaching a program failed.
+    #[error("attach {program} to {target}: {message}")]
+    Attach {
+        /// Program name.
+        program: &'static str,
+        /// The interface or namespace.
+        target: String,
+        /// What failed.
+        message: String,
+    },
+    /// A map operation failed.
+    #[error("eBPF map {map} ({key}): {message}")]
+    Map {
+        /// Map name.
+        map: &'static str,
+        /// The entry or operation.
+        key: String,
+        /// What failed.
+        message: String,
+    },
+    /// A pin (map, link or directory) could not be read, created or removed.
+    #[error("pin {path}: {message}")]
+    Pin {
+        /// The bpffs path.
+        path: PathBuf,
+        /// What failed.
+        message: String,
+    },
+    /// A netlink request (rule or route) failed.
+    #[error("netlink {op} {target}: {source}")]
+    Netlink {
+        /// The request.
+        op: &'static str,
+        /// The rule or route.
+        target: String,
+        /// The kernel's answer.
+        source: rtnetlink::Error,
+    },
+}
+
+fn map_err(map: &'static str, key: impl std::fmt::Display) -> impl FnOnce(String) -> RedirectError {
+    let key = key.to_string();
+    move |message| RedirectError::Map { map, key, message }
+}
+
+struct Maps {
+    pods: BpfHashMap<MapData, u32, VeilPod>,
+    counters: PerCpuHashMap<MapData, u32, RawCounters>,
+    covered: BpfHashMap<MapData, u32, u8>,
+    proxy_sock: SockMap<MapData>,
+    spoof_events: Option<RingBuf<MapData>>,
+}
+
+struct Inner {
+    /// Holds the loaded `from_pod` program, attached to each pod's veth.
+    from_pod: Ebpf,
+    /// Keeps the `sk_lookup` program loaded while this agent runs (its link is pinned).
+    _sk_lookup: Ebpf,
+    maps: Maps,
+    /// Interfaces this agent attached, by name: their index.
+    attached: HashMap<String, u32>,
+}
+
+/// The loaded redirect datapath: programs, pinned maps and links.
+pub struct Redirect {
+    pin_dir: PathBuf,
+    nr_cpus: usize,
+    inner: Mutex<Inner>,
+}
+
+impl std::fmt::Debug for Redirect {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Redirect")
+            .field("pin_dir", &self.pin_dir)
+            .finish_non_exhaustive()
+    }
+}
+
+fn load_object(bytes: &[u8], program: &'static str, pin_dir: &Path) -> Result<Ebpf, RedirectError> {
+    let mut loader = EbpfLoader::new();
+    // Every map by name under the pin directory: the first object creates and pins them,
+    // the second (and a restarted agent) reopens them with their contents.
+    let paths: Vec<(&str, PathBuf)> = ALL_MAPS.iter().map(|m| (*m, pin_dir.join(m))).collect();
+    for (name, path) in &paths {
+        loader.map_pin_path(name, path.as_path());
+    }
+    loader.load(bytes).map_err(|e| RedirectError::Load {
+        program,
+        message: format!("{e:?}"),
+    })
+}
+
+fn take<T>(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    convert: impl FnOnce(aya::maps::Map) -> Result<T, aya::maps::MapError>,
+) -> Result<T, RedirectError> {
+    let map = ebpf.take_map(name).ok_or_else(|| RedirectError::Map {
+        map: name,
+        key: "open".into(),
+        message: "missing from the object".into(),
+    })?;
+    convert(map).map_err(|e| map_err(name, "open")(format!("{e:?}")))
+}
+
+fn pin_err(path: &Path) -> impl FnOnce(String) -> RedirectError + '_ {
+    move |message| RedirectError::Pin {
+        path: path.to_path_buf(),
+        message,
+    }
+}
+
+/// Opens a pinned link, `None` when there is no pin.
+fn pinned_link(path: &Path) -> Result<Option<PinnedLink>, RedirectError> {
+    if !path.exists() {
+        return Ok(None);
+    }
+    PinnedLink::from_pin(path)
+        .map(Some)
+        .map_err(|e| pin_err(path)(format!("{e:?}")))
+}
+
+/// Sets `accept_local` on a pod's host-side veth. A covered pod's address is a local
+/// route in table 120 for TCP, so the reverse-path check of the pod's own TCP packets
+/// (source = the pod) finds a local address and the kernel drops them as martians
+/// (EINVAL from `ip route get ... iif <veth> ipproto tcp`, measured here) unless the
+/// interface accepts local sources. Anti-spoofing in from_pod is what guards the source.
+fn accept_local(ifname: &str) -> Result<(), String> {
+    if ifname.contains('/') || ifname.starts_with('.') {
+        return Err(format!("bad interface name {ifname:?}"));
+    }
+    // /proc/sys/net follows the opening thread's network namespace.
+    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local");
+    std::fs::write(&path, b"1").map_err(|e| format!("write {path}: {e}"))
+}
+
+impl Redirect {
+    /// Loads both programs, creates or reopens the maps pinned under `pin_dir` (created
+    /// if missing; bpffs must be mounted there), and attaches `sk_lookup` to the calling
+    /// thread's network namespace with a link pinned at `<pin_dir>/links/sk_lookup`. A
+    /// link left by an earlier agent is replaced without a gap: the new one is attached
+    /// before the old one is released. Spawns nothing.
+    pub fn load(pin_dir: &Path) -> Result<Redirect, RedirectError> {
+        let links = pin_dir.join(LINKS_DIR);
+        std::fs::create_dir_all(&links).map_err(|e| pin_err(&links)(e.to_string()))?;
+        let mut from_pod = load_object(FROM_POD, FROM_POD_PROGRAM, pin_dir)?;
+        let mut sk_lookup = load_object(SK_LOOKUP, SK_LOOKUP_PROGRAM, pin_dir)?;
+        let load_err = |program| move |message: String| RedirectError::Load { program, message };
+        {
+            let program: &mut SchedClassifier = from_pod
+                .program_mut(FROM_POD_PROGRAM)
+                .ok_or_else(|| load_err(FROM_POD_PROGRAM)("program missing".into()))?
+                .try_into()
+                .map_err(|e| load_err(FROM_POD_PROGRAM)(format!("{e:?}")))?;
+            // `{:?}` keeps the verifier's log, which Display drops.
+            program
+                .load()
+                .map_err(|e| load_err(FROM_POD_PROGRAM)(format!("{e:?}")))?;
+        }
+        {
+            let program: &mut SkLookup = sk_lookup
+                .program_mut(SK_LOOKUP_PROGRAM)
+                .ok_or_else(|| load_err(SK_LOOKUP_PROGRAM)("program missing".into()))?
+                .try_into()
+                .map_err(|e| load_err(SK_LOOKUP_PROGRAM)(format!("{e:?}")))?;
+            program
+                .load()
+                .map_err(|e| load_err(SK_LOOKUP_PROGRAM)(format!("{e:?}")))?;
+            Self::attach_sk_lookup(program, &links.join(SK_LOOKUP_LINK))?;
+        }
+        let maps = Maps {
+            pods: take(&mut from_pod, PODS_MAP, BpfHashMap::try_from)?,
+            counters: take(&mut from_pod, POD_COUNTERS_MAP, PerCpuHashMap::try_from)?,
+            covered: take(&mut from_pod, COVERED_MAP, BpfHashMap::try_from)?,
+            proxy_sock: take(&mut from_pod, PROXY_SOCK_MAP, SockMap::try_from)?,
+            spoof_events: Some(take(&mut from_pod, SPOOF_EVENTS_MAP, RingBuf::try_from)?),
+        };
+        let nr_cpus = aya::util::nr_cpus()
+            .map_err(|(what, e)| load_err(FROM_POD_PROGRAM)(format!("{what}: {e}")))?;
+        tracing::info!(pin_dir = %pin_dir.display(), "redirect datapath loaded");
+        Ok(Redirect {
+            pin_dir: pin_dir.to_path_buf(),
+            nr_cpus,
+            inner: Mutex::new(Inner {
+                from_pod,
+                _sk_lookup: sk_lookup,
+                maps,
+                attached: HashMap::new(),
+            }),
+        })
+    }
+
+    fn attach_sk_lookup(program: &mut SkLookup, pin: &Path) -> Result<(), RedirectError> {
+        let attach_err = |message: String| RedirectError::Attach {
+            program: SK_LOOKUP_PROGRAM,
+            target: "the calling thread's network namespace".into(),
+            message,
+        };
+        let old = pinned_link(pin)?;
+        // The thread's own namespace, which is the process's unless it entered another.
+        let netns = std::fs::File::open("/proc/thread-self/ns/net")
+            .map_err(|e| attach_err(e.to_string()))?;
+        let id = program
+            .attach(&netns)
+            .map_err(|e| attach_err(format!("{e:?}")))?;
+        let link: FdLink = program
+            .take_link(id)
+            .map_err(|e| attach_err(format!("{e:?}")))?
+            .into();
+        // Both programs run until the old link goes; they decide alike, so no connection
+        // sees neither.
+        let old = match old {
+            Some(old) => Some(old.unpin().map_err(|e| pin_err(pin)(e.to_string()))?),
+            None => None,
+        };
+        link.pin(pin).map_err(|e| pin_err(pin)(format!("{e:?}")))?;
+        drop(old);
+        Ok(())
+    }
+
+    /// The pin directory.
+    pub fn pin_dir(&self) -> &Path {
+        &self.pin_dir
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        // A panic while holding the lock leaves the maps as the kernel has them, which
+        // is still consistent: keep going.
+        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tc_link_pin(&self, ifname: &str) -> PathBuf {
+        self.pin_dir
+            .join(LINKS_DIR)
+            .join(format!("from_pod_{ifname}"))
+    }
+
+    /// Attaches `from_pod` at tc ingress of the pod's host-side veth `ifname` (index
+    /// `ifindex`, in the calling thread's namespace) with the link pinned and sets the
+    /// veth's `accept_local` (see [`accept_local`]), after writing
+    /// the pod's anti-spoofing entry (`pod_ip`) and its counters (kept if they exist, so
+    /// an agent restart keeps them). A link pinned by an earlier agent is updated in
+    /// place to the new program (no moment without a program).
+    pub fn attach_pod(
+        &self,
+        ifname: &str,
+        ifindex: u32,
+        pod_ip: Ipv4Addr,
+    ) -> Result<(), RedirectError> {
+        let attach_err = |message: String| RedirectError::Attach {
+            program: FROM_POD_PROGRAM,
+            target: ifname.to_string(),
+            message,
+        };
+        let mut inner = self.lock();
+        // The entries first: a program without them would count nothing and let spoofed
+        // packets through.
+        let pod = VeilPod {
+            ipv4: ipv4_key(pod_ip),
+            flags: 0,
+        };
+        inner
+            .maps
+            .pods
+            .insert(ifindex, pod, 0)
+            .map_err(|e| map_err(PODS_MAP, ifname)(format!("{e:?}")))?;
+        if inner.maps.counters.get(&ifindex, 0).is_err() {
+            let zero = PerCpuValues::try_from(vec![RawCounters::default(); self.nr_cpus])
+                .map_err(|e| map_err(POD_COUNTERS_MAP, ifname)(e.to_string()))?;
+            inner
+                .maps
+                .counters
+                .insert(ifindex, zero, 0)
+                .map_err(|e| map_err(POD_COUNTERS_MAP, ifname)(format!("{e:?}")))?;
+        }
+        accept_local(ifname).map_err(attach_err)?;
+        let pin = self.tc_link_pin(ifname);
+        let old = pinned_link(&pin)?;
+        let program: &mut SchedClassifier = inner
+            .from_pod
+            .program_mut(FROM_POD_PROGRAM)
+            .ok_or_else(|| attach_err("program missing".into()))?
+            .try_into()
+            .map_err(|e| attach_err(format!("{e:?}")))?;
+        let id = match old {
+            Some(old) => {
+                // BPF_LINK_UPDATE: the pinned link now runs our program, atomically.
+                let link = FdLink::from(old)
+                    .try_into()
+                    .map_err(|e| attach_err(format!("{e:?}")))?;
+                match program.attach_to_link(link) {
+                    Ok(id) => Some(id),
+                    Err(e) => {
+                        // The veth was deleted and recreated: the old link is defunct.
+                        tracing::info!(ifname, error = ?e, "pinned tc link is stale, replacing");
+                        std::fs::remove_file(&pin).map_err(|e| pin_err(&pin)(e.to_string()))?;
+                        None
+                    }
+                }
+            }
+            None => None,
+        };
+        match id {
+            // Already pinned; dropping our descriptor leaves the pin holding it.
+            Some(id) => drop(program.take_link(id)),
+            None => {
+                // Kernels before 6.6 attach through a clsact qdisc; on TCX kernels it is unused.
+                let _ = tc::qdisc_add_clsact(ifname);
+                let id = program
+                    .attach(ifname, TcAttachType::Ingress)
+                    .map_err(|e| attach_err(format!("{e:?}")))?;
+                let link = program
+                    .take_link(id)
+                    .map_err(|e| attach_err(format!("{e:?}")))?;
+                let link: FdLink = link.try_into().map_err(|e| attach_err(format!("{e:?}")))?;
+                link.pin(&pin)
+                    .map_err(|e| pin_err(&pin)(format!("{e:?}")))?;
+            }
+        }
+        inner.attached.insert(ifname.to_string(), ifindex);
+        tracing::info!(ifname, ifindex, pod_ip = %pod_ip, "from_pod attached");
+        Ok(())
+    }
+
+    /// Detaches `from_pod` from `ifname` (unpins its link) and removes the pod's
+    /// anti-spoofing entry and counters. Unknown interfaces are fine: a link pinned by an
+    /// earlier agent is still removed.
+    pub fn detach_pod(&self, ifname: &str) -> Result<(), RedirectError> {
+        let mut inner = self.lock();
+        let pin = self.tc_link_pin(ifname);
+        if let Some(link) = pinned_link(&pin)? {
+            // Unpinned and dropped: the last reference goes and the kernel detaches it.
+            let link = link.unpin().map_err(|e| pin_err(&pin)(e.to_string()))?;
+            drop(link);
+        }
+        if let Some(ifindex) = inner.attached.remove(ifname) {
+            // Absent entries are fine: nothing to remove.
+            let _ = inner.maps.pods.remove(&ifindex);
+            let _ = inner.maps.counters.remove(&ifindex);
+        }
+        tracing::info!(ifname, "from_pod detached");
+        Ok(())
+    }
+
+    /// What the pod behind `ifname` sent, and what anti-spoofing dropped of it, since it
+    /// was first attached; `None` for interfaces this agent has not attached.
+    pub fn counters(&self, ifname: &str) -> Option<Counts> {
+        let inner = self.lock();
+        let ifindex = *inner.attached.get(ifname)?;
+        let values = inner.maps.counters.get(&ifindex, 0).ok()?;
+        Some(Counts::sum(values.iter()))
+    }
+
+    /// Makes the covered set (map `veil_covered` and the `local <ip>/32` routes of table
+    /// [`consts::COVERED_TABLE`]) equal to `covered`: adds the missing, removes the extra;
+    /// idempotent. A new pod enters the map before its route (until the route exists its
+    /// traffic still goes straight to it, as before the policy); a pod leaving loses its
+    /// route before its map entry (so no locally delivered connection misses the proxy).
+    pub async fn set_covered(
+        &self,
+        handle: &rtnetlink::Handle,
+        covered: &BTreeSet<Ipv4Addr>,
+    ) -> Result<(), RedirectError> {
+        let have = self.covered_in_map()?;
+        {
+            let mut inner = self.lock();
+            for ip in covered.difference(&have) {
+                inner
+                    .maps
+                    .covered
+                    .insert(ipv4_key(*ip), 1, 0)
+                    .map_err(|e| map_err(COVERED_MAP, ip)(format!("{e:?}")))?;
+            }
+        }
+        routing::reconcile_covered_routes(handle, covered).await?;
+        let mut inner = self.lock();
+        for ip in have.difference(covered) {
+            inner
+                .maps
+                .covered
+                .remove(&ipv4_key(*ip))
+                .map_err(|e| map_err(COVERED_MAP, ip)(format!("{e:?}")))?;
+        }
+        tracing::info!(covered = covered.len(), "covered pods set");
+        Ok(())
+    }
+
+    /// The covered pods the map holds now.
+    pub fn covered_in_map(&self) -> Result<BTreeSet<Ipv4Addr>, RedirectError> {
+        let inner = self.lock();
+        inner
+            .maps
+            .covered
+            .keys()
+            .map(|k| k.map(ipv4_from_key))
+            .collect::<Result<_, _>>()
+            .map_err(|e| map_err(COVERED_MAP, "list")(format!("{e:?}")))
+    }
+
+    /// Puts the proxy's listening socket (TCP, bound to `0.0.0.0:<port>`, with
+    /// `IP_TRANSPARENT`, and `SO_MARK` [`consts::UPSTREAM_MARK`] so its replies to covered
+    /// clients bypass the covered table) into the sockmap. The kernel removes it when the
+    /// socket closes; until the next call, covered connections are refused.
+    pub fn set_proxy_listener(&self, listener: &impl AsRawFd) -> Result<(), RedirectError> {
+        let mut inner = self.lock();
+        inner
+            .maps
+            .proxy_sock
+            .set(consts::PROXY_SOCK_SLOT, listener, 0)
+            .map_err(|e| map_err(PROXY_SOCK_MAP, "listener")(format!("{e:?}")))
+    }
+
+    /// Empties the sockmap: covered connections are refused from now on.
+    pub fn clear_proxy_listener(&self) -> Result<(), RedirectError> {
+        let mut inner = self.lock();
+        match inner.maps.proxy_sock.clear_index(&consts::PROXY_SOCK_SLOT) {
+            Ok(()) => Ok(()),
+            // Already empty (the socket closed).
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
+            Err(e) => Err(map_err(PROXY_SOCK_MAP, "listener")(format!("{e:?}"))),
+        }
+    }
+
+    /// Installs the four rules and table [`consts::TO_PROXY_TABLE`]'s route; see
+    /// [`routing::ensure_rules`].
+    pub async fn ensure_rules(&self, handle: &rtnetlink::Handle) -> Result<(), RedirectError> {
+        routing::ensure_rules(handle).await
+    }
+
+    /// The spoof-event stream. There is one ring; the first call takes it, later calls
+    /// get `None`. Must be called inside a tokio runtime (it registers with the reactor).
+    pub fn spoof_events(&self) -> Option<Result<SpoofEvents, RedirectError>> {
+        let ring = self.lock().maps.spoof_events.take()?;
+        Some(SpoofEvents::new(ring))
+    }
+
+    /// Uninstall: removes the rules, the routes of both tables, every pinned link (the
+    /// programs detach) and every pinned map, then the pin directory. Consumes `self`,
+    /// whose descriptors are the last references.
+    pub async fn remove_all(self, handle: &rtnetlink::Handle) -> Result<(), RedirectError> {
+        routing::remove_all(handle).await?;
+        Self::unpin_all(&self.pin_dir)
+    }
+
+    /// Removes every pin under `pin_dir` (links first, then maps, then the directories);
+    /// for an uninstall that has no loaded [`Redirect`].
+    pub fn unpin_all(pin_dir: &Path) -> Result<(), RedirectError> {
+        let links = pin_dir.join(LINKS_DIR);
+        if let Ok(entries) = std::fs::read_dir(&links) {
+            for entry in entries.flatten() {
+                let path = entry.path();
+                std::fs::remove_file(&path).map_err(|e| pin_err(&path)(e.to_string()))?;
+            }
+            std::fs::remove_dir(&links).map_err(|e| pin_err(&links)(e.to_string()))?;
+        }
+        for map in ALL_MAPS {
+            let path = pin_dir.join(map);
+            match std::fs::remove_file(&path) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(pin_err(&path)(e.to_string())),
+            }
+        }
+        match std::fs::remove_dir(pin_dir) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(pin_err(pin_dir)(e.to_string())),
+        }
+    }
+
+    /// For the tests: runs `f` with the loaded `from_pod` program.
+    #[cfg(test)]
+    pub(crate) fn with_from_pod<T>(&self, f: impl FnOnce(&SchedClassifier) -> T) -> T {
+        let inner = self.lock();
+        let program: &SchedClassifier = inner
+            .from_pod
+            .program(FROM_POD_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded");
+        f(program)
+    }
+
+    /// For the tests: runs `f` with the loaded `sk_lookup` program.
+    #[cfg(test)]
+    pub(crate) fn with_sk_lookup<T>(&self, f: impl FnOnce(&SkLookup) -> T) -> T {
+        let inner = self.lock();
+        let program: &SkLookup = inner
+            ._sk_lookup
+            .program(SK_LOOKUP_PROGRAM)
+            .and_then(|p| p.try_into().ok())
+            .expect("loaded");
+        f(program)
+    }
+}
