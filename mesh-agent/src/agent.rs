@@ -16,7 +16,6 @@ use crate::ipam::Ipam;
 use crate::k8s::{self, NodeInfo};
 use crate::netns;
 use crate::peers::{Candidate, KnownCidrs};
-use crate::pod_counters::PodCounters;
 use crate::routes;
 use crate::server::{self, PodService};
 use crate::wireguard::{self, Wireguard};
@@ -30,9 +29,9 @@ pub enum StartError {
     /// Address state could not be opened.
     #[error(transparent)]
     Ipam(#[from] crate::ipam::IpamError),
-    /// eBPF could not be loaded.
+    /// eBPF could not be loaded, attached or its routing installed.
     #[error(transparent)]
-    Counters(#[from] crate::pod_counters::CountersError),
+    Redirect(#[from] crate::redirect::RedirectError),
     /// Netlink could not be opened or answered.
     #[error("{0}")]
     Network(String),
@@ -73,7 +72,9 @@ pub struct Agent {
     watch: Option<tokio::task::JoinHandle<()>>,
     policy_status: Option<tokio::task::JoinHandle<()>>,
     local_pods: tokio::sync::watch::Receiver<Option<crate::state::LocalPods>>,
+    dataplane: crate::state::DataplaneRx,
     proxy: Option<crate::proxy::Bound>,
+    redirect: Arc<crate::redirect::Redirect>,
     flows: crate::flows::Flows,
     routes: Option<PeerRoutes>,
     peers_rx: watch::Receiver<Option<Vec<Candidate>>>,
@@ -166,7 +167,8 @@ impl Agent {
         let pod_mtu = config.pod_mtu_for(underlay, node.internal_ip);
         enable_forwarding()?;
         let ipam = Ipam::open(node.pod_cidr, &config.state_dir.join("ipam"))?;
-        let counters = PodCounters::load()?;
+        let redirect = Arc::new(crate::redirect::Redirect::load(&config.policy.bpf_pin_dir)?);
+        redirect.ensure_rules(&netlink).await?;
         let (wireguard, rotate_tx, rotate_rx) = match config.network.encryption {
             Encryption::None => (None, None, None),
             Encryption::Wireguard => {
@@ -198,7 +200,7 @@ impl Agent {
         let service = Arc::new(PodService {
             ipam,
             netlink,
-            counters,
+            redirect: redirect.clone(),
             pod_mtu,
             wireguard: wireguard.as_ref().map(|(wg, _)| wg.clone()),
             rotate: rotate_tx,
@@ -275,6 +277,9 @@ impl Agent {
             dataplane: dataplane.clone(),
             flows: flows.clone(),
         })?;
+        // From here on, covered connections reach this proxy (they were refused since the
+        // previous agent's listener closed).
+        redirect.set_proxy_listener(&proxy.listener_fd())?;
         let listener = bind(&config.cni.cni_socket)?;
         let admin = bind(&config.admin_socket)?;
         tracing::info!(socket = %config.cni.cni_socket.display(), pod_mtu, "serving CNI");
@@ -292,7 +297,9 @@ impl Agent {
             watch: Some(watch),
             policy_status,
             local_pods,
+            dataplane: dataplane.clone(),
             proxy: Some(proxy),
+            redirect,
             flows,
             routes: Some(routes),
             peers_rx,
@@ -375,7 +382,28 @@ impl Agent {
             ("CNI server", serve),
             ("admin server", admin),
             ("proxy", proxy),
+            (
+                "covered pods",
+                tokio::spawn(cover_pods(
+                    self.redirect.clone(),
+                    self.service.netlink.clone(),
+                    self.dataplane.clone(),
+                )),
+            ),
         ];
+        match self.redirect.spoof_events() {
+            Some(Ok(events)) => tasks.push((
+                "spoof events",
+                tokio::spawn(record_spoofing(
+                    events,
+                    self.redirect.clone(),
+                    self.dataplane.clone(),
+                    self.flows.clone(),
+                )),
+            )),
+            Some(Err(e)) => anyhow::bail!("spoof events: {e}"),
+            None => {}
+        }
         tasks.extend(rotation.map(|t| ("key rotation", t)));
         tasks.extend(self.policy_status.take().map(|t| ("policy status", t)));
         tasks.extend(identity.map(|t| ("identity", t)));
@@ -583,6 +611,89 @@ async fn rotate_keys(
         };
         if let Some(reply) = reply {
             let _ = reply.send(outcome);
+        }
+    }
+}
+
+/// How often the covered set is reconciled even without a change: a route or map entry
+/// removed by hand comes back.
+const COVER_RESYNC: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Keeps the covered pods (eBPF map and local routes) equal to the snapshot's. Nothing
+/// is written before the first complete snapshot: until then the covered set pinned by
+/// the previous agent stays, so a restart never uncovers a pod.
+async fn cover_pods(
+    redirect: Arc<crate::redirect::Redirect>,
+    netlink: rtnetlink::Handle,
+    mut dataplane: crate::state::DataplaneRx,
+) {
+    loop {
+        let snapshot = dataplane.borrow_and_update().clone();
+        if snapshot.generation > 0 {
+            let covered: std::collections::BTreeSet<std::net::Ipv4Addr> = snapshot
+                .covered
+                .keys()
+                .filter_map(|ip| match ip {
+                    IpAddr::V4(v4) => Some(*v4),
+                    IpAddr::V6(_) => None,
+                })
+                .collect();
+            if let Err(e) = redirect.set_covered(&netlink, &covered).await {
+                tracing::warn!(error = %e, "covered pods not fully set; retrying");
+            }
+        }
+        // A change, or the periodic resync; a closed channel means the state layer has
+        // stopped, which its own task reports.
+        if let Ok(Err(_)) = tokio::time::timeout(COVER_RESYNC, dataplane.changed()).await {
+            return;
+        }
+    }
+}
+
+/// Turns anti-spoofing's events into flow records (the drops themselves are exact in the
+/// per-pod counters; events may be lost when the ring is full).
+async fn record_spoofing(
+    mut events: crate::redirect::SpoofEvents,
+    redirect: Arc<crate::redirect::Redirect>,
+    dataplane: crate::state::DataplaneRx,
+    flows: crate::flows::Flows,
+) {
+    use crate::flows::{Endpoint, FlowKind, FlowRecord, FlowVerdict};
+    loop {
+        let batch = match events.next_batch().await {
+            Ok(batch) => batch,
+            Err(e) => {
+                tracing::error!(error = %e, "spoof events");
+                return;
+            }
+        };
+        let snapshot = dataplane.borrow().clone();
+        for event in batch {
+            let (src, dst) = match event.family {
+                veil_bpf::SpoofedFamily::Ipv4 { src, dst } => (IpAddr::V4(src), Some(IpAddr::V4(dst))),
+                _ => (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), None),
+            };
+            let mut source = Endpoint::new(src, None, None);
+            // The claimed source names nobody; the pod behind the interface is who sent it.
+            let sender = redirect
+                .pod_ip(event.ifindex)
+                .and_then(|ip| snapshot.workload(IpAddr::V4(ip)));
+            if let Some(sender) = sender {
+                source.namespace = Some(sender.namespace.clone());
+                source.pod = Some(sender.name.clone());
+                source.spiffe_id = Some(sender.spiffe_id.clone());
+            }
+            let destination = dst.map_or_else(
+                || Endpoint::new(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), None, None),
+                |ip| Endpoint::new(ip, None, snapshot.workload(ip).map(|w| w.as_ref())),
+            );
+            let mut record =
+                FlowRecord::new(FlowKind::Spoofed, FlowVerdict::Deny, source, destination);
+            record.reason = Some(format!(
+                "source address is not the pod's (ifindex {}, protocol {})",
+                event.ifindex, event.protocol
+            ));
+            flows.record(record);
         }
     }
 }

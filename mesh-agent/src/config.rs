@@ -179,6 +179,10 @@ pub struct PolicyConfig {
     /// `sk_lookup` program assigns it; nothing connects to the port itself).
     #[arg(long, env = "VEIL_PROXY_PORT", default_value_t = crate::proxy::DEFAULT_PORT)]
     pub proxy_port: u16,
+    /// Where the eBPF maps and links are pinned (a bpffs directory that outlives the
+    /// agent, so a restart neither detaches the programs nor forgets covered pods).
+    #[arg(long, env = "VEIL_BPF_PIN_DIR", default_value = crate::redirect::DEFAULT_PIN_DIR)]
+    pub bpf_pin_dir: PathBuf,
     /// Worker threads of the proxy's own runtime.
     #[arg(long, env = "VEIL_PROXY_THREADS", default_value_t = crate::proxy::DEFAULT_THREADS)]
     pub proxy_threads: usize,

@@ -180,6 +180,14 @@ pub async fn remove_from_node(config: &Config, netlink: &rtnetlink::Handle) -> V
     if let Err(e) = crate::routes::remove_pods_rules(netlink).await {
         failed.push(format!("routing rule: {e}"));
     }
+    // The proxy steering: its rules and tables, then the pins (the programs detach when
+    // this process, the last holder of their links, exits).
+    if let Err(e) = crate::redirect::routing::remove_all(netlink).await {
+        failed.push(format!("proxy steering rules: {e}"));
+    }
+    if let Err(e) = crate::redirect::Redirect::unpin_all(&config.policy.bpf_pin_dir) {
+        failed.push(format!("eBPF pins: {e}"));
+    }
     match crate::podnet::link_by_name(netlink, crate::wireguard::DEVICE_NAME).await {
         Ok(Some(link)) => {
             if let Err(e) = netlink.link().del(link.header.index).execute().await {

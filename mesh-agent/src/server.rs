@@ -16,7 +16,6 @@ use crate::cni::protocol::{
 };
 use crate::cni::spec::{CniError, CniResult, ErrorCode, Interface, IpConfig, Route};
 use crate::ipam::{Ipam, IpamError};
-use crate::pod_counters::PodCounters;
 use crate::podnet::{self, format_mac, PodNetError, POD_GATEWAY};
 use veil_identity::workload_api::NetnsAttestor;
 
@@ -26,8 +25,8 @@ pub struct PodService {
     pub ipam: Ipam,
     /// Netlink in the node's namespace.
     pub netlink: Handle,
-    /// The eBPF counters.
-    pub counters: PodCounters,
+    /// The eBPF datapath on pods' veths: counters, anti-spoofing, proxy steering.
+    pub redirect: Arc<crate::redirect::Redirect>,
     /// MTU for pod interfaces.
     pub pod_mtu: u32,
     /// The WireGuard path, when encryption is on.
@@ -68,7 +67,7 @@ impl PodService {
             self.reregister(&allocation);
             let ifname = podnet::host_ifname(&allocation.key);
             match podnet::link_by_name(&self.netlink, &ifname).await {
-                Ok(Some(link)) => match self.counters.attach(&ifname, link.header.index) {
+                Ok(Some(link)) => match self.redirect.attach_pod(&ifname, link.header.index, ip) {
                     Ok(()) => tracing::info!(%ip, ifname, "restored pod"),
                     Err(e) => {
                         tracing::error!(%ip, ifname, error = %e, "could not re-attach counter")
@@ -169,9 +168,9 @@ impl PodService {
         ip: Ipv4Addr,
     ) -> Result<podnet::Attached, CniError> {
         let attached = podnet::add(&self.netlink, &a.key, netns, ip, self.pod_mtu).await?;
-        if let Err(e) = self
-            .counters
-            .attach(&attached.host_ifname, attached.host_index)
+        if let Err(e) =
+            self.redirect
+                .attach_pod(&attached.host_ifname, attached.host_index, ip)
         {
             let _ = podnet::remove_link(&self.netlink, &attached.host_ifname).await;
             return Err(CniError::new(ErrorCode::IoFailure, e.to_string(), ""));
@@ -246,7 +245,9 @@ impl PodService {
             }
         }
         let ifname = podnet::host_ifname(key);
-        self.counters.detach(&ifname);
+        if let Err(e) = self.redirect.detach_pod(&ifname) {
+            tracing::warn!(ifname, error = %e, "detach the pod's eBPF program");
+        }
         podnet::del(&self.netlink, key).await?;
         if let Some(ip) = self.ipam.release(key)? {
             tracing::info!(container = key.container_id, %ip, "pod detached");
@@ -312,7 +313,7 @@ impl PodService {
             .into_iter()
             .map(|(ip, allocation)| {
                 let host_ifname = podnet::host_ifname(&allocation.key);
-                let counts = self.counters.read(&host_ifname).unwrap_or_default();
+                let counts = self.redirect.counters(&host_ifname).unwrap_or_default();
                 PodInfo {
                     key: allocation.key,
                     pod: allocation.pod,
@@ -320,6 +321,7 @@ impl PodService {
                     host_ifname,
                     tx_packets: counts.packets,
                     tx_bytes: counts.bytes,
+                    spoofed_packets: counts.spoofed_packets,
                 }
             })
             .collect()

@@ -16,4 +16,12 @@ for tool in iptables ip6tables; do
   done
 done
 rm -rf /dev/shm/veil-etcd-* 2>/dev/null
+# The beds' eBPF pins (tests/src/bed.rs BPF_PIN_PREFIX): links first, then maps.
+for dir in /sys/fs/bpf/veil-bed-*; do
+  [ -d "$dir" ] || continue
+  rm -f "$dir"/links/* 2>/dev/null
+  rmdir "$dir/links" 2>/dev/null
+  rm -f "$dir"/* 2>/dev/null
+  rmdir "$dir" && echo "removed eBPF pins $dir"
+done
 exit 0

@@ -40,6 +40,10 @@ const AGENT_READY: Duration = Duration::from_secs(60);
 /// sync took ≈ 0.4 s here).
 const KUBE_PROXY_READY: Duration = Duration::from_secs(60);
 
+/// Prefix of the beds' eBPF pin directories under `/sys/fs/bpf` (`make clean-testbeds`
+/// removes stale ones).
+pub const BPF_PIN_PREFIX: &str = "veil-bed-";
+
 /// The Lease that picks the one agent writing `L7Policy` status (the chart's name, in
 /// namespace `default`).
 pub const POLICY_STATUS_LEASE: &str = "default/veil-policy-status";
@@ -111,6 +115,12 @@ impl Node {
     /// The address other nodes reach it at: its Node's InternalIP.
     pub fn internal_ip(&self) -> IpAddr {
         self.ip6.map_or(IpAddr::V4(self.ip), IpAddr::V6)
+    }
+
+    /// Where its agent pins eBPF maps and links: its own directory, since bpffs is shared
+    /// by every namespace of the machine.
+    pub fn bpf_pin_dir(&self) -> PathBuf {
+        PathBuf::from(format!("/sys/fs/bpf/{BPF_PIN_PREFIX}{}", self.netns.name()))
     }
 
     /// The agent's CNI socket.
@@ -408,6 +418,16 @@ pub struct TestBed {
     config: BedConfig,
     _data: tempfile::TempDir,
     dir: tempfile::TempDir,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        // The agent first: its pins are only removed once nothing uses them.
+        drop(self.agent.take());
+        if let Err(e) = mesh_agent::redirect::Redirect::unpin_all(&self.bpf_pin_dir()) {
+            eprintln!("node {}: eBPF pins left: {e}", self.name);
+        }
+    }
 }
 
 impl Drop for TestBed {
@@ -798,6 +818,8 @@ impl TestBed {
             .arg(node.admin_socket())
             .arg("--policy-status-lease")
             .arg(POLICY_STATUS_LEASE)
+            .arg("--bpf-pin-dir")
+            .arg(node.bpf_pin_dir())
             .arg("--encryption")
             .arg(self.config.encryption)
             .args(

@@ -76,6 +76,9 @@ pub struct PodInfo {
     pub tx_packets: u64,
     /// Bytes the pod sent.
     pub tx_bytes: u64,
+    /// Packets the pod sent from an address not its own, dropped by anti-spoofing.
+    #[serde(default)]
+    pub spoofed_packets: u64,
 }
 
 /// An answer line from the admin socket.

@@ -151,16 +151,16 @@ fn print_pods(answer: AdminResponse, json: bool) -> ExitCode {
         return ExitCode::SUCCESS;
     }
     println!(
-        "{:<16} {:<24} {:<16} {:>10} {:>12}",
-        "IP", "POD", "HOST-IF", "TX-PKTS", "TX-BYTES"
+        "{:<16} {:<24} {:<16} {:>10} {:>12} {:>8}",
+        "IP", "POD", "HOST-IF", "TX-PKTS", "TX-BYTES", "SPOOFED"
     );
     for p in pods {
         let pod = p
             .pod
             .unwrap_or_else(|| p.key.container_id.chars().take(12).collect());
         println!(
-            "{:<16} {:<24} {:<16} {:>10} {:>12}",
-            p.ip, pod, p.host_ifname, p.tx_packets, p.tx_bytes
+            "{:<16} {:<24} {:<16} {:>10} {:>12} {:>8}",
+            p.ip, pod, p.host_ifname, p.tx_packets, p.tx_bytes, p.spoofed_packets
         );
     }
     ExitCode::SUCCESS

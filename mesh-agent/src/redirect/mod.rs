@@ -418,6 +418,14 @@ impl Redirect {
         Some(Counts::sum(values.iter()))
     }
 
+    /// The address of the pod behind the host-side veth `ifindex`, as its anti-spoofing
+    /// entry says (for naming the sender of a spoofed packet).
+    pub fn pod_ip(&self, ifindex: u32) -> Option<Ipv4Addr> {
+        let inner = self.lock();
+        let pod = inner.maps.pods.get(&ifindex, 0).ok()?;
+        Some(ipv4_from_key(pod.ipv4))
+    }
+
     /// Makes the covered set (map `veil_covered` and the `local <ip>/32` routes of table
     /// [`consts::COVERED_TABLE`]) equal to `covered`: adds the missing, removes the extra;
     /// idempotent. A new pod enters the map before its route (until the route exists its
