@@ -670,7 +670,9 @@ async fn record_spoofing(
         let snapshot = dataplane.borrow().clone();
         for event in batch {
             let (src, dst) = match event.family {
-                veil_bpf::SpoofedFamily::Ipv4 { src, dst } => (IpAddr::V4(src), Some(IpAddr::V4(dst))),
+                veil_bpf::SpoofedFamily::Ipv4 { src, dst } => {
+                    (IpAddr::V4(src), Some(IpAddr::V4(dst)))
+                }
                 _ => (IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), None),
             };
             let mut source = Endpoint::new(src, None, None);

@@ -168,9 +168,9 @@ impl PodService {
         ip: Ipv4Addr,
     ) -> Result<podnet::Attached, CniError> {
         let attached = podnet::add(&self.netlink, &a.key, netns, ip, self.pod_mtu).await?;
-        if let Err(e) =
-            self.redirect
-                .attach_pod(&attached.host_ifname, attached.host_index, ip)
+        if let Err(e) = self
+            .redirect
+            .attach_pod(&attached.host_ifname, attached.host_index, ip)
         {
             let _ = podnet::remove_link(&self.netlink, &attached.host_ifname).await;
             return Err(CniError::new(ErrorCode::IoFailure, e.to_string(), ""));

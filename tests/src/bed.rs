@@ -1238,6 +1238,42 @@ impl TestBed {
         Ok(())
     }
 
+    /// Creates or replaces an `L7Policy` from its YAML (server-side apply, as `kubectl
+    /// apply --server-side` does); returns its `metadata.generation`.
+    pub fn apply_policy(&self, yaml: &str) -> Result<i64> {
+        use veil_l7_policy::L7Policy;
+        let value: serde_json::Value = serde_yaml::from_str(yaml).context("policy YAML")?;
+        let meta = &value["metadata"];
+        let (Some(ns), Some(name)) = (meta["namespace"].as_str(), meta["name"].as_str()) else {
+            bail!("the policy names no namespace and name: {value}");
+        };
+        let api = Api::<L7Policy>::namespaced(self.client.clone(), ns);
+        let applied = self.block_on(api.patch(
+            name,
+            &PatchParams::apply("veil-testbed").force(),
+            &Patch::Apply(&value),
+        ))?;
+        Ok(applied.metadata.generation.unwrap_or_default())
+    }
+
+    /// Runs the real `meshctl` against node `i`'s agent; its stdout, or an error with
+    /// what it said.
+    pub fn meshctl(&self, i: usize, args: &[&str]) -> Result<String> {
+        let out = Command::new(bins::veil("meshctl")?)
+            .arg("--socket")
+            .arg(self.nodes[i].admin_socket())
+            .args(args)
+            .output()?;
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        if !out.status.success() {
+            bail!(
+                "meshctl {args:?} on node {i}: {}{stdout}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout)
+    }
+
     /// Everything every agent run of node `i` logged, oldest run first.
     pub fn agent_log(&self, i: usize) -> String {
         let mut runs: Vec<PathBuf> = std::fs::read_dir(&self.nodes[i].dir)
