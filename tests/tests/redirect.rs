@@ -155,18 +155,11 @@ fn bed(tag: &str) -> Result<Bed> {
     let b = Netns::create(&format!("vrb-{tag}"))?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
     for (pod, veth, ip) in [(&a, "vra", POD_A), (&b, "vrb", POD_B)] {
-        node.ip(&[
-            "link",
-            "add",
-            veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ])?;
+        let link = format!(
+            "link add {veth} type veth peer name eth0 netns {}",
+            pod.name()
+        );
+        node.ip(&link.split(' ').collect::<Vec<_>>())?;
         node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", veth])?;
         node.ip(&["link", "set", veth, "up"])?;
         node.ip(&["route", "add", &format!("{ip}/32"), "dev", veth])?;

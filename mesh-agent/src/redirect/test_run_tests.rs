@@ -62,8 +62,15 @@ impl Drop for PinDir {
     }
 }
 
-/// Runs `f` on a thread in a new network namespace with `lo` up.
-fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+/// Runs `f` with a `Redirect` loaded from a fresh pin directory, on a thread in a new
+/// network namespace with `lo` up, with a tokio runtime for netlink; unless not root.
+fn with_redirect(tag: &str, f: impl FnOnce(&Redirect, &tokio::runtime::Runtime) + Send + 'static) {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let pins = pin_dir(tag);
+    let dir = pins.0.clone();
     std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
         let up = std::process::Command::new("ip")
@@ -71,10 +78,26 @@ fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
             .status()
             .expect("run ip");
         assert!(up.success());
-        f()
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let redirect = Redirect::load(&dir).expect("load");
+        f(&redirect, &rt)
     })
     .join()
     .expect("test thread")
+}
+
+/// Covers `ip` (map and route) through a netlink socket of the thread's namespace.
+fn cover(redirect: &Redirect, rt: &tokio::runtime::Runtime, ip: Ipv4Addr) {
+    rt.block_on(async {
+        let handle = crate::netns::netlink_here().unwrap();
+        redirect
+            .set_covered(&handle, &[ip].into_iter().collect())
+            .await
+            .unwrap();
+    });
 }
 
 fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -138,42 +161,31 @@ fn run_from_pod(redirect: &Redirect, frame: &[u8]) -> (u32, u32) {
 
 #[test]
 fn redirect_bpf_test_run_from_pod_counts_passes_and_drops_spoofed() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let pins = pin_dir("from-pod");
-    let dir = pins.0.clone();
-    in_new_netns(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let redirect = Redirect::load(&dir).expect("load");
+    with_redirect("from-pod", |redirect, rt| {
         redirect.attach_pod("lo", LO, POD).expect("attach to lo");
         let mut events = rt.block_on(async { redirect.spoof_events().unwrap().unwrap() });
 
         // The pod's own source, to an uncovered destination: passed, counted.
         let own = ipv4_tcp(POD, OTHER, 40000, 8080);
-        assert_eq!(run_from_pod(&redirect, &own), (TC_ACT_UNSPEC, 0));
+        assert_eq!(run_from_pod(redirect, &own), (TC_ACT_UNSPEC, 0));
         // ARP passes; so do IPv6 link-local and unspecified sources (neighbour discovery).
-        assert_eq!(run_from_pod(&redirect, &arp()).0, TC_ACT_UNSPEC);
+        assert_eq!(run_from_pod(redirect, &arp()).0, TC_ACT_UNSPEC);
         assert_eq!(
-            run_from_pod(&redirect, &ipv6_from([0xfe, 0x80])).0,
+            run_from_pod(redirect, &ipv6_from([0xfe, 0x80])).0,
             TC_ACT_UNSPEC
         );
         let mut unspecified = ipv6_from([0, 0]);
         unspecified[14 + 8 + 15] = 0;
-        assert_eq!(run_from_pod(&redirect, &unspecified).0, TC_ACT_UNSPEC);
+        assert_eq!(run_from_pod(redirect, &unspecified).0, TC_ACT_UNSPEC);
         let counts = redirect.counters("lo").unwrap();
         assert_eq!((counts.packets, counts.spoofed_packets), (4, 0));
 
         // A spoofed IPv4 source: dropped, counted, reported.
         let spoofed = ipv4_tcp(SPOOFED, OTHER, 40000, 8080);
-        assert_eq!(run_from_pod(&redirect, &spoofed).0, TC_ACT_SHOT);
+        assert_eq!(run_from_pod(redirect, &spoofed).0, TC_ACT_SHOT);
         // Global IPv6: Veil gives pods none, so it is spoofed too.
         assert_eq!(
-            run_from_pod(&redirect, &ipv6_from([0x20, 0x01])).0,
+            run_from_pod(redirect, &ipv6_from([0x20, 0x01])).0,
             TC_ACT_SHOT
         );
         let counts = redirect.counters("lo").unwrap();
@@ -203,18 +215,12 @@ fn redirect_bpf_test_run_from_pod_counts_passes_and_drops_spoofed() {
         );
 
         // A covered pod's TCP with no proxy socket for the tuple: passed, not marked.
-        rt.block_on(async {
-            let handle = crate::netns::netlink_here().unwrap();
-            redirect
-                .set_covered(&handle, &[POD].into_iter().collect())
-                .await
-                .unwrap();
-        });
-        assert_eq!(run_from_pod(&redirect, &own), (TC_ACT_UNSPEC, 0));
+        cover(redirect, rt, POD);
+        assert_eq!(run_from_pod(redirect, &own), (TC_ACT_UNSPEC, 0));
 
         // An interface without an anti-spoofing entry is left alone.
         redirect.detach_pod("lo").unwrap();
-        assert_eq!(run_from_pod(&redirect, &spoofed).0, TC_ACT_UNSPEC);
+        assert_eq!(run_from_pod(redirect, &spoofed).0, TC_ACT_UNSPEC);
     });
 }
 
@@ -281,36 +287,19 @@ fn cookie(socket: &impl AsRawFd) -> u64 {
 
 #[test]
 fn redirect_bpf_test_run_sk_lookup_assigns_covered_only_and_fails_closed() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let pins = pin_dir("sk-lookup");
-    let dir = pins.0.clone();
-    in_new_netns(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let redirect = Redirect::load(&dir).expect("load");
-        rt.block_on(async {
-            let handle = crate::netns::netlink_here().unwrap();
-            redirect
-                .set_covered(&handle, &[POD].into_iter().collect())
-                .await
-                .unwrap();
-        });
+    with_redirect("sk-lookup", |redirect, rt| {
+        cover(redirect, rt, POD);
         // Uncovered: passed, nothing selected.
-        assert_eq!(run_sk_lookup(&redirect, OTHER), (SK_PASS, 0));
+        assert_eq!(run_sk_lookup(redirect, OTHER), (SK_PASS, 0));
         // Covered with an empty sockmap: dropped (fail closed).
-        assert_eq!(run_sk_lookup(&redirect, POD), (SK_DROP, 0));
+        assert_eq!(run_sk_lookup(redirect, POD), (SK_DROP, 0));
         // Covered with the proxy's listener: assigned to it.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
         redirect.set_proxy_listener(&listener).unwrap();
-        assert_eq!(run_sk_lookup(&redirect, POD), (SK_PASS, cookie(&listener)));
-        assert_eq!(run_sk_lookup(&redirect, OTHER), (SK_PASS, 0));
+        assert_eq!(run_sk_lookup(redirect, POD), (SK_PASS, cookie(&listener)));
+        assert_eq!(run_sk_lookup(redirect, OTHER), (SK_PASS, 0));
         // The listener closes: the kernel empties the slot, covered connections fail closed.
         drop(listener);
-        assert_eq!(run_sk_lookup(&redirect, POD), (SK_DROP, 0));
+        assert_eq!(run_sk_lookup(redirect, POD), (SK_DROP, 0));
     });
 }
