@@ -5,8 +5,9 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::{TestRun, TestRunOptions};
-use veil_bpf::{SpoofEvent, SpoofedFamily};
+use veil_bpf::{OutboundKey, SpoofEvent, SpoofedFamily, OUTBOUND_MAP};
 
 use super::Redirect;
 
@@ -108,15 +109,20 @@ fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 fn ipv4_tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    ethernet(0x0800, &ipv4_tcp_flags(src, dst, sport, dport, 0x12))
+}
+
+/// An IPv4 TCP segment (no link header) with TCP `flags` (0x02 SYN, 0x12 SYN-ACK).
+fn ipv4_tcp_flags(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
     let mut tcp = Vec::new();
     tcp.extend_from_slice(&sport.to_be_bytes());
     tcp.extend_from_slice(&dport.to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x12, 0xff, 0xff, 0, 0, 0, 0]);
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     ip.extend_from_slice(&tcp);
-    ethernet(0x0800, &ip)
+    ip
 }
 
 fn ipv6_from(src_first_word: [u8; 2]) -> Vec<u8> {
@@ -139,12 +145,18 @@ fn arp() -> Vec<u8> {
 
 /// Runs `from_pod` on `frame` as if it came in on `lo`; returns the verdict and the mark.
 fn run_from_pod(redirect: &Redirect, frame: &[u8]) -> (u32, u32) {
+    run_tc(redirect, None, frame)
+}
+
+/// Runs `from_pod` on `frame` as if it came in on `lo`, or `from_tunnel` on the device
+/// `tunnel`.
+fn run_tc(redirect: &Redirect, tunnel: Option<u32>, frame: &[u8]) -> (u32, u32) {
     // struct __sk_buff: ifindex at 40, mark at 8 (linux/bpf.h), 192 bytes.
     let mut ctx_in = [0u8; 192];
-    ctx_in[40..44].copy_from_slice(&LO.to_ne_bytes());
+    ctx_in[40..44].copy_from_slice(&tunnel.unwrap_or(LO).to_ne_bytes());
     let mut ctx_out = [0u8; 192];
     let mut data_out = vec![0u8; frame.len() + 64];
-    let result = redirect.with_from_pod(|program| {
+    let result = redirect.with_tc(tunnel.is_some(), |program| {
         program
             .test_run(TestRunOptions {
                 data_in: Some(frame),
@@ -301,5 +313,38 @@ fn redirect_bpf_test_run_sk_lookup_assigns_covered_only_and_fails_closed() {
         // The listener closes: the kernel empties the slot, covered connections fail closed.
         drop(listener);
         assert_eq!(run_sk_lookup(redirect, POD), (SK_DROP, 0));
+    });
+}
+
+#[test]
+fn redirect_bpf_test_run_from_pod_remembers_the_connections_covered_pods_open() {
+    with_redirect("outbound", |redirect, rt| {
+        redirect.attach_pod("lo", LO, POD).expect("attach to lo");
+        let outbound = || -> Vec<OutboundKey> {
+            let map = MapData::from_pin(redirect.pin_dir().join(OUTBOUND_MAP)).unwrap();
+            let map: BpfHashMap<_, OutboundKey, u8> =
+                BpfHashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+            map.keys().map(|k| k.unwrap()).collect()
+        };
+        let syn = ethernet(0x0800, &ipv4_tcp_flags(POD, OTHER, 40000, 8080, 0x02));
+        // Not covered yet: nothing remembered.
+        assert_eq!(run_from_pod(redirect, &syn), (TC_ACT_UNSPEC, 0));
+        assert!(outbound().is_empty());
+        cover(redirect, rt, POD);
+        // A SYN-ACK (answering a connection to the pod) is not remembered; a SYN is.
+        assert_eq!(
+            run_from_pod(redirect, &ipv4_tcp(POD, OTHER, 8080, 40001)).0,
+            TC_ACT_UNSPEC
+        );
+        assert!(outbound().is_empty());
+        assert_eq!(run_from_pod(redirect, &syn), (TC_ACT_UNSPEC, 0));
+        assert_eq!(
+            outbound(),
+            vec![OutboundKey {
+                ipv4: veil_bpf::ipv4_key(POD),
+                port: 40000u16.to_be(),
+                reserved: 0
+            }]
+        );
     });
 }
