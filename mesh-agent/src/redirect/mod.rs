@@ -474,6 +474,37 @@ impl Redirect {
         Ok(())
     }
 
+    /// Removes the anti-spoofing entries and counters of every interface index not in
+    /// `live` (pods deleted while no agent ran: [`Redirect::detach_pod`] after a restart
+    /// knows the name only). Call after re-attaching the surviving pods. Returns how many
+    /// interfaces were forgotten.
+    pub fn prune(&self, live: &BTreeSet<u32>) -> Result<usize, RedirectError> {
+        let mut inner = self.lock();
+        let stale = |keys: Vec<Result<u32, aya::maps::MapError>>, map: &'static str| {
+            keys.into_iter()
+                .collect::<Result<Vec<u32>, _>>()
+                .map(|keys| {
+                    keys.into_iter()
+                        .filter(|k| !live.contains(k))
+                        .collect::<BTreeSet<u32>>()
+                })
+                .map_err(|e| map_err(map, "list")(format!("{e:?}")))
+        };
+        let mut gone = stale(inner.maps.pods.keys().collect(), PODS_MAP)?;
+        gone.extend(stale(
+            inner.maps.counters.keys().collect(),
+            POD_COUNTERS_MAP,
+        )?);
+        for ifindex in &gone {
+            // Absent from one of the two maps is fine.
+            let _ = inner.maps.pods.remove(ifindex);
+            let _ = inner.maps.counters.remove(ifindex);
+        }
+        inner.attached.retain(|_, i| live.contains(i));
+        tracing::info!(forgotten = gone.len(), "pruned pod entries");
+        Ok(gone.len())
+    }
+
     /// What the pod behind `ifname` sent, and what anti-spoofing dropped of it, since it
     /// was first attached; `None` for interfaces this agent has not attached.
     pub fn counters(&self, ifname: &str) -> Option<Counts> {

@@ -230,6 +230,11 @@ fn redirect_bpf_test_run_from_pod_counts_passes_and_drops_spoofed() {
         cover(redirect, rt, POD);
         assert_eq!(run_from_pod(redirect, &own), (TC_ACT_UNSPEC, 0));
 
+        // Pruning keeps live interfaces and forgets the others.
+        assert_eq!(redirect.prune(&[LO].into_iter().collect()).unwrap(), 0);
+        assert!(redirect.counters("lo").is_some());
+        assert_eq!(redirect.prune(&Default::default()).unwrap(), 1);
+        assert!(redirect.counters("lo").is_none());
         // An interface without an anti-spoofing entry is left alone.
         redirect.detach_pod("lo").unwrap();
         assert_eq!(run_from_pod(redirect, &spoofed).0, TC_ACT_UNSPEC);
