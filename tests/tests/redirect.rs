@@ -256,6 +256,10 @@ fn redirect_netns_steers_covered_pods_into_the_proxy_and_back() -> Result<()> {
     let bed = bed(&tag)?;
     let pins = Pins(pins(&tag));
     let _ = Redirect::unpin_all(&pins.0);
+    // A stale rule at one of our priorities (another selector): ensure_rules replaces it.
+    bed.node.ip(&[
+        "rule", "add", "priority", "114", "ipproto", "udp", "lookup", "120",
+    ])?;
     run(&bed, pins.0.clone())
 }
 
@@ -300,6 +304,12 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
         Ok(())
     }))?;
 
+    let rules = bed.node.exec(&["ip", "rule"])?;
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("114:\tfrom all ipproto tcp lookup 120") && !rules.contains("udp"),
+        "stale rule not replaced:\n{rules}"
+    );
     // (a) covered: proxied, with the original destination as local address.
     proxied(bed).context("(a)")?;
     // (b) uncovered: B → A:8080 reaches A's own server, from B.
