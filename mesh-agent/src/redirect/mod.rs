@@ -18,9 +18,9 @@
 //! Every call that names an interface resolves it, and `load` attaches `sk_lookup`, in the
 //! *calling thread's* network namespace: call from a thread in the node's namespace.
 
-pub mod events;
+pub(crate) mod events;
 pub mod pod_counters;
-pub mod routing;
+pub(crate) mod routing;
 
 #[cfg(test)]
 mod test_run_tests;
@@ -588,8 +588,10 @@ impl Redirect {
         }
     }
 
-    /// Installs the four rules and table [`consts::TO_PROXY_TABLE`]'s route; see
-    /// [`routing::ensure_rules`].
+    /// Installs the four rules (111 `iif lo ipproto tcp` → main, 112 upstream mark →
+    /// main, 113 to-proxy mark → table 121, 114 `ipproto tcp` → table 120) and table
+    /// [`consts::TO_PROXY_TABLE`]'s `local 0.0.0.0/0 dev lo`. Idempotent; a rule at one of
+    /// these priorities with another selector, table or action is replaced.
     pub async fn ensure_rules(&self, handle: &rtnetlink::Handle) -> Result<(), RedirectError> {
         routing::ensure_rules(handle).await
     }
