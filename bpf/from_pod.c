@@ -12,10 +12,8 @@
  *    transparent upstream connections (its destination is the proxied client, which is not
  *    this node) is assigned to that socket and marked VEIL_TO_PROXY_MARK, so the rule for
  *    that mark delivers it locally (Cilium's proxy return path).
- * 4. Covered pods as clients: their SYNs are remembered (veil_outbound), and TCP to a
- *    covered pod's remembered port is marked VEIL_UPSTREAM_MARK so routing sends it to the
- *    pod instead of to the proxy (table VEIL_COVERED_TABLE matches every TCP packet for the
- *    pod, answers included). */
+ * 4. Covered pods as clients (lib/outbound.h): their SYNs are remembered, and answers
+ *    to them from local pods are routed to the pod, not to the proxy. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>
 #include <linux/in.h>
@@ -27,6 +25,7 @@
 #include <bpf/bpf_endian.h>
 
 #include "lib/maps.h"
+#include "lib/outbound.h"
 
 static __always_inline void report_spoof(struct __sk_buff *skb, __u32 ifindex,
 					 struct pod_counters *c, __u8 family, __be32 saddr,
@@ -54,26 +53,17 @@ static __always_inline void report_spoof(struct __sk_buff *skb, __u32 ifindex,
 /* A covered pod's TCP: remembers the connections it opens, and assigns its replies to
  * the proxy's upstream socket they belong to. Returns whether it assigned. */
 static __always_inline int from_covered(struct __sk_buff *skb, const struct iphdr *ip,
-					const struct tcphdr *tcphdr)
+					const struct tcphdr *tcp)
 {
 	struct bpf_sock_tuple tuple = {};
 	struct bpf_sock *skc, *sk;
-	struct tcphdr tcp = *tcphdr;
 	int assigned = 0;
 
-	if (tcp.syn && !tcp.ack) {
-		struct veil_outbound_key key = {
-			.ipv4 = ip->saddr,
-			.port = tcp.source,
-		};
-		__u8 one = 1;
-
-		bpf_map_update_elem(&veil_outbound, &key, &one, BPF_ANY);
-	}
+	veil_remember_outbound(ip->saddr, tcp);
 	tuple.ipv4.saddr = ip->saddr;
 	tuple.ipv4.daddr = ip->daddr;
-	tuple.ipv4.sport = tcp.source;
-	tuple.ipv4.dport = tcp.dest;
+	tuple.ipv4.sport = tcp->source;
+	tuple.ipv4.dport = tcp->dest;
 	/* The node's namespace: the veth's host side lives there, and so does the proxy. */
 	skc = bpf_skc_lookup_tcp(skb, &tuple, sizeof(tuple.ipv4), BPF_F_CURRENT_NETNS, 0);
 	if (!skc)
@@ -90,20 +80,6 @@ static __always_inline int from_covered(struct __sk_buff *skb, const struct iphd
 	return assigned;
 }
 
-/* TCP to a covered pod that answers a connection the pod opened itself: to the pod by
- * the main table, not to the proxy. */
-static __always_inline void to_covered(struct __sk_buff *skb, const struct iphdr *ip,
-				       const struct tcphdr *tcp)
-{
-	struct veil_outbound_key key = {
-		.ipv4 = ip->daddr,
-		.port = tcp->dest,
-	};
-
-	if (bpf_map_lookup_elem(&veil_outbound, &key))
-		skb->mark = (skb->mark & ~VEIL_MARK_MASK) | VEIL_UPSTREAM_MARK;
-}
-
 static __always_inline void steer_tcp(struct __sk_buff *skb, const struct iphdr *ip,
 				      __u32 l4_off)
 {
@@ -113,8 +89,7 @@ static __always_inline void steer_tcp(struct __sk_buff *skb, const struct iphdr 
 		return;
 	if (bpf_map_lookup_elem(&veil_covered, &ip->saddr) && from_covered(skb, ip, &tcp))
 		return;
-	if (bpf_map_lookup_elem(&veil_covered, &ip->daddr))
-		to_covered(skb, ip, &tcp);
+	veil_mark_answer(skb, ip->daddr, &tcp);
 }
 
 SEC("classifier")

@@ -24,6 +24,14 @@ pub static FROM_POD: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR")
 /// Name of the program in [`FROM_POD`].
 pub const FROM_POD_PROGRAM: &str = "veil_from_pod";
 
+/// The tc program for the WireGuard device (`bpf/from_tunnel.c`); program
+/// [`FROM_TUNNEL_PROGRAM`].
+pub static FROM_TUNNEL: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/from_tunnel.o"));
+
+/// Name of the program in [`FROM_TUNNEL`].
+pub const FROM_TUNNEL_PROGRAM: &str = "veil_from_tunnel";
+
 /// The sk_lookup program for the node's network namespace (`bpf/sk_lookup.c`); program
 /// [`SK_LOOKUP_PROGRAM`].
 pub static SK_LOOKUP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/sk_lookup.o"));

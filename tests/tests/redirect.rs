@@ -155,18 +155,11 @@ fn bed(tag: &str) -> Result<Bed> {
     let b = Netns::create(&format!("vrb-{tag}"))?;
     node.sysctl("net.ipv4.ip_forward", "1")?;
     for (pod, veth, ip) in [(&a, "vra", POD_A), (&b, "vrb", POD_B)] {
-        node.ip(&[
-            "link",
-            "add",
-            veth,
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            pod.name(),
-        ])?;
+        let link = format!(
+            "link add {veth} type veth peer name eth0 netns {}",
+            pod.name()
+        );
+        node.ip(&link.split(' ').collect::<Vec<_>>())?;
         node.ip(&["addr", "add", &format!("{GATEWAY}/32"), "dev", veth])?;
         node.ip(&["link", "set", veth, "up"])?;
         node.ip(&["route", "add", &format!("{ip}/32"), "dev", veth])?;
@@ -263,6 +256,10 @@ fn redirect_netns_steers_covered_pods_into_the_proxy_and_back() -> Result<()> {
     let bed = bed(&tag)?;
     let pins = Pins(pins(&tag));
     let _ = Redirect::unpin_all(&pins.0);
+    // A stale rule at one of our priorities (another selector): ensure_rules replaces it.
+    bed.node.ip(&[
+        "rule", "add", "priority", "114", "ipproto", "udp", "lookup", "120",
+    ])?;
     run(&bed, pins.0.clone())
 }
 
@@ -307,6 +304,12 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
         Ok(())
     }))?;
 
+    let rules = bed.node.exec(&["ip", "rule"])?;
+    let rules = String::from_utf8_lossy(&rules.stdout);
+    assert!(
+        rules.contains("114:\tfrom all ipproto tcp lookup 120") && !rules.contains("udp"),
+        "stale rule not replaced:\n{rules}"
+    );
     // (a) covered: proxied, with the original destination as local address.
     proxied(bed).context("(a)")?;
     // (b) uncovered: B → A:8080 reaches A's own server, from B.
@@ -502,4 +505,159 @@ struct NodeSide {
     listener: Option<TcpListener>,
     events: mesh_agent::redirect::SpoofEvents,
     pin_dir: PathBuf,
+}
+
+const REMOTE: Ipv4Addr = Ipv4Addr::new(198, 18, 252, 5);
+
+/// Ones' complement sum of 16-bit words, folded.
+fn checksum(chunks: &[&[u8]]) -> u16 {
+    let mut sum = 0u32;
+    for chunk in chunks {
+        for pair in chunk.chunks(2) {
+            let word = u16::from_be_bytes([pair[0], *pair.get(1).unwrap_or(&0)]);
+            sum += u32::from(word);
+        }
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// For a while, answers every SYN of B to REMOTE:8080 that comes out of the TUN with a
+/// SYN-ACK written into it (as the WireGuard datapath does with decrypted packets);
+/// retransmitted SYNs of an earlier connection get answered too, which is harmless.
+fn answer_syns(tun: &mut std::fs::File, window: Duration) -> Result<usize> {
+    let mut buf = [0u8; 2048];
+    let deadline = Instant::now() + window;
+    let mut answered = 0;
+    while Instant::now() < deadline {
+        let n = match tun.read(&mut buf) {
+            Ok(n) => n,
+            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                std::thread::sleep(Duration::from_millis(10));
+                continue;
+            }
+            Err(e) => return Err(e.into()),
+        };
+        let p = &buf[..n];
+        if n >= 40 && p[0] >> 4 == 4 && p[9] == 6 && p[16..20] == REMOTE.octets() {
+            answer_syn(tun, p)?;
+            answered += 1;
+        }
+    }
+    Ok(answered)
+}
+
+fn answer_syn(tun: &mut std::fs::File, syn: &[u8]) -> Result<()> {
+    let ihl = usize::from(syn[0] & 0xf) * 4;
+    let tcp = &syn[ihl..];
+    let seq = u32::from_be_bytes([tcp[4], tcp[5], tcp[6], tcp[7]]);
+    let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
+    ip.extend_from_slice(&REMOTE.octets());
+    ip.extend_from_slice(&POD_B.octets());
+    let ip_sum = checksum(&[&ip]);
+    ip[10..12].copy_from_slice(&ip_sum.to_be_bytes());
+    let mut seg = Vec::new();
+    seg.extend_from_slice(&tcp[2..4]); // source port: the SYN's destination
+    seg.extend_from_slice(&tcp[0..2]);
+    seg.extend_from_slice(&1000u32.to_be_bytes());
+    seg.extend_from_slice(&seq.wrapping_add(1).to_be_bytes());
+    seg.extend_from_slice(&[0x50, 0x12, 0xff, 0xff, 0, 0, 0, 0]);
+    let mut pseudo = Vec::new();
+    pseudo.extend_from_slice(&REMOTE.octets());
+    pseudo.extend_from_slice(&POD_B.octets());
+    pseudo.extend_from_slice(&[0, 6, 0, 20]);
+    let tcp_sum = checksum(&[&pseudo, &seg]);
+    seg[16..18].copy_from_slice(&tcp_sum.to_be_bytes());
+    ip.extend_from_slice(&seg);
+    tun.write_all(&ip)?;
+    Ok(())
+}
+
+/// A TUN device named `name` in the calling thread's namespace (IFF_TUN | IFF_NO_PI).
+fn tun(name: &str) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open("/dev/net/tun")?;
+    // struct ifreq: the name, then the flags (a short) at 16; 40 bytes.
+    let mut ifreq = [0u8; 40];
+    ifreq[..name.len()].copy_from_slice(name.as_bytes());
+    let flags: u16 = 0x0001 | 0x1000; // IFF_TUN | IFF_NO_PI
+    ifreq[16..18].copy_from_slice(&flags.to_ne_bytes());
+    const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+    // SAFETY: TUNSETIFF with a 40-byte ifreq on the descriptor we own.
+    let rc = unsafe {
+        libc::ioctl(
+            std::os::fd::AsRawFd::as_raw_fd(&file),
+            TUNSETIFF as _,
+            ifreq.as_mut_ptr(),
+        )
+    };
+    check(rc, "TUNSETIFF")?;
+    Ok(file)
+}
+
+#[test]
+fn redirect_netns_answers_from_the_tunnel_reach_a_covered_client() -> Result<()> {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("skipped: needs root (network namespaces, eBPF)");
+        return Ok(());
+    }
+    ensure_bpffs()?;
+    let tag = format!("t{}", std::process::id() % 10_000);
+    let bed = bed(&tag)?;
+    let pins = Pins(pins(&tag));
+    let _ = Redirect::unpin_all(&pins.0);
+    let dir = pins.0.clone();
+    let (ready_tx, ready) = mpsc::channel::<()>();
+    let (go_tx, go) = mpsc::channel::<bool>();
+    // The node: a TUN standing in for veil-wg0, routes to a "remote" pod through it.
+    let node = bed.node.spawn(move || {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let mut device = tun("vrt")?;
+        veil_testbed::net::ip(&["link", "set", "vrt", "up"])?;
+        veil_testbed::net::ip(&["route", "add", "198.18.252.0/24", "dev", "vrt"])?;
+        let redirect = load(&rt, &dir)?;
+        let listener = proxy_listener()?;
+        redirect.set_proxy_listener(&listener)?;
+        let mut attached = false;
+        ready_tx.send(()).ok();
+        // One round per client connection: answer its SYN through the TUN.
+        while let Ok(attach) = go.recv() {
+            if attach && !attached {
+                redirect.attach_tunnel("vrt")?;
+                attached = true;
+            }
+            answer_syns(&mut device, Duration::from_millis(1200))?;
+        }
+        redirect.detach_tunnel("vrt")?;
+        Ok(())
+    });
+    ready.recv().context("node set-up failed")?;
+    let connect = |attach: bool| -> Result<bool> {
+        let client = bed.b.spawn(|| {
+            let to = SocketAddr::from((REMOTE, 8080));
+            Ok(TcpStream::connect_timeout(&to, Duration::from_millis(1500)).is_ok())
+        });
+        go_tx
+            .send(attach)
+            .map_err(|_| anyhow::anyhow!("node thread gone"))?;
+        client
+            .join()
+            .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+    };
+    // Without from_tunnel, table 120 hands B's SYN-ACK to the proxy: B never connects.
+    assert!(!connect(false)?, "connected without from_tunnel");
+    // With it, the answer is routed to B.
+    assert!(connect(true)?, "B's connection through the tunnel failed");
+    drop(go_tx);
+    node.join()
+        .map_err(|_| anyhow::anyhow!("node thread panicked"))??;
+    Ok(())
 }

@@ -18,9 +18,9 @@
 //! Every call that names an interface resolves it, and `load` attaches `sk_lookup`, in the
 //! *calling thread's* network namespace: call from a thread in the node's namespace.
 
-pub mod events;
+pub(crate) mod events;
 pub mod pod_counters;
-pub mod routing;
+pub(crate) mod routing;
 
 #[cfg(test)]
 mod test_run_tests;
@@ -38,8 +38,8 @@ use aya::programs::SkLookup;
 use aya::{Ebpf, EbpfLoader};
 use veil_bpf::{
     ipv4_from_key, ipv4_key, PodCounters as RawCounters, VeilPod, ALL_MAPS, COVERED_MAP, FROM_POD,
-    FROM_POD_PROGRAM, PODS_MAP, POD_COUNTERS_MAP, PROXY_SOCK_MAP, SK_LOOKUP, SK_LOOKUP_PROGRAM,
-    SPOOF_EVENTS_MAP,
+    FROM_POD_PROGRAM, FROM_TUNNEL, FROM_TUNNEL_PROGRAM, PODS_MAP, POD_COUNTERS_MAP, PROXY_SOCK_MAP,
+    SK_LOOKUP, SK_LOOKUP_PROGRAM, SPOOF_EVENTS_MAP,
 };
 
 pub use events::SpoofEvents;
@@ -121,6 +121,8 @@ struct Maps {
 struct Inner {
     /// Holds the loaded `from_pod` program, attached to each pod's veth.
     from_pod: Ebpf,
+    /// Holds the loaded `from_tunnel` program, attached to the WireGuard device.
+    from_tunnel: Ebpf,
     /// Keeps the `sk_lookup` program loaded while this agent runs (its link is pinned).
     _sk_lookup: Ebpf,
     maps: Maps,
@@ -187,6 +189,65 @@ fn pinned_link(path: &Path) -> Result<Option<PinnedLink>, RedirectError> {
         .map_err(|e| pin_err(path)(format!("{e:?}")))
 }
 
+/// Removes a pinned link; the last reference goes and the kernel detaches it.
+fn unpin_link(pin: &Path) -> Result<(), RedirectError> {
+    if let Some(link) = pinned_link(pin)? {
+        let link = link.unpin().map_err(|e| pin_err(pin)(e.to_string()))?;
+        drop(link);
+    }
+    Ok(())
+}
+
+/// Attaches `program` at tc ingress of `ifname` with its link pinned at `pin`. A link
+/// already pinned there (an earlier agent's) is updated in place to `program`
+/// (BPF_LINK_UPDATE: no moment without a program); a stale one (its device was
+/// recreated) is replaced.
+fn attach_tc(
+    program: &mut SchedClassifier,
+    name: &'static str,
+    ifname: &str,
+    pin: &Path,
+) -> Result<(), RedirectError> {
+    let attach_err = |message: String| RedirectError::Attach {
+        program: name,
+        target: ifname.to_string(),
+        message,
+    };
+    let id = match pinned_link(pin)? {
+        Some(old) => {
+            let link = FdLink::from(old)
+                .try_into()
+                .map_err(|e| attach_err(format!("{e:?}")))?;
+            match program.attach_to_link(link) {
+                Ok(id) => Some(id),
+                Err(e) => {
+                    tracing::info!(ifname, error = ?e, "pinned tc link is stale, replacing");
+                    std::fs::remove_file(pin).map_err(|e| pin_err(pin)(e.to_string()))?;
+                    None
+                }
+            }
+        }
+        None => None,
+    };
+    match id {
+        // Already pinned; dropping our descriptor leaves the pin holding it.
+        Some(id) => drop(program.take_link(id)),
+        None => {
+            // Kernels before 6.6 attach through a clsact qdisc; on TCX kernels it is unused.
+            let _ = tc::qdisc_add_clsact(ifname);
+            let id = program
+                .attach(ifname, TcAttachType::Ingress)
+                .map_err(|e| attach_err(format!("{e:?}")))?;
+            let link = program
+                .take_link(id)
+                .map_err(|e| attach_err(format!("{e:?}")))?;
+            let link: FdLink = link.try_into().map_err(|e| attach_err(format!("{e:?}")))?;
+            link.pin(pin).map_err(|e| pin_err(pin)(format!("{e:?}")))?;
+        }
+    }
+    Ok(())
+}
+
 /// Sets `accept_local` on a pod's host-side veth. A covered pod's address is a local
 /// route in table 120 for TCP, so the reverse-path check of the pod's own TCP packets
 /// (source = the pod) finds a local address and the kernel drops them as martians
@@ -211,18 +272,22 @@ impl Redirect {
         let links = pin_dir.join(LINKS_DIR);
         std::fs::create_dir_all(&links).map_err(|e| pin_err(&links)(e.to_string()))?;
         let mut from_pod = load_object(FROM_POD, FROM_POD_PROGRAM, pin_dir)?;
+        let mut from_tunnel = load_object(FROM_TUNNEL, FROM_TUNNEL_PROGRAM, pin_dir)?;
         let mut sk_lookup = load_object(SK_LOOKUP, SK_LOOKUP_PROGRAM, pin_dir)?;
         let load_err = |program| move |message: String| RedirectError::Load { program, message };
-        {
-            let program: &mut SchedClassifier = from_pod
-                .program_mut(FROM_POD_PROGRAM)
-                .ok_or_else(|| load_err(FROM_POD_PROGRAM)("program missing".into()))?
+        for (ebpf, name) in [
+            (&mut from_pod, FROM_POD_PROGRAM),
+            (&mut from_tunnel, FROM_TUNNEL_PROGRAM),
+        ] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| load_err(name)("program missing".into()))?
                 .try_into()
-                .map_err(|e| load_err(FROM_POD_PROGRAM)(format!("{e:?}")))?;
+                .map_err(|e| load_err(name)(format!("{e:?}")))?;
             // `{:?}` keeps the verifier's log, which Display drops.
             program
                 .load()
-                .map_err(|e| load_err(FROM_POD_PROGRAM)(format!("{e:?}")))?;
+                .map_err(|e| load_err(name)(format!("{e:?}")))?;
         }
         {
             let program: &mut SkLookup = sk_lookup
@@ -250,6 +315,7 @@ impl Redirect {
             nr_cpus,
             inner: Mutex::new(Inner {
                 from_pod,
+                from_tunnel,
                 _sk_lookup: sk_lookup,
                 maps,
                 attached: HashMap::new(),
@@ -294,6 +360,12 @@ impl Redirect {
         // A panic while holding the lock leaves the maps as the kernel has them, which
         // is still consistent: keep going.
         self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn tunnel_link_pin(&self, ifname: &str) -> PathBuf {
+        self.pin_dir
+            .join(LINKS_DIR)
+            .join(format!("from_tunnel_{ifname}"))
     }
 
     fn tc_link_pin(&self, ifname: &str) -> PathBuf {
@@ -341,52 +413,50 @@ impl Redirect {
                 .map_err(|e| map_err(POD_COUNTERS_MAP, ifname)(format!("{e:?}")))?;
         }
         accept_local(ifname).map_err(attach_err)?;
-        let pin = self.tc_link_pin(ifname);
-        let old = pinned_link(&pin)?;
         let program: &mut SchedClassifier = inner
             .from_pod
             .program_mut(FROM_POD_PROGRAM)
             .ok_or_else(|| attach_err("program missing".into()))?
             .try_into()
             .map_err(|e| attach_err(format!("{e:?}")))?;
-        let id = match old {
-            Some(old) => {
-                // BPF_LINK_UPDATE: the pinned link now runs our program, atomically.
-                let link = FdLink::from(old)
-                    .try_into()
-                    .map_err(|e| attach_err(format!("{e:?}")))?;
-                match program.attach_to_link(link) {
-                    Ok(id) => Some(id),
-                    Err(e) => {
-                        // The veth was deleted and recreated: the old link is defunct.
-                        tracing::info!(ifname, error = ?e, "pinned tc link is stale, replacing");
-                        std::fs::remove_file(&pin).map_err(|e| pin_err(&pin)(e.to_string()))?;
-                        None
-                    }
-                }
-            }
-            None => None,
-        };
-        match id {
-            // Already pinned; dropping our descriptor leaves the pin holding it.
-            Some(id) => drop(program.take_link(id)),
-            None => {
-                // Kernels before 6.6 attach through a clsact qdisc; on TCX kernels it is unused.
-                let _ = tc::qdisc_add_clsact(ifname);
-                let id = program
-                    .attach(ifname, TcAttachType::Ingress)
-                    .map_err(|e| attach_err(format!("{e:?}")))?;
-                let link = program
-                    .take_link(id)
-                    .map_err(|e| attach_err(format!("{e:?}")))?;
-                let link: FdLink = link.try_into().map_err(|e| attach_err(format!("{e:?}")))?;
-                link.pin(&pin)
-                    .map_err(|e| pin_err(&pin)(format!("{e:?}")))?;
-            }
-        }
+        attach_tc(program, FROM_POD_PROGRAM, ifname, &self.tc_link_pin(ifname))?;
         inner.attached.insert(ifname.to_string(), ifindex);
         tracing::info!(ifname, ifindex, pod_ip = %pod_ip, "from_pod attached");
         Ok(())
+    }
+
+    /// Attaches `from_tunnel` at tc ingress of the WireGuard device `ifname` (in the
+    /// calling thread's namespace), link pinned; an earlier agent's link is updated in
+    /// place. Without it, answers from other nodes to connections that covered pods
+    /// opened themselves would be delivered to the proxy instead of the pod.
+    pub fn attach_tunnel(&self, ifname: &str) -> Result<(), RedirectError> {
+        let mut inner = self.lock();
+        let program: &mut SchedClassifier = inner
+            .from_tunnel
+            .program_mut(FROM_TUNNEL_PROGRAM)
+            .ok_or_else(|| RedirectError::Load {
+                program: FROM_TUNNEL_PROGRAM,
+                message: "program missing".into(),
+            })?
+            .try_into()
+            .map_err(|e| RedirectError::Load {
+                program: FROM_TUNNEL_PROGRAM,
+                message: format!("{e:?}"),
+            })?;
+        attach_tc(
+            program,
+            FROM_TUNNEL_PROGRAM,
+            ifname,
+            &self.tunnel_link_pin(ifname),
+        )?;
+        tracing::info!(ifname, "from_tunnel attached");
+        Ok(())
+    }
+
+    /// Detaches `from_tunnel` from `ifname` (unpins its link); absent links are fine.
+    pub fn detach_tunnel(&self, ifname: &str) -> Result<(), RedirectError> {
+        let _inner = self.lock();
+        unpin_link(&self.tunnel_link_pin(ifname))
     }
 
     /// Detaches `from_pod` from `ifname` (unpins its link) and removes the pod's
@@ -394,12 +464,7 @@ impl Redirect {
     /// earlier agent is still removed.
     pub fn detach_pod(&self, ifname: &str) -> Result<(), RedirectError> {
         let mut inner = self.lock();
-        let pin = self.tc_link_pin(ifname);
-        if let Some(link) = pinned_link(&pin)? {
-            // Unpinned and dropped: the last reference goes and the kernel detaches it.
-            let link = link.unpin().map_err(|e| pin_err(&pin)(e.to_string()))?;
-            drop(link);
-        }
+        unpin_link(&self.tc_link_pin(ifname))?;
         if let Some(ifindex) = inner.attached.remove(ifname) {
             // Absent entries are fine: nothing to remove.
             let _ = inner.maps.pods.remove(&ifindex);
@@ -407,6 +472,37 @@ impl Redirect {
         }
         tracing::info!(ifname, "from_pod detached");
         Ok(())
+    }
+
+    /// Removes the anti-spoofing entries and counters of every interface index not in
+    /// `live` (pods deleted while no agent ran: [`Redirect::detach_pod`] after a restart
+    /// knows the name only). Call after re-attaching the surviving pods. Returns how many
+    /// interfaces were forgotten.
+    pub fn prune(&self, live: &BTreeSet<u32>) -> Result<usize, RedirectError> {
+        let mut inner = self.lock();
+        let stale = |keys: Vec<Result<u32, aya::maps::MapError>>, map: &'static str| {
+            keys.into_iter()
+                .collect::<Result<Vec<u32>, _>>()
+                .map(|keys| {
+                    keys.into_iter()
+                        .filter(|k| !live.contains(k))
+                        .collect::<BTreeSet<u32>>()
+                })
+                .map_err(|e| map_err(map, "list")(format!("{e:?}")))
+        };
+        let mut gone = stale(inner.maps.pods.keys().collect(), PODS_MAP)?;
+        gone.extend(stale(
+            inner.maps.counters.keys().collect(),
+            POD_COUNTERS_MAP,
+        )?);
+        for ifindex in &gone {
+            // Absent from one of the two maps is fine.
+            let _ = inner.maps.pods.remove(ifindex);
+            let _ = inner.maps.counters.remove(ifindex);
+        }
+        inner.attached.retain(|_, i| live.contains(i));
+        tracing::info!(forgotten = gone.len(), "pruned pod entries");
+        Ok(gone.len())
     }
 
     /// What the pod behind `ifname` sent, and what anti-spoofing dropped of it, since it
@@ -500,8 +596,10 @@ impl Redirect {
         }
     }
 
-    /// Installs the four rules and table [`consts::TO_PROXY_TABLE`]'s route; see
-    /// [`routing::ensure_rules`].
+    /// Installs the four rules (111 `iif lo ipproto tcp` → main, 112 upstream mark →
+    /// main, 113 to-proxy mark → table 121, 114 `ipproto tcp` → table 120) and table
+    /// [`consts::TO_PROXY_TABLE`]'s `local 0.0.0.0/0 dev lo`. Idempotent; a rule at one of
+    /// these priorities with another selector, table or action is replaced.
     pub async fn ensure_rules(&self, handle: &rtnetlink::Handle) -> Result<(), RedirectError> {
         routing::ensure_rules(handle).await
     }
@@ -547,13 +645,16 @@ impl Redirect {
         }
     }
 
-    /// For the tests: runs `f` with the loaded `from_pod` program.
+    /// For the tests: runs `f` with the loaded `from_pod` program, or `from_tunnel`'s.
     #[cfg(test)]
-    pub(crate) fn with_from_pod<T>(&self, f: impl FnOnce(&SchedClassifier) -> T) -> T {
+    pub(crate) fn with_tc<T>(&self, tunnel: bool, f: impl FnOnce(&SchedClassifier) -> T) -> T {
         let inner = self.lock();
-        let program: &SchedClassifier = inner
-            .from_pod
-            .program(FROM_POD_PROGRAM)
+        let (ebpf, name) = match tunnel {
+            false => (&inner.from_pod, FROM_POD_PROGRAM),
+            true => (&inner.from_tunnel, FROM_TUNNEL_PROGRAM),
+        };
+        let program: &SchedClassifier = ebpf
+            .program(name)
             .and_then(|p| p.try_into().ok())
             .expect("loaded");
         f(program)

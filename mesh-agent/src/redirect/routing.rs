@@ -156,16 +156,7 @@ pub async fn ensure_rules(handle: &Handle) -> Result<(), RedirectError> {
                 continue;
             }
             tracing::warn!(priority = rule.priority, found = ?msg.attributes, "replacing a stale rule");
-            handle
-                .rule()
-                .del(msg.clone())
-                .execute()
-                .await
-                .map_err(|source| RedirectError::Netlink {
-                    op: "delete rule",
-                    target: format!("priority {}", rule.priority),
-                    source,
-                })?;
+            delete_rule(handle, msg.clone(), rule.priority).await?;
         }
         if !present {
             add_rule(handle, rule).await?;
@@ -304,18 +295,44 @@ pub async fn reconcile_covered_routes(
         if len == 32 && covered.contains(&ip) {
             continue;
         }
-        handle
-            .route()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|source| RedirectError::Netlink {
-                op: "delete route",
-                target: format!("local {ip}/{len} table {}", consts::COVERED_TABLE),
-                source,
-            })?;
+        let target = format!("local {ip}/{len} table {}", consts::COVERED_TABLE);
+        delete_route(handle, msg, target).await?;
     }
     Ok(())
+}
+
+async fn delete_rule(
+    handle: &Handle,
+    msg: RuleMessage,
+    priority: u32,
+) -> Result<(), RedirectError> {
+    handle
+        .rule()
+        .del(msg)
+        .execute()
+        .await
+        .map_err(|source| RedirectError::Netlink {
+            op: "delete rule",
+            target: format!("priority {priority}"),
+            source,
+        })
+}
+
+async fn delete_route(
+    handle: &Handle,
+    msg: RouteMessage,
+    target: String,
+) -> Result<(), RedirectError> {
+    handle
+        .route()
+        .del(msg)
+        .execute()
+        .await
+        .map_err(|source| RedirectError::Netlink {
+            op: "delete route",
+            target,
+            source,
+        })
 }
 
 /// Removes our rules (whatever their shape at our priorities) and our routes in both
@@ -327,29 +344,11 @@ pub async fn remove_all(handle: &Handle) -> Result<(), RedirectError> {
             // Not ours: leave someone else's rule alone on uninstall.
             continue;
         }
-        handle
-            .rule()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|source| RedirectError::Netlink {
-                op: "delete rule",
-                target: format!("priority {priority}"),
-                source,
-            })?;
+        delete_rule(handle, msg, priority).await?;
     }
     for table in [consts::COVERED_TABLE, consts::TO_PROXY_TABLE] {
         for (ip, len, msg) in routes_in(handle, table).await? {
-            handle
-                .route()
-                .del(msg)
-                .execute()
-                .await
-                .map_err(|source| RedirectError::Netlink {
-                    op: "delete route",
-                    target: format!("local {ip}/{len} table {table}"),
-                    source,
-                })?;
+            delete_route(handle, msg, format!("local {ip}/{len} table {table}")).await?;
         }
     }
     Ok(())

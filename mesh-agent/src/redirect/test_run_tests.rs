@@ -5,8 +5,9 @@ use std::net::{Ipv4Addr, TcpListener};
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::PathBuf;
 
+use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::{TestRun, TestRunOptions};
-use veil_bpf::{SpoofEvent, SpoofedFamily};
+use veil_bpf::{OutboundKey, SpoofEvent, SpoofedFamily, OUTBOUND_MAP};
 
 use super::Redirect;
 
@@ -62,8 +63,15 @@ impl Drop for PinDir {
     }
 }
 
-/// Runs `f` on a thread in a new network namespace with `lo` up.
-fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
+/// Runs `f` with a `Redirect` loaded from a fresh pin directory, on a thread in a new
+/// network namespace with `lo` up, with a tokio runtime for netlink; unless not root.
+fn with_redirect(tag: &str, f: impl FnOnce(&Redirect, &tokio::runtime::Runtime) + Send + 'static) {
+    if let Some(why) = skip_reason() {
+        eprintln!("skipped: {why}");
+        return;
+    }
+    let pins = pin_dir(tag);
+    let dir = pins.0.clone();
     std::thread::spawn(move || {
         nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
         let up = std::process::Command::new("ip")
@@ -71,10 +79,26 @@ fn in_new_netns<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T 
             .status()
             .expect("run ip");
         assert!(up.success());
-        f()
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let redirect = Redirect::load(&dir).expect("load");
+        f(&redirect, &rt)
     })
     .join()
     .expect("test thread")
+}
+
+/// Covers `ip` (map and route) through a netlink socket of the thread's namespace.
+fn cover(redirect: &Redirect, rt: &tokio::runtime::Runtime, ip: Ipv4Addr) {
+    rt.block_on(async {
+        let handle = crate::netns::netlink_here().unwrap();
+        redirect
+            .set_covered(&handle, &[ip].into_iter().collect())
+            .await
+            .unwrap();
+    });
 }
 
 fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
@@ -85,15 +109,20 @@ fn ethernet(ethertype: u16, payload: &[u8]) -> Vec<u8> {
 }
 
 fn ipv4_tcp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16) -> Vec<u8> {
+    ethernet(0x0800, &ipv4_tcp_flags(src, dst, sport, dport, 0x12))
+}
+
+/// An IPv4 TCP segment (no link header) with TCP `flags` (0x02 SYN, 0x12 SYN-ACK).
+fn ipv4_tcp_flags(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, flags: u8) -> Vec<u8> {
     let mut ip = vec![0x45, 0, 0, 40, 0, 1, 0x40, 0, 64, 6, 0, 0];
     ip.extend_from_slice(&src.octets());
     ip.extend_from_slice(&dst.octets());
     let mut tcp = Vec::new();
     tcp.extend_from_slice(&sport.to_be_bytes());
     tcp.extend_from_slice(&dport.to_be_bytes());
-    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, 0x12, 0xff, 0xff, 0, 0, 0, 0]);
+    tcp.extend_from_slice(&[0, 0, 0, 1, 0, 0, 0, 0, 0x50, flags, 0xff, 0xff, 0, 0, 0, 0]);
     ip.extend_from_slice(&tcp);
-    ethernet(0x0800, &ip)
+    ip
 }
 
 fn ipv6_from(src_first_word: [u8; 2]) -> Vec<u8> {
@@ -116,12 +145,18 @@ fn arp() -> Vec<u8> {
 
 /// Runs `from_pod` on `frame` as if it came in on `lo`; returns the verdict and the mark.
 fn run_from_pod(redirect: &Redirect, frame: &[u8]) -> (u32, u32) {
+    run_tc(redirect, None, frame)
+}
+
+/// Runs `from_pod` on `frame` as if it came in on `lo`, or `from_tunnel` on the device
+/// `tunnel`.
+fn run_tc(redirect: &Redirect, tunnel: Option<u32>, frame: &[u8]) -> (u32, u32) {
     // struct __sk_buff: ifindex at 40, mark at 8 (linux/bpf.h), 192 bytes.
     let mut ctx_in = [0u8; 192];
-    ctx_in[40..44].copy_from_slice(&LO.to_ne_bytes());
+    ctx_in[40..44].copy_from_slice(&tunnel.unwrap_or(LO).to_ne_bytes());
     let mut ctx_out = [0u8; 192];
     let mut data_out = vec![0u8; frame.len() + 64];
-    let result = redirect.with_from_pod(|program| {
+    let result = redirect.with_tc(tunnel.is_some(), |program| {
         program
             .test_run(TestRunOptions {
                 data_in: Some(frame),
@@ -138,42 +173,31 @@ fn run_from_pod(redirect: &Redirect, frame: &[u8]) -> (u32, u32) {
 
 #[test]
 fn redirect_bpf_test_run_from_pod_counts_passes_and_drops_spoofed() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    let pins = pin_dir("from-pod");
-    let dir = pins.0.clone();
-    in_new_netns(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let redirect = Redirect::load(&dir).expect("load");
+    with_redirect("from-pod", |redirect, rt| {
         redirect.attach_pod("lo", LO, POD).expect("attach to lo");
         let mut events = rt.block_on(async { redirect.spoof_events().unwrap().unwrap() });
 
         // The pod's own source, to an uncovered destination: passed, counted.
         let own = ipv4_tcp(POD, OTHER, 40000, 8080);
-        assert_eq!(run_from_pod(&redirect, &own), (TC_ACT_UNSPEC, 0));
+        assert_eq!(run_from_pod(redirect, &own), (TC_ACT_UNSPEC, 0));
         // ARP passes; so do IPv6 link-local and unspecified sources (neighbour discovery).
-        assert_eq!(run_from_pod(&redirect, &arp()).0, TC_ACT_UNSPEC);
+        assert_eq!(run_from_pod(redirect, &arp()).0, TC_ACT_UNSPEC);
         assert_eq!(
-            run_from_pod(&redirect, &ipv6_from([0xfe, 0x80])).0,
+            run_from_pod(redirect, &ipv6_from([0xfe, 0x80])).0,
             TC_ACT_UNSPEC
         );
         let mut unspecified = ipv6_from([0, 0]);
         unspecified[14 + 8 + 15] = 0;
-        assert_eq!(run_from_pod(&redirect, &unspecified).0, TC_ACT_UNSPEC);
+        assert_eq!(run_from_pod(redirect, &unspecified).0, TC_ACT_UNSPEC);
         let counts = redirect.counters("lo").unwrap();
         assert_eq!((counts.packets, counts.spoofed_packets), (4, 0));
 
         // A spoofed IPv4 source: dropped, counted, reported.
         let spoofed = ipv4_tcp(SPOOFED, OTHER, 40000, 8080);
-        assert_eq!(run_from_pod(&redirect, &spoofed).0, TC_ACT_SHOT);
+        assert_eq!(run_from_pod(redirect, &spoofed).0, TC_ACT_SHOT);
         // Global IPv6: Veil gives pods none, so it is spoofed too.
         assert_eq!(
-            run_from_pod(&redirect, &ipv6_from([0x20, 0x01])).0,
+            run_from_pod(redirect, &ipv6_from([0x20, 0x01])).0,
             TC_ACT_SHOT
         );
         let counts = redirect.counters("lo").unwrap();
@@ -203,18 +227,17 @@ fn redirect_bpf_test_run_from_pod_counts_passes_and_drops_spoofed() {
         );
 
         // A covered pod's TCP with no proxy socket for the tuple: passed, not marked.
-        rt.block_on(async {
-            let handle = crate::netns::netlink_here().unwrap();
-            redirect
-                .set_covered(&handle, &[POD].into_iter().collect())
-                .await
-                .unwrap();
-        });
-        assert_eq!(run_from_pod(&redirect, &own), (TC_ACT_UNSPEC, 0));
+        cover(redirect, rt, POD);
+        assert_eq!(run_from_pod(redirect, &own), (TC_ACT_UNSPEC, 0));
 
+        // Pruning keeps live interfaces and forgets the others.
+        assert_eq!(redirect.prune(&[LO].into_iter().collect()).unwrap(), 0);
+        assert!(redirect.counters("lo").is_some());
+        assert_eq!(redirect.prune(&Default::default()).unwrap(), 1);
+        assert!(redirect.counters("lo").is_none());
         // An interface without an anti-spoofing entry is left alone.
         redirect.detach_pod("lo").unwrap();
-        assert_eq!(run_from_pod(&redirect, &spoofed).0, TC_ACT_UNSPEC);
+        assert_eq!(run_from_pod(redirect, &spoofed).0, TC_ACT_UNSPEC);
     });
 }
 
@@ -281,36 +304,72 @@ fn cookie(socket: &impl AsRawFd) -> u64 {
 
 #[test]
 fn redirect_bpf_test_run_sk_lookup_assigns_covered_only_and_fails_closed() {
+    with_redirect("sk-lookup", |redirect, rt| {
+        cover(redirect, rt, POD);
+        // Uncovered: passed, nothing selected.
+        assert_eq!(run_sk_lookup(redirect, OTHER), (SK_PASS, 0));
+        // Covered with an empty sockmap: dropped (fail closed).
+        assert_eq!(run_sk_lookup(redirect, POD), (SK_DROP, 0));
+        // Covered with the proxy's listener: assigned to it.
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        redirect.set_proxy_listener(&listener).unwrap();
+        assert_eq!(run_sk_lookup(redirect, POD), (SK_PASS, cookie(&listener)));
+        assert_eq!(run_sk_lookup(redirect, OTHER), (SK_PASS, 0));
+        // The listener closes: the kernel empties the slot, covered connections fail closed.
+        drop(listener);
+        assert_eq!(run_sk_lookup(redirect, POD), (SK_DROP, 0));
+    });
+}
+
+#[test]
+fn redirect_bpf_test_run_from_pod_remembers_the_connections_covered_pods_open() {
+    with_redirect("outbound", |redirect, rt| {
+        redirect.attach_pod("lo", LO, POD).expect("attach to lo");
+        let outbound = || -> Vec<OutboundKey> {
+            let map = MapData::from_pin(redirect.pin_dir().join(OUTBOUND_MAP)).unwrap();
+            let map: BpfHashMap<_, OutboundKey, u8> =
+                BpfHashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
+            map.keys().map(|k| k.unwrap()).collect()
+        };
+        let syn = ethernet(0x0800, &ipv4_tcp_flags(POD, OTHER, 40000, 8080, 0x02));
+        // Not covered yet: nothing remembered.
+        assert_eq!(run_from_pod(redirect, &syn), (TC_ACT_UNSPEC, 0));
+        assert!(outbound().is_empty());
+        cover(redirect, rt, POD);
+        // A SYN-ACK (answering a connection to the pod) is not remembered; a SYN is.
+        assert_eq!(
+            run_from_pod(redirect, &ipv4_tcp(POD, OTHER, 8080, 40001)).0,
+            TC_ACT_UNSPEC
+        );
+        assert!(outbound().is_empty());
+        assert_eq!(run_from_pod(redirect, &syn), (TC_ACT_UNSPEC, 0));
+        assert_eq!(
+            outbound(),
+            vec![OutboundKey {
+                ipv4: veil_bpf::ipv4_key(POD),
+                port: 40000u16.to_be(),
+                reserved: 0
+            }]
+        );
+    });
+}
+
+#[test]
+fn redirect_counting_only_mode_still_loads_and_counts() {
     if let Some(why) = skip_reason() {
         eprintln!("skipped: {why}");
         return;
     }
-    let pins = pin_dir("sk-lookup");
-    let dir = pins.0.clone();
-    in_new_netns(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let redirect = Redirect::load(&dir).expect("load");
-        rt.block_on(async {
-            let handle = crate::netns::netlink_here().unwrap();
-            redirect
-                .set_covered(&handle, &[POD].into_iter().collect())
-                .await
-                .unwrap();
-        });
-        // Uncovered: passed, nothing selected.
-        assert_eq!(run_sk_lookup(&redirect, OTHER), (SK_PASS, 0));
-        // Covered with an empty sockmap: dropped (fail closed).
-        assert_eq!(run_sk_lookup(&redirect, POD), (SK_DROP, 0));
-        // Covered with the proxy's listener: assigned to it.
-        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        redirect.set_proxy_listener(&listener).unwrap();
-        assert_eq!(run_sk_lookup(&redirect, POD), (SK_PASS, cookie(&listener)));
-        assert_eq!(run_sk_lookup(&redirect, OTHER), (SK_PASS, 0));
-        // The listener closes: the kernel empties the slot, covered connections fail closed.
-        drop(listener);
-        assert_eq!(run_sk_lookup(&redirect, POD), (SK_DROP, 0));
-    });
+    // PodCounters (what the agent uses until it switches to Redirect) loads the same
+    // object without pins; with no anti-spoofing entry it only counts.
+    std::thread::spawn(|| {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
+        let counters = super::pod_counters::PodCounters::load().expect("load");
+        counters.attach("lo", LO).expect("attach to lo");
+        assert_eq!(counters.read("lo"), Some(Default::default()));
+        counters.detach("lo");
+        assert_eq!(counters.read("lo"), None);
+    })
+    .join()
+    .expect("test thread");
 }
