@@ -98,8 +98,11 @@ async fn publish_until_done(client: &kube::Client, node: &str, endpoint: k8s::Wi
     }
 }
 
-/// The MTU of the interface that holds `ip`.
-async fn underlay_mtu(handle: &rtnetlink::Handle, ip: IpAddr) -> Result<u32, StartError> {
+/// The name and MTU of the interface that holds `ip`.
+async fn underlay_link(
+    handle: &rtnetlink::Handle,
+    ip: IpAddr,
+) -> Result<(String, u32), StartError> {
     let net_err =
         |e: rtnetlink::Error| StartError::Network(format!("find underlay interface of {ip}: {e}"));
     let mut addresses = handle.address().get().execute();
@@ -126,13 +129,18 @@ async fn underlay_mtu(handle: &rtnetlink::Handle, ip: IpAddr) -> Result<u32, Sta
         .try_next()
         .await
         .map_err(net_err)?;
-    link.and_then(|l| {
-        l.attributes.iter().find_map(|a| match a {
-            LinkAttribute::Mtu(m) => Some(*m),
-            _ => None,
-        })
-    })
-    .ok_or_else(|| StartError::Network(format!("interface {index} reports no MTU")))
+    let attribute = |pick: fn(&LinkAttribute) -> Option<LinkAttribute>| {
+        link.as_ref()
+            .and_then(|l| l.attributes.iter().find_map(pick))
+    };
+    let mtu = attribute(|a| matches!(a, LinkAttribute::Mtu(_)).then(|| a.clone()));
+    let name = attribute(|a| matches!(a, LinkAttribute::IfName(_)).then(|| a.clone()));
+    match (name, mtu) {
+        (Some(LinkAttribute::IfName(name)), Some(LinkAttribute::Mtu(mtu))) => Ok((name, mtu)),
+        _ => Err(StartError::Network(format!(
+            "interface {index} reports no name or MTU"
+        ))),
+    }
 }
 
 /// Turns on IPv4 forwarding unless it is on: in a container `/proc/sys` is read-only, and
@@ -163,7 +171,7 @@ impl Agent {
         let node = k8s::wait_for_own_node(&client, &config.node_name).await;
         tracing::info!(node = node.name, pod_cidr = %node.pod_cidr, internal_ip = %node.internal_ip, "own node");
         let netlink = netns::netlink_here().map_err(|e| StartError::Network(e.to_string()))?;
-        let underlay = underlay_mtu(&netlink, node.internal_ip).await?;
+        let (underlay_name, underlay) = underlay_link(&netlink, node.internal_ip).await?;
         let pod_mtu = config.pod_mtu_for(underlay, node.internal_ip);
         enable_forwarding()?;
         let ipam = Ipam::open(node.pod_cidr, &config.state_dir.join("ipam"))?;
@@ -194,6 +202,13 @@ impl Agent {
                 (Some((wg, device.header.index)), Some(tx), Some(rx))
             }
         };
+        // Answers to the connections covered pods open themselves arrive from other nodes
+        // on this device; from_tunnel marks them so the covered table lets them through.
+        let arrival = match &wireguard {
+            Some(_) => wireguard::DEVICE_NAME,
+            None => underlay_name.as_str(),
+        };
+        redirect.attach_tunnel(arrival)?;
         // Identity starts in `run`, in the background: an unreachable issuer or a missing
         // trust bundle must not keep pods from getting their network.
         let identity = Identity::new(&config);

@@ -63,12 +63,16 @@ impl PodService {
     /// Re-attaches counters to the pods that survived an agent restart, and registers
     /// their namespaces with the attestor again.
     pub async fn restore(&self) {
+        let mut live = std::collections::BTreeSet::new();
         for (ip, allocation) in self.ipam.allocations() {
             self.reregister(&allocation);
             let ifname = podnet::host_ifname(&allocation.key);
             match podnet::link_by_name(&self.netlink, &ifname).await {
                 Ok(Some(link)) => match self.redirect.attach_pod(&ifname, link.header.index, ip) {
-                    Ok(()) => tracing::info!(%ip, ifname, "restored pod"),
+                    Ok(()) => {
+                        live.insert(link.header.index);
+                        tracing::info!(%ip, ifname, "restored pod")
+                    }
                     Err(e) => {
                         tracing::error!(%ip, ifname, error = %e, "could not re-attach counter")
                     }
@@ -85,6 +89,12 @@ impl PodService {
                 },
                 Err(e) => tracing::error!(%ip, ifname, error = %e, "look up pod veth"),
             }
+        }
+        // Entries of pods deleted while no agent ran (pinned maps outlive agents).
+        match self.redirect.prune(&live) {
+            Ok(0) => {}
+            Ok(gone) => tracing::info!(entries = gone, "pruned eBPF entries of pods gone"),
+            Err(e) => tracing::warn!(error = %e, "prune eBPF entries"),
         }
     }
 

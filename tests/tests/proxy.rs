@@ -223,6 +223,15 @@ fn proxy_enforces_l7_policy_across_nodes_same_node_and_through_services() {
     assert_eq!(peer_ip(&reply), shop.other.ip);
     assert_eq!(counted(&shop.bed.meshctl(1, &["proxy"]).unwrap()), seen);
 
+    // The covered pod's own outgoing connections are its business: they reach a pod on
+    // the other node (answers come back through WireGuard) and one on its own node.
+    let _other_echo = shop.other.serve_echo(8080).unwrap();
+    for target in [&shop.other, &shop.free] {
+        let reply = curl(&shop.api, &[&format!("http://{}:8080/out", target.ip)]);
+        assert_eq!(reply.status, 200, "api -> {}: {reply:?}", target.name);
+        assert_eq!(peer_ip(&reply), shop.api.ip);
+    }
+
     // Who was refused, by which policy: the flow records of the api's node.
     let denied = shop
         .bed
