@@ -196,6 +196,14 @@ fn e2e_chart_renders_the_agent_least_privileged_and_consistent() -> Result<()> {
         "{probe:?}"
     );
 
+    // The one privileged container only mounts the node's bpffs where none is.
+    let mount = container(pod, "initContainers", "mount-bpffs")?;
+    ensure!(mount["securityContext"]["privileged"].as_bool() == Some(true));
+    let script = strings(&mount["command"]).join(" ");
+    ensure!(
+        script.contains("mount -t bpf bpf /sys/fs/bpf") && !script.contains("rm "),
+        "mount-bpffs runs: {script}"
+    );
     let install = container(pod, "initContainers", "install-cni")?;
     let script = strings(&install["command"]).join(" ");
     ensure!(
