@@ -68,15 +68,17 @@ impl PodService {
             self.reregister(&allocation);
             let ifname = podnet::host_ifname(&allocation.key);
             match podnet::link_by_name(&self.netlink, &ifname).await {
-                Ok(Some(link)) => match self.redirect.attach_pod(&ifname, link.header.index, ip) {
-                    Ok(()) => {
-                        live.insert(link.header.index);
-                        tracing::info!(%ip, ifname, "restored pod")
+                Ok(Some(link)) => {
+                    match self.attach_redirect(&ifname, link.header.index, ip).await {
+                        Ok(()) => {
+                            live.insert(link.header.index);
+                            tracing::info!(%ip, ifname, "restored pod")
+                        }
+                        Err(e) => {
+                            tracing::error!(%ip, ifname, error = %e, "could not re-attach counter")
+                        }
                     }
-                    Err(e) => {
-                        tracing::error!(%ip, ifname, error = %e, "could not re-attach counter")
-                    }
-                },
+                }
                 // Its network is gone (the pod was deleted while no agent answered, whose
                 // DEL then found no agent; or the node rebooted): nothing uses the address.
                 Ok(None) => match self.del(&allocation.key).await {
@@ -179,13 +181,25 @@ impl PodService {
     ) -> Result<podnet::Attached, CniError> {
         let attached = podnet::add(&self.netlink, &a.key, netns, ip, self.pod_mtu).await?;
         if let Err(e) = self
-            .redirect
-            .attach_pod(&attached.host_ifname, attached.host_index, ip)
+            .attach_redirect(&attached.host_ifname, attached.host_index, ip)
+            .await
         {
             let _ = podnet::remove_link(&self.netlink, &attached.host_ifname).await;
             return Err(CniError::new(ErrorCode::IoFailure, e.to_string(), ""));
         }
         Ok(attached)
+    }
+
+    /// Attaches the eBPF program to a pod's host-side veth and lets it accept local
+    /// sources (see [`crate::redirect::accept_local`]).
+    async fn attach_redirect(
+        &self,
+        ifname: &str,
+        ifindex: u32,
+        ip: Ipv4Addr,
+    ) -> Result<(), crate::redirect::RedirectError> {
+        crate::redirect::accept_local(&self.netlink, ifindex).await?;
+        self.redirect.attach_pod(ifname, ifindex, ip)
     }
 
     /// Tells the attestor (if identity is on) that the namespace `id` is `pod`'s. A

@@ -225,6 +225,9 @@ fn load(rt: &tokio::runtime::Runtime, pin_dir: &std::path::Path) -> Result<Redir
     redirect.attach_pod("vrb", ifindex("vrb")?, POD_B)?;
     rt.block_on(async {
         let handle = mesh_agent::netns::netlink_here()?;
+        for name in ["vra", "vrb"] {
+            mesh_agent::redirect::accept_local(&handle, ifindex(name)?).await?;
+        }
         redirect.ensure_rules(&handle).await?;
         // Twice: idempotent.
         redirect.ensure_rules(&handle).await?;

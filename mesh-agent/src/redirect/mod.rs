@@ -248,18 +248,35 @@ fn attach_tc(
     Ok(())
 }
 
-/// Sets `accept_local` on a pod's host-side veth. A covered pod's address is a local
-/// route in table 120 for TCP, so the reverse-path check of the pod's own TCP packets
-/// (source = the pod) finds a local address and the kernel drops them as martians
-/// (EINVAL from `ip route get ... iif <veth> ipproto tcp`, measured here) unless the
-/// interface accepts local sources. Anti-spoofing in from_pod is what guards the source.
-fn accept_local(ifname: &str) -> Result<(), String> {
-    if ifname.contains('/') || ifname.starts_with('.') {
-        return Err(format!("bad interface name {ifname:?}"));
-    }
-    // /proc/sys/net follows the opening thread's network namespace.
-    let path = format!("/proc/sys/net/ipv4/conf/{ifname}/accept_local");
-    std::fs::write(&path, b"1").map_err(|e| format!("write {path}: {e}"))
+/// Sets `accept_local` on a pod's host-side veth (index `ifindex`); call it with
+/// [`Redirect::attach_pod`]. A covered pod's address is a local route in table 120 for
+/// TCP, so the reverse-path check of the pod's own TCP packets (source = the pod) finds a
+/// local address and the kernel drops them as martians (EINVAL from `ip route get ... iif
+/// <veth> ipproto tcp`, measured here) unless the interface accepts local sources.
+/// Anti-spoofing in from_pod is what guards the source. Through netlink (IFLA_INET_CONF),
+/// not `/proc/sys`, which is read-only in an unprivileged container.
+pub async fn accept_local(handle: &rtnetlink::Handle, ifindex: u32) -> Result<(), RedirectError> {
+    use rtnetlink::packet_route::link::{
+        AfSpecInet, AfSpecUnspec, InetDevConf, LinkAttribute, LinkMessage,
+    };
+    let mut conf = InetDevConf::default();
+    conf.accept_local = 1;
+    let mut msg = LinkMessage::default();
+    msg.header.index = ifindex;
+    msg.attributes
+        .push(LinkAttribute::AfSpecUnspec(vec![AfSpecUnspec::Inet(vec![
+            AfSpecInet::DevConfRequest(conf),
+        ])]));
+    handle
+        .link()
+        .set(msg)
+        .execute()
+        .await
+        .map_err(|e| RedirectError::Attach {
+            program: FROM_POD_PROGRAM,
+            target: format!("interface {ifindex}"),
+            message: format!("set accept_local: {e}"),
+        })
 }
 
 impl Redirect {
@@ -376,7 +393,7 @@ impl Redirect {
 
     /// Attaches `from_pod` at tc ingress of the pod's host-side veth `ifname` (index
     /// `ifindex`, in the calling thread's namespace) with the link pinned and sets the
-    /// veth's `accept_local` (see [`accept_local`]), after writing
+    /// veth's `accept_local` (call [`accept_local`] too), after writing
     /// the pod's anti-spoofing entry (`pod_ip`) and its counters (kept if they exist, so
     /// an agent restart keeps them). A link pinned by an earlier agent is updated in
     /// place to the new program (no moment without a program).
@@ -412,7 +429,6 @@ impl Redirect {
                 .insert(ifindex, zero, 0)
                 .map_err(|e| map_err(POD_COUNTERS_MAP, ifname)(format!("{e:?}")))?;
         }
-        accept_local(ifname).map_err(attach_err)?;
         let program: &mut SchedClassifier = inner
             .from_pod
             .program_mut(FROM_POD_PROGRAM)
