@@ -199,18 +199,26 @@ pub async fn ensure_pods_rule(handle: &Handle, pods: Ipv4Net) -> Result<(), PodN
             continue;
         }
         tracing::info!(from = ?src, "replacing a stale rule to the pods' table");
-        handle
-            .rule()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|source| PodNetError::Netlink {
-                op: "delete stale rule",
-                target: format!("from {src:?} lookup {PODS_TO_NODES_TABLE}"),
-                source,
-            })?;
+        delete_pods_rule(handle, src, msg).await?;
     }
     Ok(())
+}
+
+async fn delete_pods_rule(
+    handle: &Handle,
+    src: Option<Ipv4Net>,
+    msg: rtnetlink::packet_route::rule::RuleMessage,
+) -> Result<(), PodNetError> {
+    handle
+        .rule()
+        .del(msg)
+        .execute()
+        .await
+        .map_err(|source| PodNetError::Netlink {
+            op: "delete rule",
+            target: format!("from {src:?} lookup {PODS_TO_NODES_TABLE}"),
+            source,
+        })
 }
 
 async fn add_pods_rule(handle: &Handle, pods: Ipv4Net) -> Result<(), PodNetError> {
@@ -236,16 +244,7 @@ async fn add_pods_rule(handle: &Handle, pods: Ipv4Net) -> Result<(), PodNetError
 /// Removes every rule that looks up [`PODS_TO_NODES_TABLE`] (uninstall).
 pub async fn remove_pods_rules(handle: &Handle) -> Result<(), PodNetError> {
     for (src, msg) in pods_rules(handle).await? {
-        handle
-            .rule()
-            .del(msg)
-            .execute()
-            .await
-            .map_err(|source| PodNetError::Netlink {
-                op: "delete rule",
-                target: format!("from {src:?} lookup {PODS_TO_NODES_TABLE}"),
-                source,
-            })?;
+        delete_pods_rule(handle, src, msg).await?;
     }
     Ok(())
 }

@@ -243,6 +243,16 @@ impl HttpReply {
         serde_json::from_str(self.body.trim())
             .with_context(|| format!("body is not JSON: {}", self.body))
     }
+
+    /// The address in `peer` (`ip:port`) of a `veil-echo` answer: who the server saw.
+    pub fn peer_ip(&self) -> Result<Ipv4Addr> {
+        let json = self.json()?;
+        let peer = json["peer"].as_str().unwrap_or_default();
+        let (ip, _port) = peer
+            .rsplit_once(':')
+            .with_context(|| format!("peer is not ip:port: {json}"))?;
+        ip.parse().with_context(|| format!("peer {peer}: {json}"))
+    }
 }
 
 /// What `curl --write-out` prints after the body, so the status can be split off.
@@ -305,6 +315,17 @@ impl Pod {
     /// Runs `argv` inside the pod's network namespace and returns its output.
     pub fn exec(&self, argv: &[&str]) -> Result<std::process::Output> {
         self.netns.exec(argv)
+    }
+
+    /// [`Pod::curl`], retried for up to 15 s while the connection itself fails (the first
+    /// packet to a peer node may wait for its WireGuard handshake); any HTTP answer is
+    /// returned as it is.
+    pub fn curl_until_connected(&self, args: &[&str]) -> Result<HttpReply> {
+        eventually(
+            &format!("{} curl {args:?}", self.name),
+            Duration::from_secs(15),
+            || Ok(Some(self.curl(args)?)),
+        )
     }
 
     /// Runs the real `curl` in the pod with `args` (URL and options: `--http2-prior-knowledge`,

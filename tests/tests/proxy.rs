@@ -4,7 +4,6 @@
 //! namespaces, a real `veil-echo` as the server. Every test is named `proxy_*`, so
 //! `cargo test --workspace proxy` runs them with the proxy's own unit tests.
 
-use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
 
 use veil_testbed::objects::cluster_ip;
@@ -23,26 +22,6 @@ spec:
         - methods: [GET]
           path: {prefix: /public}
 "#;
-
-/// `curl args` from `client`, retried while the connection itself fails (a first
-/// WireGuard handshake); any HTTP answer is returned as it is.
-fn curl(client: &Pod, args: &[&str]) -> HttpReply {
-    eventually(
-        &format!("{} curl {args:?}", client.name),
-        Duration::from_secs(15),
-        || Ok(Some(client.curl(args)?)),
-    )
-    .unwrap()
-}
-
-/// The `peer` address `veil-echo` saw.
-fn peer_ip(reply: &HttpReply) -> Ipv4Addr {
-    let json = reply.json().unwrap();
-    let peer = json["peer"].as_str().unwrap_or_default().to_string();
-    let ip = peer.rsplit_once(':').map(|(ip, _)| ip).unwrap_or_default();
-    ip.parse()
-        .unwrap_or_else(|e| panic!("peer {peer:?}: {e}: {json}"))
-}
 
 /// Asserts a 403 from the proxy that names the policy.
 fn assert_denied(reply: &HttpReply, what: &str) {
@@ -147,7 +126,12 @@ fn proxy_enforces_l7_policy_across_nodes_same_node_and_through_services() {
         assert_eq!(reply.status, 200, "{}: {reply:?}", client.name);
         let json = reply.json().unwrap();
         assert_eq!(json["path"], "/public/items?x=1", "{json}");
-        assert_eq!(peer_ip(&reply), client.ip, "{}: {json}", client.name);
+        assert_eq!(
+            reply.peer_ip().unwrap(),
+            client.ip,
+            "{}: {json}",
+            client.name
+        );
         let reply = curl(client, &["--path-as-is", &format!("{api}/public/./a/../b")]);
         assert_eq!(reply.status, 200, "{reply:?}");
         assert_eq!(reply.json().unwrap()["path"], "/public/b");
@@ -198,7 +182,7 @@ fn proxy_enforces_l7_policy_across_nodes_same_node_and_through_services() {
     for client in [&shop.web_far, &shop.web_near] {
         let reply = curl(client, &[&format!("http://{vip}/public/svc")]);
         assert_eq!(reply.status, 200, "{} via {vip}: {reply:?}", client.name);
-        assert_eq!(peer_ip(&reply), client.ip);
+        assert_eq!(reply.peer_ip().unwrap(), client.ip);
         assert_denied(
             &curl(client, &[&format!("http://{vip}/admin")]),
             "via the Service",
@@ -220,7 +204,7 @@ fn proxy_enforces_l7_policy_across_nodes_same_node_and_through_services() {
         &[&format!("http://{}:8080/admin", shop.free.ip)],
     );
     assert_eq!(reply.status, 200, "{reply:?}");
-    assert_eq!(peer_ip(&reply), shop.other.ip);
+    assert_eq!(reply.peer_ip().unwrap(), shop.other.ip);
     assert_eq!(counted(&shop.bed.meshctl(1, &["proxy"]).unwrap()), seen);
 
     // The covered pod's own outgoing connections are its business: they reach a pod on
@@ -229,7 +213,7 @@ fn proxy_enforces_l7_policy_across_nodes_same_node_and_through_services() {
     for target in [&shop.other, &shop.free] {
         let reply = curl(&shop.api, &[&format!("http://{}:8080/out", target.ip)]);
         assert_eq!(reply.status, 200, "api -> {}: {reply:?}", target.name);
-        assert_eq!(peer_ip(&reply), shop.api.ip);
+        assert_eq!(reply.peer_ip().unwrap(), shop.api.ip);
     }
 
     // Who was refused, by which policy: the flow records of the api's node.
@@ -396,4 +380,9 @@ fn proxy_agent_restart_fails_closed_and_resumes() {
         pods_after.iter().all(|p| p.tx_packets > 0),
         "{pods_after:?}"
     );
+}
+
+/// `curl args` from `client`, once it connects (see [`Pod::curl_until_connected`]).
+fn curl(client: &Pod, args: &[&str]) -> HttpReply {
+    client.curl_until_connected(args).unwrap()
 }

@@ -21,28 +21,6 @@ fn bed_with_kube_proxy() -> TestBed {
     .unwrap()
 }
 
-/// The address in `peer` (`ip:port`) of a `veil-echo` answer.
-fn peer_ip(reply: &HttpReply) -> Ipv4Addr {
-    let json = reply.json().unwrap();
-    let peer = json["peer"].as_str().unwrap_or_default();
-    let (ip, _port) = peer
-        .rsplit_once(':')
-        .unwrap_or_else(|| panic!("peer is not ip:port: {json}"));
-    ip.parse()
-        .unwrap_or_else(|e| panic!("peer {peer}: {e}: {json}"))
-}
-
-/// `curl args` from `client`, retried for a few seconds: the first packet to a peer node
-/// may wait for its WireGuard handshake.
-fn curl(client: &Pod, args: &[&str]) -> HttpReply {
-    eventually(
-        &format!("{} curl {args:?}", client.name),
-        Duration::from_secs(15),
-        || Ok(Some(client.curl(args)?)),
-    )
-    .unwrap()
-}
-
 /// A `veil-echo` pod on node 1 behind a two-port Service; client pods on node 0
 /// (cross-node) and node 1 (same node) reach it through the ClusterIP with HTTP/1.1 on
 /// port 80 (→ the named port `http`, 8080) and h2c on port 9000 (→ 9090 by number). The
@@ -104,7 +82,7 @@ fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_ad
             "{json}"
         );
         assert_eq!(
-            peer_ip(&reply),
+            reply.peer_ip().unwrap(),
             client.ip,
             "{} reached the echo with another source address: {json}",
             client.name
@@ -115,7 +93,7 @@ fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_ad
         assert_eq!(reply.status, 200, "{reply:?}");
         let json = reply.json().unwrap();
         assert_eq!(json["version"], "HTTP/2.0", "{json}");
-        assert_eq!(peer_ip(&reply), client.ip, "{json}");
+        assert_eq!(reply.peer_ip().unwrap(), client.ip, "{json}");
     }
     // What kube-proxy does masquerade arrives from a node's address, as on any cluster:
     // node 0's own request (its source is outside `--cluster-cidr`), still only through
@@ -134,7 +112,7 @@ fn service_cluster_ip_reaches_pods_across_and_within_nodes_keeping_the_client_ad
         "{json}"
     );
     let reply = curl(&echo, &[&format!("http://{vip}/hairpin")]);
-    assert_eq!(peer_ip(&reply), n1, "{reply:?}");
+    assert_eq!(reply.peer_ip().unwrap(), n1, "{reply:?}");
 
     let seen = capture.stop().unwrap();
     assert!(
@@ -266,4 +244,9 @@ fn service_endpoints_follow_pods_as_the_bed_rewrites_them() {
     for _ in 0..10 {
         assert_eq!(answered_by(&client), "web-one");
     }
+}
+
+/// `curl args` from `client`, once it connects (see [`Pod::curl_until_connected`]).
+fn curl(client: &Pod, args: &[&str]) -> HttpReply {
+    client.curl_until_connected(args).unwrap()
 }
