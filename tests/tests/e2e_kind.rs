@@ -94,13 +94,49 @@ fn meshctl_on(kind: &Kind, node: &str, args: &[&str]) -> Result<String> {
     kind.exec(NAMESPACE, &pod, &argv)
 }
 
-/// L7 policies on the real cluster: an enforcing policy lets the client's GET /public
+/// L7 policies on the real cluster: the demo's audit policy lets a request it would
+/// refuse pass and records it; then, alone (policies add up: the audit policy's rule
+/// would allow what this one refuses), an enforcing policy lets the client's GET /public
 /// through (the echo sees the client's own address and the judged path) and refuses
 /// everything else with 403 naming it, directly and through the Service; `meshctl
-/// observe` on echo-b's node says who was refused by which policy; once it is deleted,
-/// the demo's audit policy lets a request it would refuse pass and records it.
+/// observe` on echo-b's node says who was refused by which policy.
 fn l7_enforcement(kind: &Kind, client_ip: &str, cluster_ip: &str) -> Result<()> {
     let echo_b = pod_ip(kind, "echo-b")?;
+    let node_b = kind.get_json(&["-n", "demo", "pod", "echo-b"])?["spec"]["nodeName"]
+        .as_str()
+        .context("echo-b has no node")?
+        .to_string();
+    let has_record = |out: &str, check: &dyn Fn(&serde_json::Value) -> bool| {
+        out.lines()
+            .any(|l| serde_json::from_str::<serde_json::Value>(l).is_ok_and(|r| check(&r)))
+    };
+
+    // The audit policy alone: PUT is not among its methods, so it passes and is recorded.
+    let audit_url = format!("http://{echo_b}:8080/audit");
+    client_request(
+        kind,
+        &[
+            "--method",
+            "PUT",
+            "--data",
+            "x",
+            "--expect-status",
+            "200",
+            &audit_url,
+        ],
+    )?;
+    let audited = meshctl_on(
+        kind,
+        &node_b,
+        &["observe", "--verdict", "audit-deny", "--json"],
+    )?;
+    ensure!(
+        has_record(&audited, &|r| r["policy"] == "demo/echo-readers"
+            && r["method"] == "PUT"),
+        "no audit-deny record naming demo/echo-readers: {audited}"
+    );
+    kind.kubectl(&["-n", "demo", "delete", "l7policy", "echo-readers"])?;
+
     let file = tempfile::NamedTempFile::new()?;
     std::fs::write(file.path(), ECHO_GUARD)?;
     let path = file.path().to_string_lossy().to_string();
@@ -132,7 +168,7 @@ fn l7_enforcement(kind: &Kind, client_ip: &str, cluster_ip: &str) -> Result<()> 
         answer["peer"]
     );
     for url in [
-        format!("http://{echo_b}:8080/admin"),
+        denied_url.clone(),
         format!("http://{cluster_ip}:8080/admin"),
     ] {
         client_request(
@@ -159,58 +195,25 @@ fn l7_enforcement(kind: &Kind, client_ip: &str, cluster_ip: &str) -> Result<()> 
             &format!("http://{echo_b}:8080/public"),
         ],
     )?;
-    let node_b = kind.get_json(&["-n", "demo", "pod", "echo-b"])?["spec"]["nodeName"]
-        .as_str()
-        .context("echo-b has no node")?
-        .to_string();
     let refused = meshctl_on(kind, &node_b, &["observe", "--verdict", "deny", "--json"])?;
     ensure!(
-        refused.lines().any(|l| {
-            serde_json::from_str::<serde_json::Value>(l).is_ok_and(|r| {
-                r["policy"] == "demo/echo-guard"
-                    && r["source"]["pod"] == "client"
-                    && r["destination"]["pod"] == "echo-b"
-            })
-        }),
+        has_record(&refused, &|r| r["policy"] == "demo/echo-guard"
+            && r["source"]["pod"] == "client"
+            && r["destination"]["pod"] == "echo-b"),
         "meshctl observe --verdict deny on {node_b}: {refused}"
     );
+    // No policy left: the later phases send what they like.
     kind.kubectl(&["-n", "demo", "delete", "l7policy", "echo-guard"])?;
-    // The audit policy alone: PUT is not among its methods, so it passes and is recorded.
     let deadline = Instant::now() + Duration::from_secs(30);
-    while client_request(
-        kind,
-        &[
-            "--method",
-            "PUT",
-            "--data",
-            "x",
-            "--expect-status",
-            "200",
-            &format!("http://{echo_b}:8080/audit"),
-        ],
-    )
-    .is_err()
-    {
+    while client_request(kind, &["--expect-status", "200", &denied_url]).is_err() {
         ensure!(
             Instant::now() < deadline,
             "echo-guard still enforced 30 s after deletion"
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let audited = meshctl_on(
-        kind,
-        &node_b,
-        &["observe", "--verdict", "audit-deny", "--json"],
-    )?;
-    ensure!(
-        audited.lines().any(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .is_ok_and(|r| r["policy"] == "demo/echo-readers" && r["method"] == "PUT")
-        }),
-        "no audit-deny record naming demo/echo-readers: {audited}"
-    );
     eprintln!(
-        "e2e: L7 enforcement (allow, 403 direct and via the Service, observe, audit) checked"
+        "e2e: L7 enforcement (audit, allow, 403 direct and via the Service, observe) checked"
     );
     Ok(())
 }
