@@ -260,27 +260,49 @@ fn wireguard_cryptokey_routing_drops_inner_sources_outside_the_peer_cidr() {
     })
     .unwrap();
 
-    // c claims an address from another node's range and pings a from it. Nothing on
-    // node-1 stops it yet (anti-spoofing is the redirection issue's), so this is exactly
-    // "a datagram from a valid peer whose inner source lies outside its pod CIDR".
+    // c claims an address from another node's range and pings a from it: the eBPF
+    // program on c's veth drops that at the source and counts it.
     let spoofed = "198.19.250.7";
     c.netns
         .ip(&["addr", "add", &format!("{spoofed}/32"), "dev", "eth0"])
         .unwrap();
-    let capture = Capture::start(bed.underlay(), "udp port 51871", bed.dir()).unwrap();
-    let out = c
-        .netns
-        .exec(&[
-            "ping",
-            "-c",
-            "3",
-            "-W",
-            "1",
-            "-I",
-            spoofed,
-            &a.ip.to_string(),
-        ])
+    let ping_from = |netns: &veil_testbed::net::Netns| {
+        netns
+            .exec(&[
+                "ping",
+                "-c",
+                "3",
+                "-W",
+                "1",
+                "-I",
+                spoofed,
+                &a.ip.to_string(),
+            ])
+            .unwrap()
+    };
+    let out = ping_from(&c.netns);
+    assert!(
+        !out.status.success(),
+        "a answered a spoofed source: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let c_info = bed
+        .agent_pods(1)
+        .unwrap()
+        .into_iter()
+        .find(|p| p.ip == c.ip)
         .unwrap();
+    assert!(c_info.spoofed_packets >= 3, "{c_info:?}");
+
+    // Past the source node's anti-spoofing (here: node-1 itself sends from that address,
+    // as a compromised node could), node-0's cryptokey routing still refuses it: "a
+    // datagram from a valid peer whose inner source lies outside its pod CIDR".
+    let node1 = &bed.node(1).netns;
+    node1
+        .ip(&["addr", "add", &format!("{spoofed}/32"), "dev", "lo"])
+        .unwrap();
+    let capture = Capture::start(bed.underlay(), "udp port 51871", bed.dir()).unwrap();
+    let out = ping_from(node1);
     assert!(
         !out.status.success(),
         "a answered a spoofed source: {}",
