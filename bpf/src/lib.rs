@@ -41,8 +41,6 @@ pub const SK_LOOKUP_PROGRAM: &str = "veil_sk_lookup";
 
 /// Per-CPU hash, interface index → [`PodCounters`].
 pub const POD_COUNTERS_MAP: &str = "veil_pod_counters";
-/// Former name of [`POD_COUNTERS_MAP`], kept for the counters' callers.
-pub const POD_TX_MAP: &str = POD_COUNTERS_MAP;
 /// Hash, interface index → [`VeilPod`] (anti-spoofing).
 pub const PODS_MAP: &str = "veil_pods";
 /// Hash, covered pod IPv4 ([`ipv4_key`]) → `u8` 1.

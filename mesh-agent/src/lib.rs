@@ -22,6 +22,3 @@ pub mod routes;
 pub mod server;
 pub mod state;
 pub mod wireguard;
-
-/// The per-pod counters moved into [`redirect`]; this path keeps their callers unchanged.
-pub use redirect::pod_counters;

@@ -18,8 +18,8 @@
 //! Every call that names an interface resolves it, and `load` attaches `sk_lookup`, in the
 //! *calling thread's* network namespace: call from a thread in the node's namespace.
 
+mod counts;
 pub(crate) mod events;
-pub mod pod_counters;
 pub(crate) mod routing;
 
 #[cfg(test)]
@@ -42,8 +42,8 @@ use veil_bpf::{
     SK_LOOKUP, SK_LOOKUP_PROGRAM, SPOOF_EVENTS_MAP,
 };
 
+pub use counts::Counts;
 pub use events::SpoofEvents;
-pub use pod_counters::Counts;
 pub use veil_bpf::{consts, SpoofEvent, SpoofedFamily};
 
 /// Where the agent pins its maps and links unless configured otherwise.

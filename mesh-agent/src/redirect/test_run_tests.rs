@@ -353,23 +353,3 @@ fn redirect_bpf_test_run_from_pod_remembers_the_connections_covered_pods_open() 
         );
     });
 }
-
-#[test]
-fn redirect_counting_only_mode_still_loads_and_counts() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
-    }
-    // PodCounters (what the agent uses until it switches to Redirect) loads the same
-    // object without pins; with no anti-spoofing entry it only counts.
-    std::thread::spawn(|| {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).expect("unshare netns");
-        let counters = super::pod_counters::PodCounters::load().expect("load");
-        counters.attach("lo", LO).expect("attach to lo");
-        assert_eq!(counters.read("lo"), Some(Default::default()));
-        counters.detach("lo");
-        assert_eq!(counters.read("lo"), None);
-    })
-    .join()
-    .expect("test thread");
-}
