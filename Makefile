@@ -7,7 +7,7 @@ export VEIL_CACHE
 # Test beds each run an API server, etcd and agents: two at a time fit two cores.
 TEST_THREADS ?= 2
 
-.PHONY: setup build lint test test-e2e conformance cluster cluster-down local-cluster helm-docs bench-policy bench-wireguard bench-identity crd clean-testbeds fuzz
+.PHONY: setup build lint test test-e2e conformance cluster cluster-down local-cluster helm-docs bench-policy bench-wireguard bench-proxy bench-identity crd clean-testbeds fuzz
 
 setup:
 	bash tests/scripts/setup.sh
@@ -30,8 +30,10 @@ test: setup lint build
 	$(MAKE) conformance
 	bash tests/kind/cluster.sh down
 
+# Without backtraces, the e2e test's error (what failed, with its context chain) is the
+# last thing it prints, where a CI log's tail shows it.
 test-e2e:
-	cargo test --workspace e2e_kind -- --test-threads=1 --nocapture
+	RUST_BACKTRACE=0 RUST_LIB_BACKTRACE=0 cargo test --workspace e2e_kind -- --test-threads=1 --nocapture
 
 # Veil on a kind cluster (1 control-plane, 2 workers) installed by its Helm chart, with
 # demo workloads and an L7Policy; prints the KUBECONFIG and commands to try.
@@ -72,6 +74,12 @@ clean-testbeds:
 bench-wireguard: setup
 	cargo build --release --workspace --bins
 	cargo run --release -q -p veil-testbed --bin bench-wireguard
+
+# HTTP/1.1 client pod -> server pod across nodes: direct, through Veil's proxy enforcing
+# 1000 rules, through nginx and HAProxy as plain reverse proxies; last line RESULT.
+bench-proxy: setup
+	cargo build --release --workspace --bins
+	cargo run --release -q -p veil-testbed --bin bench-proxy
 
 # Issuance throughput of the identity issuer over TLS; last line RESULT.
 bench-identity:

@@ -22,7 +22,8 @@ KUBE_BIN="$VEIL_CACHE/kubernetes-$KUBE_VERSION/bin"
 TOOLS_BIN="$VEIL_CACHE/tools/bin"
 DEB_PACKAGES=(clang llvm libbpf-dev iproute2 etcd-server containerd runc buildah iperf3
   tcpdump wrk wireguard-tools bpftool jq curl ca-certificates kmod iputils-ping procps
-  docker.io debootstrap iptables shellcheck)
+  docker.io debootstrap iptables shellcheck nginx-light haproxy
+  nghttp2-client)
 
 STARTED=$(date +%s)
 say() { printf '[setup %s +%ss] %s\n' "$(date +%H:%M:%S)" "$(($(date +%s) - STARTED))" "$*"; }
@@ -38,8 +39,17 @@ install_debian_packages() {
   fi
   say "debian packages: installing ${missing[*]}"
   export DEBIAN_FRONTEND=noninteractive
+  # nginx and HAProxy are the benchmark's reference proxies, started by it alone: their
+  # packages must not start system services (policy-rc.d 101 = "not now"), nor may others.
+  local no_start=""
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' >/usr/sbin/policy-rc.d
+    chmod 755 /usr/sbin/policy-rc.d
+    no_start=/usr/sbin/policy-rc.d
+  fi
   apt-get update -qq
   apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  if [ -n "$no_start" ]; then rm -f "$no_start"; fi
   # Debian's etcd-server and containerd packages start services through systemd, which
   # is not PID 1 here; tests start their own instances, so nothing else is needed.
 }

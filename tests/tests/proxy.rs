@@ -382,6 +382,273 @@ fn proxy_agent_restart_fails_closed_and_resumes() {
     );
 }
 
+/// A second policy on the api: gRPC's Echo call and raw TCP on port 9000 for `web` only.
+const EXTRA: &str = r#"
+apiVersion: veil.dev/v1alpha1
+kind: L7Policy
+metadata: {name: api-extra, namespace: shop}
+spec:
+  podSelector: {matchLabels: {app: api}}
+  ingress:
+    - from: [{serviceAccount: {name: web}}]
+      ports: [9000]
+    - from: [{serviceAccount: {name: web}}]
+      ports: [8080]
+      http: [{methods: [POST], path: {exact: /veil.test.Echo/Echo}}]
+"#;
+
+/// Real clients of other protocols in the pods: one h2c connection (nghttp) carrying an
+/// allowed and a denied stream; gRPC calls (tonic, in `veil-client`) allowed for `web`
+/// and PERMISSION_DENIED for `other`; raw TCP under a rule without `http` reaching the
+/// pod from `web` and closed, never delivered, from `other`.
+#[test]
+fn proxy_h2_streams_grpc_and_raw_tcp_from_real_clients() {
+    let shop = shop();
+    enforce(&shop);
+    shop.bed.apply_policy(EXTRA).unwrap();
+    let api = format!("http://{}:8080", shop.api.ip);
+
+    // Two streams on one h2c connection (nghttp fetches all its URIs over one): the
+    // allowed one answered by the pod, the denied one by the proxy.
+    let out = shop
+        .web_far
+        .exec(&[
+            "nghttp",
+            "-n",
+            "--stat",
+            &format!("{api}/public/a"),
+            &format!("{api}/admin"),
+        ])
+        .unwrap();
+    let stats = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{out:?}");
+    // `id responseEnd requestStart process code size path` rows, one per stream.
+    let mut codes: Vec<(String, String)> = stats
+        .lines()
+        .filter_map(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            (f.len() == 7 && f[0].parse::<u32>().is_ok())
+                .then(|| (f[6].to_string(), f[4].to_string()))
+        })
+        .collect();
+    codes.sort();
+    assert_eq!(
+        codes,
+        [
+            ("/admin".to_string(), "403".to_string()),
+            ("/public/a".to_string(), "200".to_string())
+        ],
+        "{stats}"
+    );
+
+    // gRPC: the rule is in the second policy, which reaches the agent within a second.
+    let client = veil_testbed::bins::veil("veil-client").unwrap();
+    let client = client.to_string_lossy();
+    let grpc = |pod: &Pod, code: &str| {
+        let out = pod
+            .exec(&[
+                &client,
+                "grpc",
+                &api,
+                "--message",
+                "hi",
+                "--expect-code",
+                code,
+            ])
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
+    };
+    eventually("gRPC allowed for web", Duration::from_secs(5), || {
+        Ok(grpc(&shop.web_far, "0").0.then_some(()))
+    })
+    .unwrap();
+    let (denied, said) = grpc(&shop.other, "7");
+    assert!(
+        denied,
+        "other's gRPC call was not PERMISSION_DENIED: {said}"
+    );
+    assert!(said.contains("shop/api-"), "{said}");
+
+    // Raw TCP on 9000: other's bytes are closed by the proxy (not HTTP, no rule for it),
+    // so the first connection the pod accepts is web's.
+    let receiver = shop.api.tcp_receive_once(9000).unwrap();
+    let port = std::net::SocketAddr::from((shop.api.ip, 9000));
+    let _ = shop
+        .other
+        .tcp_send(port, b"\x00\x01 not http from other".to_vec());
+    shop.web_far
+        .tcp_send(port, b"\x00\x01 not http from web".to_vec())
+        .unwrap();
+    let got = receiver.join().unwrap().unwrap();
+    assert_eq!(
+        got,
+        b"\x00\x01 not http from web",
+        "{}",
+        String::from_utf8_lossy(&got)
+    );
+    let flows = shop
+        .bed
+        .meshctl(1, &["observe", "--pod", "api", "--json"])
+        .unwrap();
+    let records: Vec<serde_json::Value> = flows
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let seen = |kind: &str, verdict: &str, from: &Pod| {
+        records.iter().any(|r| {
+            r["kind"] == kind
+                && r["verdict"] == verdict
+                && r["source"]["ip"] == from.ip.to_string()
+                && r["destination"]["port"] == 9000
+        })
+    };
+    assert!(seen("l4", "allow", &shop.web_far), "{flows}");
+    assert!(seen("not-http", "deny", &shop.other), "{flows}");
+}
+
+/// An HTTP/1.1 exchange on an open connection: writes `GET path`, reads one response
+/// (status line, headers, a Content-Length body); the status.
+fn get_on(stream: &mut std::net::TcpStream, path: &str) -> anyhow::Result<u16> {
+    use std::io::{Read, Write};
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: api\r\n\r\n")?;
+    let mut head = Vec::new();
+    let mut byte = [0u8];
+    while !head.ends_with(b"\r\n\r\n") {
+        anyhow::ensure!(head.len() < 16 * 1024, "response head too long");
+        anyhow::ensure!(stream.read(&mut byte)? == 1, "connection closed");
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8_lossy(&head).into_owned();
+    let status = head
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| anyhow::anyhow!("no status in {head:?}"))?;
+    let length: usize = head
+        .lines()
+        .find_map(|l| {
+            let (name, value) = l.split_once(':')?;
+            name.eq_ignore_ascii_case("content-length")
+                .then(|| value.trim().parse().ok())?
+        })
+        .ok_or_else(|| anyhow::anyhow!("no Content-Length in {head:?}"))?;
+    let mut body = vec![0u8; length];
+    stream.read_exact(&mut body)?;
+    Ok(status)
+}
+
+/// A policy edited while a client holds a keep-alive connection open: the connection's
+/// next request gets the new verdict within a second of the edit, on the same
+/// connection. Then one source opening more connections than the per-source limit, half
+/// of them sending a header line every few seconds (slowloris) and half sending nothing
+/// (half-open), does not keep the other clients from being served.
+#[test]
+fn proxy_live_policy_edit_on_keep_alive_and_floods_do_not_starve_others() {
+    use std::sync::mpsc;
+    let shop = shop();
+    enforce(&shop);
+    let dst = std::net::SocketAddr::from((shop.api.ip, 8080));
+
+    let (status_tx, status_rx) = mpsc::channel::<(std::time::Instant, u16)>();
+    let (stop_tx, stop_rx) = mpsc::channel::<()>();
+    let client = shop.web_far.netns.spawn(move || {
+        let mut stream = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(5))?;
+        stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+        let mut requests = 0u32;
+        while stop_rx.try_recv().is_err() {
+            let status = get_on(&mut stream, "/public/live")?;
+            requests += 1;
+            status_tx.send((Instant::now(), status)).ok();
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(requests)
+    });
+    let statuses: Vec<u16> = (0..3)
+        .map(|_| status_rx.recv_timeout(Duration::from_secs(10)).unwrap().1)
+        .collect();
+    assert_eq!(statuses, [200, 200, 200]);
+    let edited = Instant::now();
+    shop.bed
+        .apply_policy(&POLICY.replace("prefix: /public", "prefix: /private"))
+        .unwrap();
+    let refused_after = loop {
+        let (at, status) = status_rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("the keep-alive connection stopped answering");
+        if status == 403 {
+            break at.duration_since(edited);
+        }
+        assert_eq!(status, 200, "before the edit reached the agent");
+    };
+    stop_tx.send(()).unwrap();
+    let requests = client.join().unwrap().unwrap();
+    eprintln!(
+        "the edit refused the open connection's request {} ms after it was applied ({requests} requests on the one connection)",
+        refused_after.as_millis()
+    );
+    assert!(
+        refused_after <= Duration::from_secs(1),
+        "the edit took {refused_after:?} to reach an open connection"
+    );
+    shop.bed.apply_policy(POLICY).unwrap();
+    let url = format!("http://{}:8080/public/again", shop.api.ip);
+    eventually("the policy restored", Duration::from_secs(5), || {
+        Ok((shop.web_far.curl(&[&url])?.status == 200).then_some(()))
+    })
+    .unwrap();
+
+    // The flood: 600 connections from `other` (over the per-source limit of 512).
+    let (held_tx, held_rx) = mpsc::channel::<usize>();
+    let (release_tx, release_rx) = mpsc::channel::<()>();
+    let flood = shop.other.netns.spawn(move || {
+        use std::io::Write;
+        let mut held = Vec::new();
+        for i in 0..600 {
+            let Ok(mut s) = std::net::TcpStream::connect_timeout(&dst, Duration::from_secs(2))
+            else {
+                continue;
+            };
+            if i % 2 == 0 {
+                // Slowloris: a request line and one header, never the blank line.
+                let _ = s.write_all(b"GET /public HTTP/1.1\r\nHost: api\r\nX-Slow: 1\r\n");
+            }
+            held.push(s);
+        }
+        held_tx.send(held.len()).ok();
+        let _ = release_rx.recv_timeout(Duration::from_secs(30));
+        Ok(held.len())
+    });
+    let opened = held_rx.recv_timeout(Duration::from_secs(60)).unwrap();
+    eprintln!("flood: {opened} connections from other held open");
+    for client in [&shop.web_far, &shop.web_near] {
+        let started = Instant::now();
+        let reply = client
+            .curl(&[
+                "--max-time",
+                "3",
+                &format!("http://{}:8080/public/during-flood", shop.api.ip),
+            ])
+            .unwrap();
+        assert_eq!(reply.status, 200, "{}: {reply:?}", client.name);
+        eprintln!(
+            "{} served in {:?} during the flood",
+            client.name,
+            started.elapsed()
+        );
+    }
+    release_tx.send(()).ok();
+    flood.join().unwrap().unwrap();
+    let counters = shop.bed.meshctl(1, &["proxy"]).unwrap();
+    let counters: serde_json::Value = serde_json::from_str(&counters).unwrap();
+    assert!(
+        counters["limit_refusals"].as_u64().unwrap_or_default() > 0,
+        "the per-source limit refused nothing: {counters}"
+    );
+}
+
 /// `curl args` from `client`, once it connects (see [`Pod::curl_until_connected`]).
 fn curl(client: &Pod, args: &[&str]) -> HttpReply {
     client.curl_until_connected(args).unwrap()

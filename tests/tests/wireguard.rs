@@ -659,9 +659,12 @@ fn wireguard_multi_queue_device_pins_each_peer_to_one_queue() {
             "{}: nothing on its queue {queue}: rx {rx:?}",
             pod.name
         );
-        assert_eq!(
-            rx.iter().sum::<u64>(),
-            rx[*queue],
+        // The other peers may send a packet or two meanwhile on their own queues (a
+        // WireGuard keepalive 10 s after their last data, a late ACK of their flow): a
+        // flow decrypted on a wrong queue would put thousands there.
+        let elsewhere = rx.iter().sum::<u64>() - rx[*queue];
+        assert!(
+            elsewhere <= 4,
             "{}: decrypted outside its queue {queue}: rx {rx:?}",
             pod.name
         );
