@@ -27,6 +27,7 @@ use super::respond::{
     GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, REQUEST_ID,
 };
 use super::Shared;
+use super::upstream::H1Slot;
 use crate::flows::{Endpoint, FlowKind, FlowRecord, FlowVerdict};
 use crate::state::{CoveredPod, Dataplane};
 
@@ -40,6 +41,16 @@ pub(crate) struct ConnCtx {
     in_flight: AtomicUsize,
     /// The tunnel of an upgraded request, which outlives hyper's connection.
     tunnel: std::sync::Mutex<Option<AbortOnDrop>>,
+    /// This connection's own HTTP/1.1 upstream connection, between requests.
+    upstream_h1: H1Slot,
+}
+
+impl Drop for ConnCtx {
+    fn drop(&mut self) {
+        self.shared
+            .upstream
+            .release_h1(self.peer.ip(), self.orig_dst, &self.upstream_h1);
+    }
 }
 
 /// A spawned task that is aborted when its handle is dropped (so a connection cut at the
@@ -61,6 +72,7 @@ impl ConnCtx {
             activity: Arc::new(Activity::new()),
             in_flight: AtomicUsize::new(0),
             tunnel: std::sync::Mutex::new(None),
+            upstream_h1: std::sync::Mutex::new(None),
         }
     }
 
@@ -387,7 +399,13 @@ async fn forward(
     let send = ctx
         .shared
         .upstream
-        .send(ctx.peer.ip(), dst, h2, Request::from_parts(parts, body));
+        .send(
+            ctx.peer.ip(),
+            dst,
+            h2,
+            &ctx.upstream_h1,
+            Request::from_parts(parts, body),
+        );
     let timeout = ctx.shared.settings.request_timeout;
     let (status, grpc_status, error) = match tokio::time::timeout(timeout, send).await {
         Ok(Ok(mut resp)) => {

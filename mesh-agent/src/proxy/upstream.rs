@@ -1,6 +1,8 @@
 //! Connections to the pods: opened from the client's address (`IP_TRANSPARENT`, marked
-//! [`super::UPSTREAM_MARK`]) so the pod sees its real peer, and pooled per (client address,
-//! destination): HTTP/1.1 connections one request at a time, HTTP/2 ones shared.
+//! [`super::UPSTREAM_MARK`]) so the pod sees its real peer. An HTTP/1.1 client connection
+//! keeps its own upstream connection while it lives (its [`H1Slot`]), as the client would
+//! have had to the pod; when it ends, that connection goes to a pool per (client address,
+//! destination) for the client's next one. HTTP/2 connections are shared per key.
 
 use std::collections::HashMap;
 use std::io;
@@ -48,6 +50,10 @@ pub(crate) enum UpstreamError {
 }
 
 type Key = (IpAddr, SocketAddr);
+
+/// The HTTP/1.1 upstream connection one client connection holds between its requests,
+/// and when it was last used.
+pub(crate) type H1Slot = Mutex<Option<(http1::SendRequest<Incoming>, Instant)>>;
 
 /// Pooled connections, bounded per key and in keys.
 #[derive(Default)]
@@ -105,12 +111,14 @@ impl Upstream {
         }
     }
 
-    /// Sends `req` to `dst` on behalf of `client`, over HTTP/2 if `h2`, else HTTP/1.1.
+    /// Sends `req` to `dst` on behalf of `client`, over HTTP/2 if `h2`, else HTTP/1.1 on
+    /// the client connection's own upstream connection (`slot`) when it has a live one.
     pub(crate) async fn send(
         &self,
         client: IpAddr,
         dst: SocketAddr,
         h2: bool,
+        slot: &H1Slot,
         req: Request<Incoming>,
     ) -> Result<Response<Incoming>, UpstreamError> {
         let key = (client, dst);
@@ -133,7 +141,12 @@ impl Upstream {
             sender.ready().await.map_err(http)?;
             sender.send_request(req).await.map_err(http)
         } else {
-            let mut sender = match self.take_h1(key) {
+            let idle = self.settings.upstream_idle_timeout;
+            let own = lock(slot)
+                .take()
+                .filter(|(s, at)| !s.is_closed() && at.elapsed() < idle)
+                .map(|(s, _)| s);
+            let mut sender = match own.or_else(|| self.take_h1(key)) {
                 Some(s) => s,
                 None => {
                     let io = TokioIo::new(self.connect(client, dst).await?);
@@ -145,18 +158,20 @@ impl Upstream {
             };
             sender.ready().await.map_err(http)?;
             let resp = sender.send_request(req).await.map_err(http)?;
-            // Back in the pool at once: it is taken again only when `is_ready`, that is
-            // once this response's body has been read to its end. An upgraded connection
-            // belongs to its tunnel.
+            // Kept for the client connection's next request, which hyper reads only once
+            // this response's body has been sent (and so read from the pod). Per client
+            // connection, not shared: a shared pool hands a connection whose response is
+            // still streaming to nobody, so parallel clients would reconnect per request.
+            // An upgraded connection belongs to its tunnel.
             if resp.status() != hyper::StatusCode::SWITCHING_PROTOCOLS {
-                self.put_h1(key, sender);
+                *lock(slot) = Some((sender, Instant::now()));
             }
             Ok(resp)
         }
     }
 
     fn take_h1(&self, key: Key) -> Option<http1::SendRequest<Incoming>> {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pool = lock(&self.pool);
         let idle = self.settings.upstream_idle_timeout;
         let list = pool.h1.get_mut(&key)?;
         list.retain(|(s, at)| !s.is_closed() && at.elapsed() < idle);
@@ -170,8 +185,19 @@ impl Upstream {
         found
     }
 
+    /// Pools the upstream connection of a client connection that ended, for the same
+    /// client's next connection to the same destination.
+    pub(crate) fn release_h1(&self, client: IpAddr, dst: SocketAddr, slot: &H1Slot) {
+        let idle = self.settings.upstream_idle_timeout;
+        if let Some((sender, at)) = lock(slot).take() {
+            if !sender.is_closed() && at.elapsed() < idle {
+                self.put_h1((client, dst), sender);
+            }
+        }
+    }
+
     fn put_h1(&self, key: Key, sender: http1::SendRequest<Incoming>) {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pool = lock(&self.pool);
         pool.sweep(self.settings.upstream_idle_timeout);
         if !pool.h1.contains_key(&key) && !make_room(&mut pool, self.settings.max_upstream_keys) {
             return;
@@ -183,7 +209,7 @@ impl Upstream {
     }
 
     fn take_h2(&self, key: Key) -> Option<http2::SendRequest<Incoming>> {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pool = lock(&self.pool);
         match pool.h2.get_mut(&key) {
             Some((s, at)) if !s.is_closed() => {
                 *at = Instant::now();
@@ -198,7 +224,7 @@ impl Upstream {
     }
 
     fn put_h2(&self, key: Key, sender: http2::SendRequest<Incoming>) {
-        let mut pool = self.pool.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut pool = lock(&self.pool);
         pool.sweep(self.settings.upstream_idle_timeout);
         if pool.h2.contains_key(&key) || make_room(&mut pool, self.settings.max_upstream_keys) {
             pool.h2.insert(key, (sender, Instant::now()));
@@ -241,6 +267,11 @@ impl Upstream {
             Err(_) => Err(UpstreamError::ConnectTimeout { dst }),
         }
     }
+}
+
+/// Locks a mutex whose data stays consistent even if a holder panicked.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Frees a key slot if the pool is full by dropping keys whose connections are all closed;
