@@ -71,6 +71,9 @@ pub struct BedConfig {
     /// Services keep proving Veil's own paths with no other rules in the nodes' netfilter
     /// tables. IPv4 only: an IPv6-underlay bed gives kube-proxy an IPv6 primary family.
     pub kube_proxy: bool,
+    /// The agents' `RUST_LOG`: debug for Veil by default (the tests' logs explain their
+    /// failures); a benchmark runs them at `info`, as the chart does.
+    pub agent_log: &'static str,
 }
 
 impl Default for BedConfig {
@@ -82,6 +85,7 @@ impl Default for BedConfig {
             ipv6_underlay: false,
             cluster_pod_cidr: true,
             kube_proxy: false,
+            agent_log: "info,mesh_agent=debug",
         }
     }
 }
@@ -858,7 +862,7 @@ impl TestBed {
                     .flatten(),
             )
             .args(&node.agent_args)
-            .env("RUST_LOG", "info,mesh_agent=debug")
+            .env("RUST_LOG", self.config.agent_log)
             .env("RUST_BACKTRACE", "0");
         let agent = node.spawn_daemon("mesh-agent", "agent", cmd)?;
         let socket = node.socket();

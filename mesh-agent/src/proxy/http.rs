@@ -26,8 +26,8 @@ use super::respond::{
     ensure_request_id, is_grpc, own_response, ProxyBody, GRPC_DEADLINE_EXCEEDED,
     GRPC_INVALID_ARGUMENT, GRPC_PERMISSION_DENIED, GRPC_UNAVAILABLE, REQUEST_ID,
 };
-use super::Shared;
 use super::upstream::H1Slot;
+use super::Shared;
 use crate::flows::{Endpoint, FlowKind, FlowRecord, FlowVerdict};
 use crate::state::{CoveredPod, Dataplane};
 
@@ -396,16 +396,13 @@ async fn forward(
     } else {
         Version::HTTP_11
     };
-    let send = ctx
-        .shared
-        .upstream
-        .send(
-            ctx.peer.ip(),
-            dst,
-            h2,
-            &ctx.upstream_h1,
-            Request::from_parts(parts, body),
-        );
+    let send = ctx.shared.upstream.send(
+        ctx.peer.ip(),
+        dst,
+        h2,
+        &ctx.upstream_h1,
+        Request::from_parts(parts, body),
+    );
     let timeout = ctx.shared.settings.request_timeout;
     let (status, grpc_status, error) = match tokio::time::timeout(timeout, send).await {
         Ok(Ok(mut resp)) => {

@@ -13,6 +13,7 @@
 //! latency run (wrk with a fixed pace, about 1000 requests/s); the added latency is the
 //! path's percentile minus the direct path's. The agent's resident memory is sampled
 //! through its throughput and latency runs. The last line is the RESULT line.
+//! `VEIL_BENCH_PERF=<file>` also records the agent with `perf record -g` during its runs.
 
 use std::path::Path;
 use std::process::Command;
@@ -263,6 +264,7 @@ fn main() -> Result<()> {
     let started = Instant::now();
     let bed = TestBed::start(BedConfig {
         nodes: 2,
+        agent_log: "info",
         ..Default::default()
     })?;
     bed.create_namespace("shop", &[("team", "shop")])?;
@@ -363,7 +365,28 @@ fn main() -> Result<()> {
     let agent = bed.agent_pid(1).context("node 1 has no agent")?;
     let rss_before = rss_mib(agent);
     let sampler = RssSampler::start(agent);
-    let veil = measure(&client, &script, &direct_url)?;
+    // VEIL_BENCH_PERF=<file>: where the agent's time goes, recorded by perf while it
+    // serves the Veil runs (`perf report -i <file>` afterwards).
+    let perf = std::env::var_os("VEIL_BENCH_PERF")
+        .map(|out| {
+            Command::new("perf")
+                .args(["record", "-F", "999", "-g", "-p", &agent.to_string(), "-o"])
+                .arg(out)
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .context("start perf record (Debian's linux-perf)")
+        })
+        .transpose()?;
+    let veil = measure(&client, &script, &direct_url);
+    if let Some(mut perf) = perf {
+        // SIGINT makes perf write its file and exit.
+        let _ = Command::new("kill")
+            .args(["-INT", &perf.id().to_string()])
+            .status();
+        let _ = perf.wait();
+    }
+    let veil = veil?;
     let agent_rss = sampler.peak_mib();
     drop(sampler);
     report("veil", &veil, Some(&direct));
