@@ -10,9 +10,10 @@
 //!   workers/threads as the agent's proxy has.
 //!
 //! Each path gets a throughput run (wrk, fixed concurrency, as fast as it goes) and a
-//! latency run (wrk with a fixed pace, about 1000 requests/s); the added latency is the
-//! path's percentile minus the direct path's. The agent's resident memory is sampled
-//! through its throughput and latency runs. The last line is the RESULT line.
+//! latency run (wrk with a fixed pace, about 1000 requests/s); the paths take turns for
+//! three rounds and each is summed up by its medians. The added latency is Veil's
+//! percentile minus the direct path's. The agent's resident memory is sampled all along
+//! (its peak is reported). The last line is the RESULT line.
 //! `VEIL_BENCH_PERF=<file>` also records the agent with `perf record -g` during its runs.
 
 use std::path::Path;
@@ -28,7 +29,9 @@ use veil_testbed::{bed::Pod, eventually, process::Proc, BedConfig, TestBed, Work
 mod workload;
 
 /// Seconds per wrk run.
-const SECONDS: u32 = 10;
+const SECONDS: u32 = 5;
+/// Rounds of all four paths.
+const ROUNDS: usize = 3;
 /// Open connections of the throughput runs.
 const CONNECTIONS: u32 = 16;
 /// Connections of the paced runs, each waiting `PACE_MS` after every answer: about
@@ -246,6 +249,12 @@ fn haproxy_config(node_ip: &str, server: &str) -> String {
     )
 }
 
+/// nginx in the foreground with `conf`, its errors on stderr (the process's log).
+fn nginx_argv(conf: &Path) -> [&str; 7] {
+    let conf = conf.to_str().unwrap_or_default();
+    ["nginx", "-e", "stderr", "-g", "daemon off;", "-c", conf]
+}
+
 /// Starts `argv` in node `i`'s namespace (where the agent runs), logging to its dir.
 fn spawn_on_node(bed: &TestBed, i: usize, name: &str, argv: &[&str]) -> Result<Proc> {
     let node = bed.node(i);
@@ -295,36 +304,12 @@ fn main() -> Result<()> {
 
     let origin_conf = dir.join("origin.conf");
     std::fs::write(&origin_conf, nginx_origin(dir))?;
-    let mut origin = server.spawn(
-        "nginx-origin",
-        &[
-            "nginx",
-            "-e",
-            "stderr",
-            "-g",
-            "daemon off;",
-            "-c",
-            &origin_conf.to_string_lossy(),
-        ],
-    )?;
+    let mut origin = server.spawn("nginx-origin", &nginx_argv(&origin_conf))?;
     server.wait_listening(SERVER_PORT, Some(&mut origin))?;
 
     let proxy_conf = dir.join("proxy.conf");
     std::fs::write(&proxy_conf, nginx_proxy(dir, &node_ip, &server_ip))?;
-    let _nginx = spawn_on_node(
-        &bed,
-        1,
-        "nginx-proxy",
-        &[
-            "nginx",
-            "-e",
-            "stderr",
-            "-g",
-            "daemon off;",
-            "-c",
-            &proxy_conf.to_string_lossy(),
-        ],
-    )?;
+    let _nginx = spawn_on_node(&bed, 1, "nginx-proxy", &nginx_argv(&proxy_conf))?;
     let haproxy_cfg = dir.join("haproxy.cfg");
     std::fs::write(&haproxy_cfg, haproxy_config(&node_ip, &server_ip))?;
     let _haproxy = spawn_on_node(
@@ -336,71 +321,75 @@ fn main() -> Result<()> {
 
     let path = "/api/v1/svc507/items";
     let direct_url = format!("http://{server_ip}:{SERVER_PORT}{path}");
-    let direct = measure(&client, &script, &direct_url)?;
-    report("direct", &direct, None);
-    let nginx = measure(
-        &client,
-        &script,
-        &format!("http://{node_ip}:{NGINX_PORT}{path}"),
-    )?;
-    report("nginx", &nginx, Some(&direct));
-    let haproxy = measure(
-        &client,
-        &script,
-        &format!("http://{node_ip}:{HAPROXY_PORT}{path}"),
-    )?;
-    report("haproxy", &haproxy, Some(&direct));
-
-    let policies = apply_policies(&bed)?;
-    // Enforced: a path no rule allows is refused by the proxy on node 1.
-    let denied = format!("http://{server_ip}:{SERVER_PORT}/admin");
-    let applied = Instant::now();
-    eventually("the policies enforced", Duration::from_secs(30), || {
-        Ok((client.curl(&[&denied])?.status == 403).then_some(()))
-    })?;
-    println!(
-        "veil: {RULES} rules in {policies} policies enforced {} ms after they were applied",
-        applied.elapsed().as_millis()
-    );
+    let urls = [
+        ("direct", direct_url.clone()),
+        ("nginx", format!("http://{node_ip}:{NGINX_PORT}{path}")),
+        ("haproxy", format!("http://{node_ip}:{HAPROXY_PORT}{path}")),
+        ("veil", direct_url.clone()),
+    ];
     let agent = bed.agent_pid(1).context("node 1 has no agent")?;
     let rss_before = rss_mib(agent);
     let sampler = RssSampler::start(agent);
     // VEIL_BENCH_PERF=<file>: where the agent's time goes, recorded by perf while it
     // serves the Veil runs (`perf report -i <file>` afterwards).
-    let perf = std::env::var_os("VEIL_BENCH_PERF")
-        .map(|out| {
-            Command::new("perf")
-                .args(["record", "-F", "999", "-g", "-p", &agent.to_string(), "-o"])
-                .arg(out)
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()
-                .context("start perf record (Debian's linux-perf)")
-        })
-        .transpose()?;
-    let veil = measure(&client, &script, &direct_url);
-    if let Some(mut perf) = perf {
-        // SIGINT makes perf write its file and exit.
-        let _ = Command::new("kill")
-            .args(["-INT", &perf.id().to_string()])
-            .status();
-        let _ = perf.wait();
+    let mut perf_out = std::env::var_os("VEIL_BENCH_PERF");
+    let mut runs: Vec<Vec<PathResult>> = urls.iter().map(|_| Vec::new()).collect();
+    // The paths take turns, round after round, and each is summed up by its medians: this
+    // machine's speed drifts by tens of percent over minutes.
+    for round in 1..=ROUNDS {
+        for (i, (name, url)) in urls.iter().enumerate() {
+            if *name == "veil" {
+                enforce(&bed, &client, &server_ip)?;
+            }
+            let perf = match perf_out.take().filter(|_| *name == "veil") {
+                Some(out) => Some(
+                    Command::new("perf")
+                        .args(["record", "-F", "999", "-g", "-p", &agent.to_string(), "-o"])
+                        .arg(out)
+                        .stdout(std::process::Stdio::null())
+                        .stderr(std::process::Stdio::null())
+                        .spawn()
+                        .context("start perf record (Debian's linux-perf)")?,
+                ),
+                None => None,
+            };
+            let result = measure(&client, &script, url);
+            if let Some(mut perf) = perf {
+                // SIGINT makes perf write its file and exit.
+                let _ = Command::new("kill")
+                    .args(["-INT", &perf.id().to_string()])
+                    .status();
+                let _ = perf.wait();
+            }
+            let result = result?;
+            report(&format!("{name} #{round}"), &result);
+            runs[i].push(result);
+            if *name == "veil" {
+                delete_policies(&bed, &client, &server_ip)?;
+            }
+        }
     }
-    let veil = veil?;
     let agent_rss = sampler.peak_mib();
     drop(sampler);
-    report("veil", &veil, Some(&direct));
     let counters = bed.meshctl(1, &["proxy"])?;
     let judged: serde_json::Value = serde_json::from_str(&counters).unwrap_or_default();
     println!(
-        "veil: agent RSS {rss_before:.1} MiB before, peak {agent_rss:.1} MiB under load; proxy counters {}",
-        judged
+        "veil: agent RSS {rss_before:.1} MiB before, peak {agent_rss:.1} MiB under load; proxy counters {judged}"
     );
-
+    let [direct, nginx, haproxy, veil] = [0, 1, 2, 3].map(|i| median(&runs[i]));
+    for (name, r) in [
+        ("direct", &direct),
+        ("nginx", &nginx),
+        ("haproxy", &haproxy),
+        ("veil", &veil),
+    ] {
+        report(&format!("{name} (median)"), r);
+    }
     let added = |f: fn(&WrkRun) -> f64| f(&veil.paced) - f(&direct.paced);
     println!(
         "bench took {:.0} s; {PROXY_THREADS} proxy threads each for Veil, nginx and HAProxy; \
-         wrk -t1 -c{CONNECTIONS} for {SECONDS} s (paced: -c{PACED_CONNECTIONS}, {PACE_MS} ms between requests)",
+         wrk -t1 -c{CONNECTIONS} for {SECONDS} s (paced: -c{PACED_CONNECTIONS}, {PACE_MS} ms between requests); \
+         medians of {ROUNDS} rounds",
         started.elapsed().as_secs_f64()
     );
     println!(
@@ -417,19 +406,56 @@ fn main() -> Result<()> {
     Ok(())
 }
 
-/// One line per path: throughput, paced latency and what the path adds to direct.
-fn report(name: &str, r: &PathResult, direct: Option<&PathResult>) {
-    let added = direct
-        .map(|d| {
-            format!(
-                "; adds p50 {:.0} us, p99 {:.0} us",
-                r.paced.p50_us - d.paced.p50_us,
-                r.paced.p99_us - d.paced.p99_us
-            )
-        })
-        .unwrap_or_default();
+/// Applies the 1000 rules and waits until the proxy on node 1 refuses a path no rule
+/// allows.
+fn enforce(bed: &TestBed, client: &Pod, server_ip: &str) -> Result<()> {
+    let policies = apply_policies(bed)?;
+    let denied = format!("http://{server_ip}:{SERVER_PORT}/admin");
+    let applied = Instant::now();
+    eventually("the policies enforced", Duration::from_secs(30), || {
+        Ok((client.curl(&[&denied])?.status == 403).then_some(()))
+    })?;
     println!(
-        "{name:<8} {:>8.0} req/s at c={CONNECTIONS} (p50 {:.0} us, p99 {:.0} us); paced {:.0} req/s: p50 {:.0} us, p99 {:.0} us{added}",
+        "veil: {RULES} rules in {policies} policies enforced {} ms after they were applied",
+        applied.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+/// Deletes the bench's policies and waits until the server is reached directly again.
+fn delete_policies(bed: &TestBed, client: &Pod, server_ip: &str) -> Result<()> {
+    let api = kube::Api::<veil_l7_policy::L7Policy>::namespaced(bed.client.clone(), "shop");
+    for i in 0..RULES.div_ceil(100) {
+        bed.block_on(api.delete(&format!("bench-{i:02}"), &Default::default()))?;
+    }
+    let url = format!("http://{server_ip}:{SERVER_PORT}/admin");
+    eventually("the policies gone", Duration::from_secs(30), || {
+        Ok((client.curl(&[&url])?.status == 200).then_some(()))
+    })
+}
+
+/// Per metric, the median over runs.
+fn median(runs: &[PathResult]) -> PathResult {
+    let pick = |f: &dyn Fn(&PathResult) -> f64| {
+        let mut v: Vec<f64> = runs.iter().map(f).collect();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied().unwrap_or_default()
+    };
+    let run = |f: &dyn Fn(&PathResult) -> &WrkRun| WrkRun {
+        rps: pick(&|r| f(r).rps),
+        p50_us: pick(&|r| f(r).p50_us),
+        p99_us: pick(&|r| f(r).p99_us),
+    };
+    PathResult {
+        throughput: run(&|r| &r.throughput),
+        paced: run(&|r| &r.paced),
+    }
+}
+
+/// One line per run: throughput, and latency at about 1000 requests/s.
+fn report(name: &str, r: &PathResult) {
+    println!(
+        "{name:<18} {:>8.0} req/s at c={CONNECTIONS} (p50 {:.0} us, p99 {:.0} us); paced {:.0} req/s: p50 {:.0} us, p99 {:.0} us",
         r.throughput.rps,
         r.throughput.p50_us,
         r.throughput.p99_us,
