@@ -141,11 +141,7 @@ impl Upstream {
             sender.ready().await.map_err(http)?;
             sender.send_request(req).await.map_err(http)
         } else {
-            let idle = self.settings.upstream_idle_timeout;
-            let own = lock(slot)
-                .take()
-                .filter(|(s, at)| !s.is_closed() && at.elapsed() < idle)
-                .map(|(s, _)| s);
+            let own = take_live(slot, self.settings.upstream_idle_timeout);
             let mut sender = match own.or_else(|| self.take_h1(key)) {
                 Some(s) => s,
                 None => {
@@ -188,11 +184,8 @@ impl Upstream {
     /// Pools the upstream connection of a client connection that ended, for the same
     /// client's next connection to the same destination.
     pub(crate) fn release_h1(&self, client: IpAddr, dst: SocketAddr, slot: &H1Slot) {
-        let idle = self.settings.upstream_idle_timeout;
-        if let Some((sender, at)) = lock(slot).take() {
-            if !sender.is_closed() && at.elapsed() < idle {
-                self.put_h1((client, dst), sender);
-            }
+        if let Some(sender) = take_live(slot, self.settings.upstream_idle_timeout) {
+            self.put_h1((client, dst), sender);
         }
     }
 
@@ -267,6 +260,14 @@ impl Upstream {
             Err(_) => Err(UpstreamError::ConnectTimeout { dst }),
         }
     }
+}
+
+/// Empties `slot`; its connection if still open and used within `idle`.
+fn take_live(slot: &H1Slot, idle: std::time::Duration) -> Option<http1::SendRequest<Incoming>> {
+    lock(slot)
+        .take()
+        .filter(|(s, at)| !s.is_closed() && at.elapsed() < idle)
+        .map(|(s, _)| s)
 }
 
 /// Locks a mutex whose data stays consistent even if a holder panicked.

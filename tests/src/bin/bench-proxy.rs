@@ -257,15 +257,9 @@ fn nginx_argv(conf: &Path) -> [&str; 7] {
 
 /// Starts `argv` in node `i`'s namespace (where the agent runs), logging to its dir.
 fn spawn_on_node(bed: &TestBed, i: usize, name: &str, argv: &[&str]) -> Result<Proc> {
-    let node = bed.node(i);
     let mut cmd = Command::new(argv[0]);
     cmd.args(&argv[1..]);
-    Proc::spawn(
-        name,
-        cmd,
-        &node.dir.join(format!("{name}.log")),
-        Some(&node.netns.path()),
-    )
+    bed.node(i).spawn_daemon(name, name, cmd)
 }
 
 fn main() -> Result<()> {
