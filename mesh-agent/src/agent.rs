@@ -251,6 +251,7 @@ impl Agent {
                             client.clone(),
                             lease,
                             state.policies.clone(),
+                            state.policies_listed.clone(),
                         ))
                     })
             });

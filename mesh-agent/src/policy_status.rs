@@ -63,7 +63,12 @@ fn status_is_current(policy: &L7Policy) -> bool {
 
 /// Runs until the task stops: every round, takes or renews the Lease and, while holding
 /// it, writes the status of every policy whose status lags.
-pub async fn run(client: kube::Client, lease: StatusLease, policies: Store<L7Policy>) {
+pub async fn run(
+    client: kube::Client,
+    lease: StatusLease,
+    policies: Store<L7Policy>,
+    mut listed: crate::state::Listed,
+) {
     let leadership = LeaseLeadership {
         client: client.clone(),
         namespace: lease.namespace,
@@ -71,7 +76,7 @@ pub async fn run(client: kube::Client, lease: StatusLease, policies: Store<L7Pol
         holder: lease.holder,
         duration: LEASE_DURATION,
     };
-    if policies.wait_until_ready().await.is_err() {
+    if !crate::state::wait_listed(&mut listed).await {
         return;
     }
     let mut round = tokio::time::interval(ROUND);

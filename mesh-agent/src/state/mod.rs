@@ -51,6 +51,8 @@ pub struct State {
     pub nodes: watch::Receiver<Option<Vec<Candidate>>>,
     /// Every L7Policy as last seen (for the status writer).
     pub policies: Store<L7Policy>,
+    /// Whether `policies` holds a first complete list.
+    pub policies_listed: Listed,
     /// The Pods scheduled on this node, from the first complete list on (`None` until
     /// then), for the identity side (one SVID each).
     pub local_pods: watch::Receiver<Option<LocalPods>>,
@@ -58,6 +60,19 @@ pub struct State {
 
 /// The Pods on this node.
 pub type LocalPods = Arc<Vec<Arc<Pod>>>;
+
+/// Whether a kind's store holds a first complete list, for any number of waiters. Not
+/// kube-runtime's `Store::wait_until_ready`: it polls one futures oneshot receiver, which
+/// keeps a single waker, so of two tasks waiting on one store at once the one that polled
+/// first may never wake (a policy status writer once waited forever beside the snapshot
+/// builder).
+pub type Listed = watch::Receiver<bool>;
+
+/// Waits until `listed` says the first complete list is in; false when its reflector is
+/// gone first.
+pub async fn wait_listed(listed: &mut Listed) -> bool {
+    listed.wait_for(|done| *done).await.is_ok()
+}
 
 /// The sending ends of [`State`].
 struct Senders {
@@ -103,12 +118,14 @@ fn strip_node(node: &mut Node) {
     }
 }
 
-/// Runs one reflector until the task stops, waking `changed` on every event.
+/// Runs one reflector until the task stops, waking `changed` on every event and telling
+/// `listed` once the store holds its first complete list.
 async fn reflect<K>(
     api: Api<K>,
     writer: reflector::store::Writer<K>,
     strip: fn(&mut K),
     changed: Arc<Notify>,
+    listed: watch::Sender<bool>,
     kind: &'static str,
 ) where
     K: Resource + Clone + DeserializeOwned + Debug + Send + Sync + 'static,
@@ -126,7 +143,14 @@ async fn reflect<K>(
             Err(e) => {
                 tracing::warn!(kind, error = %e, "watch interrupted; keeping the last known state")
             }
-            Ok(_) => changed.notify_one(),
+            Ok(event) => {
+                // The writer has applied the event when the stream yields it, so at the
+                // first `InitDone` the store holds the complete list.
+                if matches!(event, watcher::Event::InitDone) {
+                    listed.send_if_modified(|done| !std::mem::replace(done, true));
+                }
+                changed.notify_one();
+            }
         }
     }
 }
@@ -143,11 +167,13 @@ pub fn start(
     let (dataplane_tx, dataplane) = watch::channel(Arc::new(Dataplane::default()));
     let (nodes_tx, nodes) = watch::channel(None);
     let (policies, policies_w) = reflector::store::<L7Policy>();
+    let (policies_listed_tx, policies_listed) = watch::channel(false);
     let (local_pods_tx, local_pods) = watch::channel(None);
     let state = State {
         dataplane,
         nodes,
         policies: policies.clone(),
+        policies_listed: policies_listed.clone(),
         local_pods,
     };
     let senders = Senders {
@@ -155,77 +181,117 @@ pub fn start(
         nodes: nodes_tx,
         local_pods: local_pods_tx,
     };
-    let run = run(client, config, senders, (policies, policies_w));
+    let policies = Reflected {
+        store: policies,
+        writer: policies_w,
+        listed: (policies_listed_tx, policies_listed),
+    };
+    let run = run(client, config, senders, policies);
     (state, run)
 }
 
-async fn run(
-    client: Client,
-    config: StateConfig,
-    senders: Senders,
-    (policies, policies_w): (Store<L7Policy>, reflector::store::Writer<L7Policy>),
-) {
-    let (pods, pods_w) = reflector::store::<Pod>();
-    let (namespaces, namespaces_w) = reflector::store::<Namespace>();
-    let (nodes, nodes_w) = reflector::store::<Node>();
+/// A kind's store, its writer, and its [`Listed`] flag.
+struct Reflected<K: Resource + Clone + 'static>
+where
+    K::DynamicType: Eq + Hash + Clone,
+{
+    store: Store<K>,
+    writer: reflector::store::Writer<K>,
+    listed: (watch::Sender<bool>, Listed),
+}
+
+impl<K: Resource + Clone + 'static> Reflected<K>
+where
+    K::DynamicType: Default + Eq + Hash + Clone,
+{
+    fn new() -> Self {
+        let (store, writer) = reflector::store::<K>();
+        Reflected {
+            store,
+            writer,
+            listed: watch::channel(false),
+        }
+    }
+}
+
+async fn run(client: Client, config: StateConfig, senders: Senders, policies: Reflected<L7Policy>) {
+    let pods = Reflected::<Pod>::new();
+    let namespaces = Reflected::<Namespace>::new();
+    let nodes = Reflected::<Node>::new();
+    let stores = Stores {
+        pods: (pods.store.clone(), pods.listed.1.clone()),
+        namespaces: (namespaces.store.clone(), namespaces.listed.1.clone()),
+        policies: (policies.store.clone(), policies.listed.1.clone()),
+        nodes: (nodes.store.clone(), nodes.listed.1.clone()),
+    };
     let changed = Arc::new(Notify::new());
     let node_changed = Arc::new(Notify::new());
     let watches = futures::future::join5(
         reflect(
             Api::all(client.clone()),
-            pods_w,
+            pods.writer,
             strip_pod,
             changed.clone(),
+            pods.listed.0,
             "Pod",
         ),
         reflect(
             Api::all(client.clone()),
-            namespaces_w,
+            namespaces.writer,
             strip_meta::<Namespace>,
             changed.clone(),
+            namespaces.listed.0,
             "Namespace",
         ),
         reflect(
             Api::all(client.clone()),
-            policies_w,
+            policies.writer,
             strip_meta::<L7Policy>,
             changed.clone(),
+            policies.listed.0,
             "L7Policy",
         ),
         reflect(
             Api::all(client),
-            nodes_w,
+            nodes.writer,
             strip_node,
             node_changed.clone(),
+            nodes.listed.0,
             "Node",
         ),
         async {
             tokio::join!(
-                publish_nodes(&nodes, &node_changed, &changed, &senders.nodes),
-                publish_dataplane(
-                    &config,
-                    &pods,
-                    &namespaces,
-                    &policies,
-                    &nodes,
+                publish_nodes(
+                    stores.nodes.clone(),
+                    &node_changed,
                     &changed,
-                    &senders,
+                    &senders.nodes
                 ),
+                publish_dataplane(&config, stores.clone(), &changed, &senders),
             );
         },
     );
     watches.await;
 }
 
+/// Every kind's store with its [`Listed`] flag, for the snapshot builders.
+#[derive(Clone)]
+struct Stores {
+    pods: (Store<Pod>, Listed),
+    namespaces: (Store<Namespace>, Listed),
+    policies: (Store<L7Policy>, Listed),
+    nodes: (Store<Node>, Listed),
+}
+
 /// Publishes the Node list for the peer set on every Node event, from the first complete
 /// list on, and wakes the data plane builder (it reads the node's addresses).
 async fn publish_nodes(
-    nodes: &Store<Node>,
+    (nodes, mut listed): (Store<Node>, Listed),
     node_changed: &Notify,
     changed: &Notify,
     tx: &watch::Sender<Option<Vec<Candidate>>>,
 ) {
-    if nodes.wait_until_ready().await.is_err() {
+    if !wait_listed(&mut listed).await {
         return;
     }
     loop {
@@ -247,23 +313,26 @@ async fn publish_nodes(
 /// been listed.
 async fn publish_dataplane(
     config: &StateConfig,
-    pods: &Store<Pod>,
-    namespaces: &Store<Namespace>,
-    policies: &Store<L7Policy>,
-    nodes: &Store<Node>,
+    mut stores: Stores,
     changed: &Notify,
     senders: &Senders,
 ) {
-    for store_ready in [
-        pods.wait_until_ready().await,
-        namespaces.wait_until_ready().await,
-        policies.wait_until_ready().await,
-        nodes.wait_until_ready().await,
+    for listed in [
+        &mut stores.pods.1,
+        &mut stores.namespaces.1,
+        &mut stores.policies.1,
+        &mut stores.nodes.1,
     ] {
-        if store_ready.is_err() {
+        if !wait_listed(listed).await {
             return;
         }
     }
+    let Stores {
+        pods: (pods, _),
+        namespaces: (namespaces, _),
+        policies: (policies, _),
+        nodes: (nodes, _),
+    } = stores;
     let mut builder = build::Builder::new(&config.node_name, &config.trust_domain, config.settings);
     loop {
         let pods = pods.state();
@@ -300,5 +369,35 @@ async fn publish_dataplane(
         });
         changed.notified().await;
         tokio::time::sleep(COALESCE).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every waiter wakes when a kind is listed, however many wait at once: the status
+    /// writer and the snapshot builder wait on the same kind.
+    #[tokio::test]
+    async fn listed_wakes_every_concurrent_waiter() {
+        let (tx, rx) = watch::channel(false);
+        let waiters: Vec<_> = (0..3)
+            .map(|_| {
+                let mut rx = rx.clone();
+                tokio::spawn(async move { wait_listed(&mut rx).await })
+            })
+            .collect();
+        tokio::task::yield_now().await;
+        tx.send_replace(true);
+        for waiter in waiters {
+            let woke = tokio::time::timeout(Duration::from_secs(5), waiter).await;
+            assert!(matches!(woke, Ok(Ok(true))), "{woke:?}");
+        }
+        let (tx, mut rx) = watch::channel(false);
+        drop(tx);
+        assert!(
+            !wait_listed(&mut rx).await,
+            "a gone reflector is not a list"
+        );
     }
 }
