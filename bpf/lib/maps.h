@@ -46,14 +46,24 @@ struct {
 	__type(value, __u8);
 } veil_outbound SEC(".maps");
 
-/* Slot VEIL_PROXY_SOCK_SLOT: the proxy's listening socket. */
+/* Slot i: the listening socket of the proxy's worker thread i. A layout change takes a
+ * new name (this map was veil_proxy_sock, one slot): a pinned map is reopened by name
+ * whatever its layout, so the agent removes retired names' pins instead. */
 struct {
 	__uint(type, BPF_MAP_TYPE_SOCKMAP);
-	__uint(max_entries, 1);
+	__uint(max_entries, VEIL_MAX_PROXY_WORKERS);
 	__type(key, __u32);
 	/* A socket descriptor on update: 4 bytes, as aya's SockMap insists. */
 	__type(value, __u32);
-} veil_proxy_sock SEC(".maps");
+} veil_proxy_socks SEC(".maps");
+
+/* Slot 0: how many slots of veil_proxy_socks hold the proxy's workers (0: no proxy). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u32);
+} veil_proxy_workers SEC(".maps");
 
 /* struct veil_spoof_event records for the agent's flow log. */
 struct {

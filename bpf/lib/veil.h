@@ -33,8 +33,8 @@
 /* ipproto tcp lookup VEIL_COVERED_TABLE. */
 #define VEIL_COVERED_RULE_PRIORITY 0x72
 
-/* The only slot of veil_proxy_sock. */
-#define VEIL_PROXY_SOCK_SLOT 0
+/* Slots of veil_proxy_socks: the proxy runs at most this many worker threads. */
+#define VEIL_MAX_PROXY_WORKERS 64
 
 /* veil_spoof_event.family */
 #define VEIL_FAMILY_IPV4 4

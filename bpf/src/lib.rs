@@ -47,19 +47,27 @@ pub const PODS_MAP: &str = "veil_pods";
 pub const COVERED_MAP: &str = "veil_covered";
 /// LRU hash, [`OutboundKey`] → `u8` 1: connections covered pods opened themselves.
 pub const OUTBOUND_MAP: &str = "veil_outbound";
-/// Sockmap, slot [`consts::PROXY_SOCK_SLOT`] → the proxy's listening socket.
-pub const PROXY_SOCK_MAP: &str = "veil_proxy_sock";
+/// Sockmap, slot `i` < [`consts::MAX_PROXY_WORKERS`] → the listening socket of the
+/// proxy's worker `i`.
+pub const PROXY_SOCKS_MAP: &str = "veil_proxy_socks";
+/// Array, slot 0 → `u32`: how many slots of [`PROXY_SOCKS_MAP`] the proxy fills.
+pub const PROXY_WORKERS_MAP: &str = "veil_proxy_workers";
 /// Ring buffer of [`SpoofEvent`]s.
 pub const SPOOF_EVENTS_MAP: &str = "veil_spoof_events";
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 6] = [
+pub const ALL_MAPS: [&str; 7] = [
     PODS_MAP,
     POD_COUNTERS_MAP,
     COVERED_MAP,
     OUTBOUND_MAP,
-    PROXY_SOCK_MAP,
+    PROXY_SOCKS_MAP,
+    PROXY_WORKERS_MAP,
     SPOOF_EVENTS_MAP,
 ];
+/// Maps of earlier releases whose layout changed under a new name: a pinned map is
+/// reopened by name whatever its layout, so a changed map is renamed and the agent
+/// removes these pins (`veil_proxy_sock`: the one-slot sockmap before worker threads).
+pub const RETIRED_MAPS: [&str; 1] = ["veil_proxy_sock"];
 
 /// An IPv4 address as the maps hold it: network byte order in a native `u32`.
 pub fn ipv4_key(ip: Ipv4Addr) -> u32 {

@@ -289,13 +289,14 @@ impl Agent {
                 std::net::Ipv4Addr::UNSPECIFIED,
                 config.policy.proxy_port,
             )),
+            workers: config.policy.proxy_threads,
             settings: crate::proxy::ProxySettings::default(),
             dataplane: dataplane.clone(),
             flows: flows.clone(),
         })?;
         // From here on, covered connections reach this proxy (they were refused since the
         // previous agent's listener closed).
-        redirect.set_proxy_listener(&proxy.listener_fd())?;
+        redirect.set_proxy_listeners(&proxy.listener_fds())?;
         let listener = bind(&config.cni.cni_socket)?;
         let admin = bind(&config.admin_socket)?;
         tracing::info!(socket = %config.cni.cni_socket.display(), pod_mtu, "serving CNI");
@@ -362,13 +363,10 @@ impl Agent {
         };
         let proxy_handle = proxy.handle();
         let (stop_proxy, proxy_stopped) = tokio::sync::oneshot::channel::<()>();
-        let proxy_threads = self.config.policy.proxy_threads;
-        // Its own runtime on its own threads: the control plane cannot starve requests.
+        // Its own threads: the control plane cannot starve requests.
         let proxy = tokio::task::spawn_blocking(move || {
-            let outcome = crate::proxy::spawn_runtime(proxy_threads).and_then(|runtime| {
-                runtime.block_on(proxy.run(async {
-                    let _ = proxy_stopped.await;
-                }))
+            let outcome = proxy.run_workers(async {
+                let _ = proxy_stopped.await;
             });
             if let Err(e) = outcome {
                 tracing::error!(error = %e, "proxy stopped");

@@ -183,7 +183,7 @@ pub struct PolicyConfig {
     /// agent, so a restart neither detaches the programs nor forgets covered pods).
     #[arg(long, env = "VEIL_BPF_PIN_DIR", default_value = crate::redirect::DEFAULT_PIN_DIR)]
     pub bpf_pin_dir: PathBuf,
-    /// Worker threads of the proxy's own runtime.
+    /// Worker threads of the proxy, each with its own listening socket and runtime.
     #[arg(long, env = "VEIL_PROXY_THREADS", default_value_t = crate::proxy::DEFAULT_THREADS)]
     pub proxy_threads: usize,
 }

@@ -277,7 +277,7 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
             .build()?;
         let redirect = load(&rt, &pin_dir)?;
         let listener = proxy_listener()?;
-        redirect.set_proxy_listener(&listener)?;
+        redirect.set_proxy_listeners(std::slice::from_ref(&listener))?;
         let events = rt
             .block_on(async { redirect.spoof_events() })
             .context("events")??;
@@ -425,7 +425,7 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
             .redirect
             .as_ref()
             .context("redirect")?
-            .clear_proxy_listener()?)
+            .clear_proxy_listeners()?)
     }))?;
     let closed = in_pod(&bed.a, || {
         let to = SocketAddr::from((POD_B, 8080));
@@ -439,7 +439,9 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
     // listener back in the map, the maps being pinned), then a new Redirect takes over.
     on_node(Box::new(|side| {
         let redirect = side.redirect.take().context("redirect")?;
-        redirect.set_proxy_listener(side.listener.as_ref().context("listener")?)?;
+        redirect.set_proxy_listeners(std::slice::from_ref(
+            side.listener.as_ref().context("listener")?,
+        ))?;
         drop(redirect);
         Ok(())
     }))?;
@@ -628,7 +630,7 @@ fn redirect_netns_answers_from_the_tunnel_reach_a_covered_client() -> Result<()>
         veil_testbed::net::ip(&["route", "add", "198.18.252.0/24", "dev", "vrt"])?;
         let redirect = load(&rt, &dir)?;
         let listener = proxy_listener()?;
-        redirect.set_proxy_listener(&listener)?;
+        redirect.set_proxy_listeners(std::slice::from_ref(&listener))?;
         let mut attached = false;
         ready_tx.send(()).ok();
         // One round per client connection: answer its SYN through the TUN.

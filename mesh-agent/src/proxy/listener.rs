@@ -1,6 +1,7 @@
-//! The proxy's one listening socket: TCP, `IP_TRANSPARENT`, so that the eBPF `sk_lookup`
-//! program can hand it connections to any pod address and the accepted sockets keep the
-//! original destination as their local address.
+//! The proxy's listening sockets: TCP, `IP_TRANSPARENT`, so that the eBPF `sk_lookup`
+//! program can hand them connections to any pod address and the accepted sockets keep the
+//! original destination as their local address. One per worker thread, each in its own slot
+//! of the sockmap `sk_lookup` picks from; no `SO_REUSEPORT` (see `bpf/sk_lookup.c`).
 
 use std::net::SocketAddr;
 
@@ -12,7 +13,7 @@ use super::ProxyError;
 /// (4096 since Linux 5.4), so bursts of new connections are not dropped at SYN time.
 pub(crate) const LISTEN_BACKLOG: i32 = 4096;
 
-/// Binds the transparent listener on `addr`.
+/// Binds one transparent listener on `addr`.
 pub(crate) fn bind_transparent(addr: SocketAddr) -> Result<std::net::TcpListener, ProxyError> {
     let err = |op: &'static str| move |source| ProxyError::Listener { addr, op, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))

@@ -8,10 +8,17 @@
 //! pod from the client's own address (`upstream.rs`) or answered 403. Every verdict is a
 //! [`FlowRecord`](crate::flows::FlowRecord) in [`Flows`].
 //!
-//! Lifecycle: [`spawn_runtime`] (the proxy's own threads), [`Proxy::bind`] → [`Bound`]
-//! (read the port and the listener fd for the BPF sockmap), [`Bound::run`] with a shutdown
-//! future: on shutdown it stops accepting, lets in-flight requests finish until
-//! [`ProxySettings::drain_timeout`], then cuts what is left.
+//! Threads: one worker per listening socket, each a current-thread runtime on its own OS
+//! thread; `sk_lookup` spreads connections over the listeners, so a connection (its
+//! requests, its h2 streams, its upstream connection) lives on one thread and never wakes
+//! another. `make bench-proxy` measured the multi-threaded runtime this replaced: every
+//! spawned task unparked a sibling worker, and switching threads cost more than the policy.
+//!
+//! Lifecycle: [`Proxy::bind`] → [`Bound`] (read the port and the listener fds for the BPF
+//! sockmap), [`Bound::run_workers`] (the proxy's own threads) or [`Bound::run`] (the
+//! caller's runtime) with a shutdown future: on shutdown every worker stops accepting, lets
+//! in-flight requests finish until [`ProxySettings::drain_timeout`], then cuts what is
+//! left.
 
 mod conn;
 mod http;
@@ -26,7 +33,7 @@ mod upstream;
 
 use std::future::Future;
 use std::net::{Ipv4Addr, SocketAddr};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::{AsFd, BorrowedFd};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
@@ -55,10 +62,10 @@ pub const PORT_SETTING: &str = "proxy_port";
 /// listener only receives what `sk_lookup` assigns it, so it never collides with a pod).
 pub const DEFAULT_PORT: u16 = 15001;
 
-/// Setting: worker threads of the proxy's runtime.
+/// Setting: worker threads of the proxy (one listening socket each).
 pub const THREADS_SETTING: &str = "proxy_threads";
-/// 2: the proxy spends most time waiting on sockets; two threads keep one slow handler
-/// from stalling the rest while leaving the node's CPUs to its pods.
+/// 2: the proxy spends most time waiting on sockets; two workers keep one slow handler
+/// from stalling every connection while leaving the node's CPUs to its pods.
 pub const DEFAULT_THREADS: usize = 2;
 
 /// Why the proxy could not start.
@@ -75,16 +82,23 @@ pub enum ProxyError {
         /// The error.
         source: std::io::Error,
     },
-    /// The proxy's runtime could not be built.
+    /// A worker's thread or runtime could not be started.
     #[error("proxy runtime: {0}")]
     Runtime(std::io::Error),
+    /// A worker thread panicked.
+    #[error("proxy worker {0} panicked")]
+    WorkerPanicked(usize),
 }
 
 /// What the proxy needs.
 #[derive(Debug)]
 pub struct ProxyConfig {
-    /// Where to listen: `0.0.0.0:<port>` in the agent, `127.0.0.1:0` in tests.
+    /// Where to listen: `0.0.0.0:<port>` in the agent, `127.0.0.1:0` in tests. Worker 0
+    /// listens there; the others on the same address with a port of the kernel's choice
+    /// (`sk_lookup` reaches them through the sockmap, never by port).
     pub addr: SocketAddr,
+    /// Worker threads, one listening socket each (at least 1).
+    pub workers: usize,
     /// Limits and timeouts.
     pub settings: ProxySettings,
     /// The data plane snapshots (pods, identities, matchers).
@@ -98,6 +112,7 @@ impl ProxyConfig {
     pub fn new(dataplane: DataplaneRx, flows: Flows) -> ProxyConfig {
         ProxyConfig {
             addr: SocketAddr::from((Ipv4Addr::UNSPECIFIED, DEFAULT_PORT)),
+            workers: DEFAULT_THREADS,
             settings: ProxySettings::default(),
             dataplane,
             flows,
@@ -162,21 +177,23 @@ pub(crate) struct Shared {
 pub struct Proxy;
 
 impl Proxy {
-    /// Binds the transparent listener (needs CAP_NET_ADMIN for `IP_TRANSPARENT`). Needs no
-    /// runtime; the returned [`Bound`] is run on the proxy's runtime.
+    /// Binds the transparent listeners (needs CAP_NET_ADMIN for `IP_TRANSPARENT`). Needs
+    /// no runtime.
     pub fn bind(config: ProxyConfig) -> Result<Bound, ProxyError> {
-        let listener = listener::bind_transparent(config.addr)?;
-        let addr = listener
-            .local_addr()
-            .map_err(|source| ProxyError::Listener {
-                addr: config.addr,
-                op: "getsockname",
-                source,
-            })?;
-        info!(addr = %addr, "proxy listening");
+        let first = listener::bind_transparent(config.addr)?;
+        let addr = first.local_addr().map_err(|source| ProxyError::Listener {
+            addr: config.addr,
+            op: "getsockname",
+            source,
+        })?;
+        let mut listeners = vec![first];
+        for _ in 1..config.workers.max(1) {
+            listeners.push(listener::bind_transparent(SocketAddr::new(addr.ip(), 0))?);
+        }
+        info!(addr = %addr, workers = listeners.len(), "proxy listening");
         Ok(Bound {
             addr,
-            listener,
+            listeners,
             handle: ProxyHandle::new(config.settings, config.dataplane, config.flows),
             #[cfg(test)]
             original_destination: None,
@@ -184,11 +201,11 @@ impl Proxy {
     }
 }
 
-/// The bound proxy: its address and listener, ready to [`run`](Bound::run).
+/// The bound proxy: its address and listeners, ready to run.
 #[derive(Debug)]
 pub struct Bound {
     addr: SocketAddr,
-    listener: std::net::TcpListener,
+    listeners: Vec<std::net::TcpListener>,
     handle: ProxyHandle,
     /// Tests have no `sk_lookup`: every accepted connection is taken to be for this address.
     #[cfg(test)]
@@ -196,34 +213,137 @@ pub struct Bound {
 }
 
 impl Bound {
-    /// The bound address (the real port when bound to port 0).
+    /// Worker 0's bound address (the real port when bound to port 0).
     pub fn local_addr(&self) -> SocketAddr {
         self.addr
     }
 
-    /// The listening socket, for the BPF sockmap that `sk_lookup` assigns connections from.
-    /// The socket lives until [`run`](Bound::run) returns.
-    pub fn listener_fd(&self) -> BorrowedFd<'_> {
-        self.listener.as_fd()
+    /// The listening sockets, one per worker, for the BPF sockmap that `sk_lookup` assigns
+    /// connections from. They live until the proxy stops.
+    pub fn listener_fds(&self) -> Vec<BorrowedFd<'_>> {
+        self.listeners.iter().map(AsFd::as_fd).collect()
     }
 
-    /// The listening socket's raw descriptor (see [`listener_fd`](Bound::listener_fd)).
-    pub fn listener_raw_fd(&self) -> RawFd {
-        self.listener.as_raw_fd()
-    }
-
-    /// A handle for stats and flows, valid after `run` starts.
+    /// A handle for stats and flows, valid after the proxy starts.
     pub fn handle(&self) -> ProxyHandle {
         self.handle.clone()
     }
 
-    /// Serves until `shutdown` completes, then drains: stops accepting, asks open
-    /// connections to finish (HTTP/1.1 after the current request, HTTP/2 with GOAWAY),
-    /// waits up to the drain timeout and cuts what is left. Call on the proxy's runtime.
+    /// Serves on one thread per listener, each with its own current-thread runtime, until
+    /// `shutdown` completes, then drains like [`run`](Bound::run). Blocks the calling
+    /// thread (which only waits). A worker that ends early (a panic) stops the others and
+    /// ends the proxy with an error, so the agent goes down loudly rather than serving on
+    /// with fewer workers while `sk_lookup` drops the dead one's share.
+    pub fn run_workers(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
+        let (stop, stopped) = watch::channel(false);
+        let ended = Arc::new(tokio::sync::Notify::new());
+        let mut threads = Vec::with_capacity(self.listeners.len());
+        for (index, listener) in self.listeners.into_iter().enumerate() {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .map_err(ProxyError::Runtime)?;
+            let worker = Worker {
+                index,
+                addr: self.addr,
+                handle: self.handle.clone(),
+                #[cfg(test)]
+                original_destination: self.original_destination,
+            };
+            let stopped = stopped.clone();
+            let ended = WorkerEnded(Arc::clone(&ended));
+            let thread = std::thread::Builder::new()
+                .name(format!("veil-proxy-{index}"))
+                .spawn(move || {
+                    let _ended = ended;
+                    runtime.block_on(worker.serve(listener, stopped))
+                })
+                .map_err(ProxyError::Runtime)?;
+            threads.push(thread);
+        }
+        let waiter = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(ProxyError::Runtime)?;
+        waiter.block_on(async {
+            tokio::select! {
+                () = shutdown => {}
+                () = ended.notified() => warn!("a proxy worker ended before shutdown; stopping"),
+            }
+        });
+        stop.send_replace(true);
+        let mut outcome = Ok(());
+        for (index, thread) in threads.into_iter().enumerate() {
+            match thread.join() {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => outcome = Err(e),
+                Err(_) => outcome = Err(ProxyError::WorkerPanicked(index)),
+            }
+        }
+        info!("proxy stopped");
+        outcome
+    }
+
+    /// Serves every listener on the caller's runtime until `shutdown` completes, then
+    /// drains: stops accepting, asks open connections to finish (HTTP/1.1 after the
+    /// current request, HTTP/2 with GOAWAY), waits up to the drain timeout and cuts what
+    /// is left.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
-        let Bound {
+        let (stop, stopped) = watch::channel(false);
+        let mut workers = JoinSet::new();
+        for (index, listener) in self.listeners.into_iter().enumerate() {
+            let worker = Worker {
+                index,
+                addr: self.addr,
+                handle: self.handle.clone(),
+                #[cfg(test)]
+                original_destination: self.original_destination,
+            };
+            workers.spawn(worker.serve(listener, stopped.clone()));
+        }
+        shutdown.await;
+        stop.send_replace(true);
+        let mut outcome = Ok(());
+        while let Some(done) = workers.join_next().await {
+            match done {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => outcome = Err(e),
+                Err(_) => outcome = Err(ProxyError::WorkerPanicked(0)),
+            }
+        }
+        info!("proxy stopped");
+        outcome
+    }
+}
+
+/// Wakes [`Bound::run_workers`] when a worker's thread ends, by return or by panic.
+struct WorkerEnded(Arc<tokio::sync::Notify>);
+
+impl Drop for WorkerEnded {
+    fn drop(&mut self) {
+        self.0.notify_one();
+    }
+}
+
+/// One worker: accepts on its own listener and serves what it accepted.
+struct Worker {
+    index: usize,
+    addr: SocketAddr,
+    handle: ProxyHandle,
+    #[cfg(test)]
+    original_destination: Option<SocketAddr>,
+}
+
+impl Worker {
+    /// Accepts until `stopped` turns true, then drains this worker's connections.
+    async fn serve(
+        self,
+        listener: std::net::TcpListener,
+        mut stopped: watch::Receiver<bool>,
+    ) -> Result<(), ProxyError> {
+        let Worker {
+            index,
             addr,
-            listener,
             handle,
             #[cfg(test)]
             original_destination,
@@ -237,10 +357,11 @@ impl Bound {
                 source,
             })?;
         let mut tasks = JoinSet::new();
-        tokio::pin!(shutdown);
         loop {
             tokio::select! {
-                () = &mut shutdown => break,
+                // An error means the sender is gone: stop as well. The guard `wait_for`
+                // returns is dropped at once (it would make the future !Send).
+                () = async { drop(stopped.wait_for(|stop| *stop).await) } => break,
                 r = listener.accept() => match r {
                     Ok((stream, peer)) => {
                         // With `sk_lookup` the local address is the original destination.
@@ -249,7 +370,7 @@ impl Bound {
                             None => stream.local_addr(),
                         };
                         let Ok(orig_dst) = orig_dst else { continue };
-                        let span = tracing::debug_span!("proxy", peer = %peer, dst = %orig_dst);
+                        let span = tracing::debug_span!("proxy", worker = index, peer = %peer, dst = %orig_dst);
                         let h = handle.clone();
                         tasks.spawn(
                             async move { h.serve_connection(stream, peer, orig_dst).await }
@@ -258,7 +379,7 @@ impl Bound {
                     }
                     Err(e) => {
                         // EMFILE and friends: back off rather than spin on accept.
-                        warn!(error = %e, "accept failed");
+                        warn!(worker = index, error = %e, "accept failed");
                         tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                     }
                 },
@@ -268,6 +389,7 @@ impl Bound {
         drop(listener);
         let deadline = handle.shared.settings.drain_timeout;
         info!(
+            worker = index,
             open = tasks.len(),
             deadline_ms = deadline.as_millis(),
             "proxy draining"
@@ -279,25 +401,14 @@ impl Bound {
         .await;
         if drained.is_err() {
             warn!(
+                worker = index,
                 left = tasks.len(),
                 "drain deadline passed, closing connections"
             );
             tasks.shutdown().await;
         }
-        info!("proxy stopped");
         Ok(())
     }
-}
-
-/// Builds the proxy's own multi-threaded runtime, so that the control plane cannot starve
-/// the data path (and the reverse).
-pub fn spawn_runtime(threads: usize) -> Result<tokio::runtime::Runtime, ProxyError> {
-    tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(threads.max(1))
-        .thread_name("veil-proxy")
-        .enable_all()
-        .build()
-        .map_err(ProxyError::Runtime)
 }
 
 /// A cheap handle on a proxy: stats, flows, and the per-connection entry point.

@@ -764,7 +764,11 @@ fn proxy_bind_sets_ip_transparent_accepts_and_drains() {
         eprintln!("skipped: IP_TRANSPARENT needs CAP_NET_ADMIN (run as root)");
         return;
     }
-    let rt = spawn_runtime(2).expect("runtime");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .expect("runtime");
     rt.block_on(async {
         let pod = echo_server(POD_IP).await;
         let (_tx, rx) = watch::channel(dataplane(pod, &[("allow-web", web_policy())], 1));
@@ -778,9 +782,10 @@ fn proxy_bind_sets_ip_transparent_accepts_and_drains() {
         let mut bound = Proxy::bind(config).expect("bind");
         let addr = bound.local_addr();
         assert_ne!(addr.port(), 0);
-        let fd = bound.listener_fd();
-        let sock = socket2::SockRef::from(&fd);
-        assert!(sock.ip_transparent_v4().expect("getsockopt IP_TRANSPARENT"));
+        for fd in bound.listener_fds() {
+            let sock = socket2::SockRef::from(&fd);
+            assert!(sock.ip_transparent_v4().expect("getsockopt IP_TRANSPARENT"));
+        }
         bound.original_destination = Some(pod);
         let handle = bound.handle();
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

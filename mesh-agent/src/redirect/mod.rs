@@ -31,15 +31,18 @@ use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use aya::maps::{HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf, SockMap};
+use aya::maps::{
+    Array, HashMap as BpfHashMap, MapData, PerCpuHashMap, PerCpuValues, RingBuf, SockMap,
+};
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, SchedClassifier, TcAttachType};
 use aya::programs::SkLookup;
 use aya::{Ebpf, EbpfLoader};
 use veil_bpf::{
     ipv4_from_key, ipv4_key, PodCounters as RawCounters, VeilPod, ALL_MAPS, COVERED_MAP, FROM_POD,
-    FROM_POD_PROGRAM, FROM_TUNNEL, FROM_TUNNEL_PROGRAM, PODS_MAP, POD_COUNTERS_MAP, PROXY_SOCK_MAP,
-    SK_LOOKUP, SK_LOOKUP_PROGRAM, SPOOF_EVENTS_MAP,
+    FROM_POD_PROGRAM, FROM_TUNNEL, FROM_TUNNEL_PROGRAM, PODS_MAP, POD_COUNTERS_MAP,
+    PROXY_SOCKS_MAP, PROXY_WORKERS_MAP, RETIRED_MAPS, SK_LOOKUP, SK_LOOKUP_PROGRAM,
+    SPOOF_EVENTS_MAP,
 };
 
 pub use counts::Counts;
@@ -114,7 +117,8 @@ struct Maps {
     pods: BpfHashMap<MapData, u32, VeilPod>,
     counters: PerCpuHashMap<MapData, u32, RawCounters>,
     covered: BpfHashMap<MapData, u32, u8>,
-    proxy_sock: SockMap<MapData>,
+    proxy_socks: SockMap<MapData>,
+    proxy_workers: Array<MapData, u32>,
     spoof_events: Option<RingBuf<MapData>>,
 }
 
@@ -288,6 +292,16 @@ impl Redirect {
     pub fn load(pin_dir: &Path) -> Result<Redirect, RedirectError> {
         let links = pin_dir.join(LINKS_DIR);
         std::fs::create_dir_all(&links).map_err(|e| pin_err(&links)(e.to_string()))?;
+        // Programs still attached from an earlier agent keep their own reference to a
+        // retired map until they are replaced below; the pin is only a name.
+        for retired in RETIRED_MAPS {
+            let pin = pin_dir.join(retired);
+            match std::fs::remove_file(&pin) {
+                Ok(()) => tracing::info!(map = retired, "removed the pin of a retired map"),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                Err(e) => return Err(pin_err(&pin)(e.to_string())),
+            }
+        }
         let mut from_pod = load_object(FROM_POD, FROM_POD_PROGRAM, pin_dir)?;
         let mut from_tunnel = load_object(FROM_TUNNEL, FROM_TUNNEL_PROGRAM, pin_dir)?;
         let mut sk_lookup = load_object(SK_LOOKUP, SK_LOOKUP_PROGRAM, pin_dir)?;
@@ -321,7 +335,8 @@ impl Redirect {
             pods: take(&mut from_pod, PODS_MAP, BpfHashMap::try_from)?,
             counters: take(&mut from_pod, POD_COUNTERS_MAP, PerCpuHashMap::try_from)?,
             covered: take(&mut from_pod, COVERED_MAP, BpfHashMap::try_from)?,
-            proxy_sock: take(&mut from_pod, PROXY_SOCK_MAP, SockMap::try_from)?,
+            proxy_socks: take(&mut from_pod, PROXY_SOCKS_MAP, SockMap::try_from)?,
+            proxy_workers: take(&mut from_pod, PROXY_WORKERS_MAP, Array::try_from)?,
             spoof_events: Some(take(&mut from_pod, SPOOF_EVENTS_MAP, RingBuf::try_from)?),
         };
         let nr_cpus = aya::util::nr_cpus()
@@ -584,32 +599,58 @@ impl Redirect {
             .map_err(|e| map_err(COVERED_MAP, "list")(format!("{e:?}")))
     }
 
-    /// Puts the proxy's listening socket (TCP, bound to `0.0.0.0:<port>`, with
-    /// `IP_TRANSPARENT`, and `SO_MARK` [`consts::UPSTREAM_MARK`] so its replies to covered
-    /// clients bypass the covered table) into the sockmap. The kernel removes it when the
-    /// socket closes; until the next call, covered connections are refused.
-    pub fn set_proxy_listener(&self, listener: &impl AsRawFd) -> Result<(), RedirectError> {
+    /// Puts the proxy's listening sockets, one per worker thread (TCP, with
+    /// `IP_TRANSPARENT` so accepted sockets may answer from a pod's address), into the
+    /// sockmap and their number into the workers map, which `sk_lookup` spreads
+    /// connections over (their replies leave by rule 111, the node's own TCP). The
+    /// kernel empties a slot when its socket closes; until the next call, the connections
+    /// hashed to it are refused.
+    pub fn set_proxy_listeners(&self, listeners: &[impl AsRawFd]) -> Result<(), RedirectError> {
+        let count = u32::try_from(listeners.len())
+            .ok()
+            .filter(|n| (1..=consts::MAX_PROXY_WORKERS).contains(n))
+            .ok_or_else(|| {
+                map_err(PROXY_SOCKS_MAP, "listeners")(format!(
+                    "{} listeners, the map holds 1 to {}",
+                    listeners.len(),
+                    consts::MAX_PROXY_WORKERS
+                ))
+            })?;
         let mut inner = self.lock();
+        // The slots first: a count over filled slots would drop connections meanwhile.
+        for (slot, listener) in (0u32..).zip(listeners) {
+            inner
+                .maps
+                .proxy_socks
+                .set(slot, listener, 0)
+                .map_err(|e| map_err(PROXY_SOCKS_MAP, slot)(format!("{e:?}")))?;
+        }
         inner
             .maps
-            .proxy_sock
-            .set(consts::PROXY_SOCK_SLOT, listener, 0)
-            .map_err(|e| map_err(PROXY_SOCK_MAP, "listener")(format!("{e:?}")))
+            .proxy_workers
+            .set(0, count, 0)
+            .map_err(|e| map_err(PROXY_WORKERS_MAP, 0)(format!("{e:?}")))
     }
 
     /// Empties the sockmap: covered connections are refused from now on.
-    pub fn clear_proxy_listener(&self) -> Result<(), RedirectError> {
+    pub fn clear_proxy_listeners(&self) -> Result<(), RedirectError> {
         let mut inner = self.lock();
-        match inner.maps.proxy_sock.clear_index(&consts::PROXY_SOCK_SLOT) {
-            Ok(()) => Ok(()),
-            // Already empty (the socket closed).
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
+        inner
+            .maps
+            .proxy_workers
+            .set(0, 0, 0)
+            .map_err(|e| map_err(PROXY_WORKERS_MAP, 0)(format!("{e:?}")))?;
+        for slot in 0..consts::MAX_PROXY_WORKERS {
+            match inner.maps.proxy_socks.clear_index(&slot) {
+                Ok(()) => {}
+                // Already empty (the socket closed, or never there): a sockmap answers
+                // EINVAL for an empty slot.
+                Err(aya::maps::MapError::SyscallError(e))
+                    if matches!(e.io_error.raw_os_error(), Some(libc::EINVAL | libc::ENOENT)) => {}
+                Err(e) => return Err(map_err(PROXY_SOCKS_MAP, slot)(format!("{e:?}"))),
             }
-            Err(e) => Err(map_err(PROXY_SOCK_MAP, "listener")(format!("{e:?}"))),
         }
+        Ok(())
     }
 
     /// Installs the four rules (111 `iif lo ipproto tcp` → main, 112 upstream mark →

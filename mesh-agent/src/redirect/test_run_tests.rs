@@ -241,16 +241,21 @@ fn redirect_bpf_test_run_from_pod_counts_passes_and_drops_spoofed() {
     });
 }
 
-/// Runs `sk_lookup` for a TCP SYN to `local`:8080; returns the verdict and the cookie of
-/// the socket it selected (0 for none).
+/// Runs `sk_lookup` for a TCP SYN from OTHER:40000 to `local`:8080; returns the verdict
+/// and the cookie of the socket it selected (0 for none).
 fn run_sk_lookup(redirect: &Redirect, local: Ipv4Addr) -> (u32, u64) {
+    run_sk_lookup_from(redirect, 40000, local)
+}
+
+/// [`run_sk_lookup`] from OTHER:`port`.
+fn run_sk_lookup_from(redirect: &Redirect, port: u16, local: Ipv4Addr) -> (u32, u64) {
     // struct bpf_sk_lookup (linux/bpf.h): cookie 0, family 8, protocol 12, remote_ip4 16,
     // remote_port 36 (network order), local_ip4 40, local_port 60; 72 bytes.
     let mut ctx = [0u8; 72];
     ctx[8..12].copy_from_slice(&(libc::AF_INET as u32).to_ne_bytes());
     ctx[12..16].copy_from_slice(&(libc::IPPROTO_TCP as u32).to_ne_bytes());
     ctx[16..20].copy_from_slice(&OTHER.octets());
-    ctx[36..38].copy_from_slice(&40000u16.to_be_bytes());
+    ctx[36..38].copy_from_slice(&port.to_be_bytes());
     ctx[40..44].copy_from_slice(&local.octets());
     ctx[60..64].copy_from_slice(&8080u32.to_ne_bytes());
     let mut out = [0u8; 72];
@@ -312,12 +317,58 @@ fn redirect_bpf_test_run_sk_lookup_assigns_covered_only_and_fails_closed() {
         assert_eq!(run_sk_lookup(redirect, POD), (SK_DROP, 0));
         // Covered with the proxy's listener: assigned to it.
         let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-        redirect.set_proxy_listener(&listener).unwrap();
+        redirect
+            .set_proxy_listeners(std::slice::from_ref(&listener))
+            .unwrap();
         assert_eq!(run_sk_lookup(redirect, POD), (SK_PASS, cookie(&listener)));
         assert_eq!(run_sk_lookup(redirect, OTHER), (SK_PASS, 0));
         // The listener closes: the kernel empties the slot, covered connections fail closed.
         drop(listener);
         assert_eq!(run_sk_lookup(redirect, POD), (SK_DROP, 0));
+    });
+}
+
+#[test]
+fn redirect_bpf_test_run_sk_lookup_spreads_over_proxy_workers() {
+    with_redirect("sk-workers", |redirect, rt| {
+        cover(redirect, rt, POD);
+        let mut workers: Vec<TcpListener> = (0..2)
+            .map(|_| TcpListener::bind("127.0.0.1:0").unwrap())
+            .collect();
+        redirect.set_proxy_listeners(&workers).unwrap();
+        let cookies: Vec<u64> = workers.iter().map(cookie).collect();
+        let chosen: Vec<(u16, u64)> = (40000..40064)
+            .map(|port| {
+                let (verdict, cookie) = run_sk_lookup_from(redirect, port, POD);
+                assert_eq!(verdict, SK_PASS, "port {port}");
+                (port, cookie)
+            })
+            .collect();
+        for c in &cookies {
+            let share = chosen.iter().filter(|(_, got)| got == c).count();
+            assert!(share >= 16, "worker {c} got {share} of 64: {chosen:?}");
+        }
+        // The same connection always goes to the same worker.
+        for &(port, c) in &chosen {
+            assert_eq!(run_sk_lookup_from(redirect, port, POD), (SK_PASS, c));
+        }
+        // A worker's socket closes: its share fails closed, the other's is still served.
+        let gone = cookies[1];
+        drop(workers.remove(1));
+        for &(port, c) in &chosen {
+            let want = if c == gone {
+                (SK_DROP, 0)
+            } else {
+                (SK_PASS, c)
+            };
+            assert_eq!(run_sk_lookup_from(redirect, port, POD), want, "port {port}");
+        }
+        // Counts the map cannot hold are refused, naming the map.
+        let none: [TcpListener; 0] = [];
+        let err = redirect.set_proxy_listeners(&none).unwrap_err().to_string();
+        assert!(err.contains("veil_proxy_socks"), "{err}");
+        redirect.clear_proxy_listeners().unwrap();
+        assert_eq!(run_sk_lookup_from(redirect, 40000, POD), (SK_DROP, 0));
     });
 }
 
