@@ -229,6 +229,30 @@ impl Bound {
         self.handle.clone()
     }
 
+    /// One worker per listener.
+    fn into_workers(self) -> Vec<(Worker, std::net::TcpListener)> {
+        let Bound {
+            addr,
+            listeners,
+            handle,
+            #[cfg(test)]
+            original_destination,
+        } = self;
+        (0..)
+            .zip(listeners)
+            .map(|(index, listener)| {
+                let worker = Worker {
+                    index,
+                    addr,
+                    handle: handle.clone(),
+                    #[cfg(test)]
+                    original_destination,
+                };
+                (worker, listener)
+            })
+            .collect()
+    }
+
     /// Serves on one thread per listener, each with its own current-thread runtime, until
     /// `shutdown` completes, then drains like [`run`](Bound::run). Blocks the calling
     /// thread (which only waits). A worker that ends early (a panic) stops the others and
@@ -237,19 +261,13 @@ impl Bound {
     pub fn run_workers(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
         let (stop, stopped) = watch::channel(false);
         let ended = Arc::new(tokio::sync::Notify::new());
-        let mut threads = Vec::with_capacity(self.listeners.len());
-        for (index, listener) in self.listeners.into_iter().enumerate() {
+        let mut threads = Vec::new();
+        for (worker, listener) in self.into_workers() {
+            let index = worker.index;
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .map_err(ProxyError::Runtime)?;
-            let worker = Worker {
-                index,
-                addr: self.addr,
-                handle: self.handle.clone(),
-                #[cfg(test)]
-                original_destination: self.original_destination,
-            };
             let stopped = stopped.clone();
             let ended = WorkerEnded(Arc::clone(&ended));
             let thread = std::thread::Builder::new()
@@ -291,14 +309,7 @@ impl Bound {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
         let (stop, stopped) = watch::channel(false);
         let mut workers = JoinSet::new();
-        for (index, listener) in self.listeners.into_iter().enumerate() {
-            let worker = Worker {
-                index,
-                addr: self.addr,
-                handle: self.handle.clone(),
-                #[cfg(test)]
-                original_destination: self.original_destination,
-            };
+        for (worker, listener) in self.into_workers() {
             workers.spawn(worker.serve(listener, stopped.clone()));
         }
         shutdown.await;
