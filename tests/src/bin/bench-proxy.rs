@@ -335,7 +335,10 @@ fn main() -> Result<()> {
             if *name == "veil" {
                 enforce(&bed, &client, &server_ip)?;
             }
-            let perf = match perf_out.take().filter(|_| *name == "veil") {
+            // Taken by the first Veil run only (a `take` before the name check would spend
+            // it on the direct path).
+            let perf_for_this = if *name == "veil" { perf_out.take() } else { None };
+            let perf = match perf_for_this {
                 Some(out) => Some(
                     Command::new("perf")
                         .args(["record", "-F", "999", "-g", "-p", &agent.to_string(), "-o"])
