@@ -337,7 +337,11 @@ fn main() -> Result<()> {
             }
             // Taken by the first Veil run only (a `take` before the name check would spend
             // it on the direct path).
-            let perf_for_this = if *name == "veil" { perf_out.take() } else { None };
+            let perf_for_this = if *name == "veil" {
+                perf_out.take()
+            } else {
+                None
+            };
             let perf = match perf_for_this {
                 Some(out) => Some(
                     Command::new("perf")
