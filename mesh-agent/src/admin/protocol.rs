@@ -250,6 +250,59 @@ mod tests {
         assert!(serde_json::from_str::<AdminRequest>(r#"{"request":"add"}"#).is_err());
     }
 
+    fn observe_requests() -> impl proptest::strategy::Strategy<Value = AdminRequest> {
+        use proptest::prelude::*;
+        let verdict = prop_oneof![
+            Just(None),
+            Just(Some(FlowVerdict::Allow)),
+            Just(Some(FlowVerdict::Deny)),
+            Just(Some(FlowVerdict::AuditDeny)),
+        ];
+        (
+            any::<Option<String>>(),
+            any::<Option<String>>(),
+            verdict,
+            any::<Option<String>>(),
+            any::<bool>(),
+        )
+            .prop_map(|(namespace, pod, verdict, policy, follow)| {
+                AdminRequest::Observe(ObserveRequest {
+                    namespace,
+                    pod,
+                    verdict,
+                    policy,
+                    follow,
+                })
+            })
+    }
+
+    proptest::proptest! {
+        /// The agent decodes whatever reaches its admin socket without panicking.
+        #[test]
+        fn admin_request_decoder_takes_any_bytes(bytes in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..512)) {
+            let _ = serde_json::from_slice::<AdminRequest>(&bytes);
+        }
+
+        /// Near misses of real requests: a valid request cut or with one byte changed.
+        #[test]
+        fn admin_request_decoder_takes_mangled_requests(request in observe_requests(), cut in 0usize..400, at in 0usize..400, byte in proptest::prelude::any::<u8>()) {
+            let mut line = serde_json::to_vec(&request).expect("serialise");
+            if let Some(b) = line.get_mut(at) {
+                *b = byte;
+            }
+            line.truncate(cut);
+            let _ = serde_json::from_slice::<AdminRequest>(&line);
+        }
+
+        /// Every request `meshctl` can send decodes to itself, whatever its strings hold.
+        #[test]
+        fn admin_observe_requests_round_trip(request in observe_requests()) {
+            let line = serde_json::to_string(&request).expect("serialise");
+            proptest::prop_assert!(!line.contains('\n'), "one line per request");
+            proptest::prop_assert_eq!(serde_json::from_str::<AdminRequest>(&line).ok(), Some(request));
+        }
+    }
+
     #[test]
     fn admin_unreachable_agent_names_the_socket() {
         let dir = tempfile::tempdir().expect("tempdir");
