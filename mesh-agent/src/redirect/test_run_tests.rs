@@ -372,6 +372,29 @@ fn redirect_bpf_test_run_sk_lookup_spreads_over_proxy_workers() {
     });
 }
 
+/// An agent of a release whose map was retired left its pin; the next agent removes it
+/// and serves from the maps of its own layout.
+#[test]
+fn redirect_restart_removes_the_pins_of_retired_maps() {
+    with_redirect("retired", |redirect, rt| {
+        let dir = redirect.pin_dir().to_path_buf();
+        let old = dir.join(veil_bpf::RETIRED_MAPS[0]);
+        MapData::from_pin(dir.join(veil_bpf::PROXY_WORKERS_MAP))
+            .unwrap()
+            .pin(&old)
+            .unwrap();
+        assert!(old.exists());
+        let restarted = Redirect::load(&dir).expect("reload");
+        assert!(!old.exists(), "{} left behind", old.display());
+        cover(&restarted, rt, POD);
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        restarted
+            .set_proxy_listeners(std::slice::from_ref(&listener))
+            .unwrap();
+        assert_eq!(run_sk_lookup(&restarted, POD), (SK_PASS, cookie(&listener)));
+    });
+}
+
 #[test]
 fn redirect_bpf_test_run_from_pod_remembers_the_connections_covered_pods_open() {
     with_redirect("outbound", |redirect, rt| {
