@@ -142,9 +142,7 @@ impl Node {
         self.dir.join("state")
     }
 
-    /// Starts `cmd` (`name`) in the node's namespace, logging to `<log>-<n>.log` in its
-    /// directory, `n` counting the earlier runs.
-    /// Starts `cmd` in the node's namespace (its agent, kube-proxy, a benchmark's proxy),
+    /// Starts `cmd` (`name`) in the node's namespace (its agent, kube-proxy, a benchmark's proxy),
     /// logging to `<log>-<n>.log` in [`Node::dir`], a new number per start.
     pub fn spawn_daemon(&self, name: &str, log: &str, cmd: Command) -> Result<Proc> {
         let prefix = format!("{log}-");

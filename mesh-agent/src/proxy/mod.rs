@@ -309,8 +309,11 @@ impl Bound {
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), ProxyError> {
         let (stop, stopped) = watch::channel(false);
         let mut workers = JoinSet::new();
+        let mut indices = std::collections::HashMap::new();
         for (worker, listener) in self.into_workers() {
-            workers.spawn(worker.serve(listener, stopped.clone()));
+            let index = worker.index;
+            let task = workers.spawn(worker.serve(listener, stopped.clone()));
+            indices.insert(task.id(), index);
         }
         shutdown.await;
         stop.send_replace(true);
@@ -319,7 +322,10 @@ impl Bound {
             match done {
                 Ok(Ok(())) => {}
                 Ok(Err(e)) => outcome = Err(e),
-                Err(_) => outcome = Err(ProxyError::WorkerPanicked(0)),
+                Err(e) => {
+                    let index = indices.get(&e.id()).copied().unwrap_or_default();
+                    outcome = Err(ProxyError::WorkerPanicked(index));
+                }
             }
         }
         info!("proxy stopped");

@@ -166,14 +166,13 @@ pub fn start(
 ) {
     let (dataplane_tx, dataplane) = watch::channel(Arc::new(Dataplane::default()));
     let (nodes_tx, nodes) = watch::channel(None);
-    let (policies, policies_w) = reflector::store::<L7Policy>();
-    let (policies_listed_tx, policies_listed) = watch::channel(false);
+    let (policies, policies_w, policies_listed) = listing::<L7Policy>();
     let (local_pods_tx, local_pods) = watch::channel(None);
     let state = State {
         dataplane,
         nodes,
-        policies: policies.clone(),
-        policies_listed: policies_listed.clone(),
+        policies: policies.store.clone(),
+        policies_listed: policies.listed.clone(),
         local_pods,
     };
     let senders = Senders {
@@ -181,82 +180,89 @@ pub fn start(
         nodes: nodes_tx,
         local_pods: local_pods_tx,
     };
-    let policies = Reflected {
-        store: policies,
-        writer: policies_w,
-        listed: (policies_listed_tx, policies_listed),
-    };
-    let run = run(client, config, senders, policies);
+    let run = run(
+        client,
+        config,
+        senders,
+        (policies, policies_w, policies_listed),
+    );
     (state, run)
 }
 
-/// A kind's store, its writer, and its [`Listed`] flag.
-struct Reflected<K: Resource + Clone + 'static>
+/// A kind's store and whether it holds a first complete list yet.
+#[derive(Clone)]
+struct Listing<K: Resource + Clone + 'static>
 where
     K::DynamicType: Eq + Hash + Clone,
 {
     store: Store<K>,
-    writer: reflector::store::Writer<K>,
-    listed: (watch::Sender<bool>, Listed),
+    listed: Listed,
 }
 
-impl<K: Resource + Clone + 'static> Reflected<K>
+/// A kind's [`Listing`], with the store's writer and the sender of its [`Listed`] flag for
+/// its reflector.
+fn listing<K: Resource + Clone + 'static>(
+) -> (Listing<K>, reflector::store::Writer<K>, watch::Sender<bool>)
 where
     K::DynamicType: Default + Eq + Hash + Clone,
 {
-    fn new() -> Self {
-        let (store, writer) = reflector::store::<K>();
-        Reflected {
-            store,
-            writer,
-            listed: watch::channel(false),
-        }
-    }
+    let (store, writer) = reflector::store::<K>();
+    let (listed_tx, listed) = watch::channel(false);
+    (Listing { store, listed }, writer, listed_tx)
 }
 
-async fn run(client: Client, config: StateConfig, senders: Senders, policies: Reflected<L7Policy>) {
-    let pods = Reflected::<Pod>::new();
-    let namespaces = Reflected::<Namespace>::new();
-    let nodes = Reflected::<Node>::new();
+async fn run(
+    client: Client,
+    config: StateConfig,
+    senders: Senders,
+    (policies, policies_w, policies_listed): (
+        Listing<L7Policy>,
+        reflector::store::Writer<L7Policy>,
+        watch::Sender<bool>,
+    ),
+) {
+    let (pods, pods_w, pods_listed) = listing::<Pod>();
+    let (namespaces, namespaces_w, namespaces_listed) = listing::<Namespace>();
+    let (nodes, nodes_w, nodes_listed) = listing::<Node>();
     let stores = Stores {
-        pods: (pods.store.clone(), pods.listed.1.clone()),
-        namespaces: (namespaces.store.clone(), namespaces.listed.1.clone()),
-        policies: (policies.store.clone(), policies.listed.1.clone()),
-        nodes: (nodes.store.clone(), nodes.listed.1.clone()),
+        pods,
+        namespaces,
+        policies,
+        nodes,
     };
     let changed = Arc::new(Notify::new());
     let node_changed = Arc::new(Notify::new());
     let watches = futures::future::join5(
         reflect(
             Api::all(client.clone()),
-            pods.writer,
+            pods_w,
             strip_pod,
             changed.clone(),
-            pods.listed.0,
+            pods_listed,
             "Pod",
         ),
         reflect(
             Api::all(client.clone()),
-            namespaces.writer,
+            namespaces_w,
             strip_meta::<Namespace>,
             changed.clone(),
-            namespaces.listed.0,
+            namespaces_listed,
             "Namespace",
         ),
         reflect(
             Api::all(client.clone()),
-            policies.writer,
+            policies_w,
             strip_meta::<L7Policy>,
             changed.clone(),
-            policies.listed.0,
+            policies_listed,
             "L7Policy",
         ),
         reflect(
             Api::all(client),
-            nodes.writer,
+            nodes_w,
             strip_node,
             node_changed.clone(),
-            nodes.listed.0,
+            nodes_listed,
             "Node",
         ),
         async {
@@ -274,19 +280,22 @@ async fn run(client: Client, config: StateConfig, senders: Senders, policies: Re
     watches.await;
 }
 
-/// Every kind's store with its [`Listed`] flag, for the snapshot builders.
+/// Every kind's [`Listing`], for the snapshot builders.
 #[derive(Clone)]
 struct Stores {
-    pods: (Store<Pod>, Listed),
-    namespaces: (Store<Namespace>, Listed),
-    policies: (Store<L7Policy>, Listed),
-    nodes: (Store<Node>, Listed),
+    pods: Listing<Pod>,
+    namespaces: Listing<Namespace>,
+    policies: Listing<L7Policy>,
+    nodes: Listing<Node>,
 }
 
 /// Publishes the Node list for the peer set on every Node event, from the first complete
 /// list on, and wakes the data plane builder (it reads the node's addresses).
 async fn publish_nodes(
-    (nodes, mut listed): (Store<Node>, Listed),
+    Listing {
+        store: nodes,
+        mut listed,
+    }: Listing<Node>,
     node_changed: &Notify,
     changed: &Notify,
     tx: &watch::Sender<Option<Vec<Candidate>>>,
@@ -318,21 +327,21 @@ async fn publish_dataplane(
     senders: &Senders,
 ) {
     for listed in [
-        &mut stores.pods.1,
-        &mut stores.namespaces.1,
-        &mut stores.policies.1,
-        &mut stores.nodes.1,
+        &mut stores.pods.listed,
+        &mut stores.namespaces.listed,
+        &mut stores.policies.listed,
+        &mut stores.nodes.listed,
     ] {
         if !wait_listed(listed).await {
             return;
         }
     }
-    let Stores {
-        pods: (pods, _),
-        namespaces: (namespaces, _),
-        policies: (policies, _),
-        nodes: (nodes, _),
-    } = stores;
+    let (pods, namespaces, policies, nodes) = (
+        stores.pods.store,
+        stores.namespaces.store,
+        stores.policies.store,
+        stores.nodes.store,
+    );
     let mut builder = build::Builder::new(&config.node_name, &config.trust_domain, config.settings);
     loop {
         let pods = pods.state();

@@ -193,18 +193,21 @@ impl Drop for RssSampler {
 
 /// The 1000 rules of the workload the policy benchmark uses (`l7-policy/benches`), in
 /// ten policies of 100 rules selecting `app=api` in `shop`, applied through the API.
-fn apply_policies(bed: &TestBed) -> Result<usize> {
+fn apply_policies(bed: &TestBed) -> Result<Vec<String>> {
     let specs = workload::specs(RULES, 100);
+    let mut names = Vec::with_capacity(specs.len());
     for (i, spec) in specs.iter().enumerate() {
+        let name = format!("bench-{i:02}");
         let policy = serde_json::json!({
             "apiVersion": "veil.dev/v1alpha1",
             "kind": "L7Policy",
-            "metadata": {"name": format!("bench-{i:02}"), "namespace": "shop"},
+            "metadata": {"name": name, "namespace": "shop"},
             "spec": spec,
         });
         bed.apply_policy(&policy.to_string())?;
+        names.push(name);
     }
-    Ok(specs.len())
+    Ok(names)
 }
 
 /// nginx as the origin in the server pod: 1 KiB for every GET, no logging.
@@ -332,9 +335,11 @@ fn main() -> Result<()> {
     // machine's speed drifts by tens of percent over minutes.
     for round in 1..=ROUNDS {
         for (i, (name, url)) in urls.iter().enumerate() {
-            if *name == "veil" {
-                enforce(&bed, &client, &server_ip)?;
-            }
+            let policies = if *name == "veil" {
+                enforce(&bed, &client, &server_ip)?
+            } else {
+                Vec::new()
+            };
             // Taken by the first Veil run only (a `take` before the name check would spend
             // it on the direct path).
             let perf_for_this = if *name == "veil" {
@@ -365,8 +370,8 @@ fn main() -> Result<()> {
             let result = result?;
             report(&format!("{name} #{round}"), &result);
             runs[i].push(result);
-            if *name == "veil" {
-                delete_policies(&bed, &client, &server_ip)?;
+            if !policies.is_empty() {
+                delete_policies(&bed, &client, &server_ip, &policies)?;
             }
         }
     }
@@ -387,8 +392,13 @@ fn main() -> Result<()> {
         report(&format!("{name} (median)"), r);
     }
     let added = |f: fn(&WrkRun) -> f64| f(&veil.paced) - f(&direct.paced);
+    // The bed's agents inherit the environment, so VEIL_PROXY_THREADS sets Veil's workers.
+    let veil_workers = std::env::var("VEIL_PROXY_THREADS")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        .unwrap_or(PROXY_THREADS);
     println!(
-        "bench took {:.0} s; {PROXY_THREADS} proxy threads each for Veil, nginx and HAProxy; \
+        "bench took {:.0} s; {veil_workers} proxy workers for Veil, {PROXY_THREADS} each for nginx and HAProxy; \
          wrk -t1 -c{CONNECTIONS} for {SECONDS} s (paced: -c{PACED_CONNECTIONS}, {PACE_MS} ms between requests); \
          medians of {ROUNDS} rounds",
         started.elapsed().as_secs_f64()
@@ -408,8 +418,8 @@ fn main() -> Result<()> {
 }
 
 /// Applies the 1000 rules and waits until the proxy on node 1 refuses a path no rule
-/// allows.
-fn enforce(bed: &TestBed, client: &Pod, server_ip: &str) -> Result<()> {
+/// allows; the policies' names.
+fn enforce(bed: &TestBed, client: &Pod, server_ip: &str) -> Result<Vec<String>> {
     let policies = apply_policies(bed)?;
     let denied = format!("http://{server_ip}:{SERVER_PORT}/admin");
     let applied = Instant::now();
@@ -417,17 +427,18 @@ fn enforce(bed: &TestBed, client: &Pod, server_ip: &str) -> Result<()> {
         Ok((client.curl(&[&denied])?.status == 403).then_some(()))
     })?;
     println!(
-        "veil: {RULES} rules in {policies} policies enforced {} ms after they were applied",
+        "veil: {RULES} rules in {} policies enforced {} ms after they were applied",
+        policies.len(),
         applied.elapsed().as_millis()
     );
-    Ok(())
+    Ok(policies)
 }
 
 /// Deletes the bench's policies and waits until the server is reached directly again.
-fn delete_policies(bed: &TestBed, client: &Pod, server_ip: &str) -> Result<()> {
+fn delete_policies(bed: &TestBed, client: &Pod, server_ip: &str, names: &[String]) -> Result<()> {
     let api = kube::Api::<veil_l7_policy::L7Policy>::namespaced(bed.client.clone(), "shop");
-    for i in 0..RULES.div_ceil(100) {
-        bed.block_on(api.delete(&format!("bench-{i:02}"), &Default::default()))?;
+    for name in names {
+        bed.block_on(api.delete(name, &Default::default()))?;
     }
     let url = format!("http://{server_ip}:{SERVER_PORT}/admin");
     eventually("the policies gone", Duration::from_secs(30), || {
