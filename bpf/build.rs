@@ -4,7 +4,7 @@ use std::path::PathBuf;
 use std::process::Command;
 
 /// One object per attach point; the agent embeds each.
-const PROGRAMS: &[&str] = &["from_pod", "from_tunnel", "sk_lookup"];
+const PROGRAMS: &[&str] = &["from_pod", "from_tunnel", "sk_lookup", "node_connect"];
 
 fn main() {
     let dir =

@@ -38,4 +38,12 @@ struct veil_outbound_key {
 	__u16 reserved;
 };
 
+/* veil_node_direct key: a covered pod's address and one of its ports (both network byte
+ * order). */
+struct veil_pod_port {
+	__be32 ipv4;
+	__be16 port;
+	__u16 reserved;
+};
+
 #endif

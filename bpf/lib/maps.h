@@ -65,6 +65,24 @@ struct {
 	__type(value, __u32);
 } veil_proxy_workers SEC(".maps");
 
+/* Slot 0: the cookie of the node's network namespace (SO_NETNS_COOKIE), whose TCP
+ * sockets node_connect marks (0: none, node_connect marks nothing). */
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, __u64);
+} veil_node_netns SEC(".maps");
+
+/* (covered pod, port) the node's own connections reach directly, not through the proxy:
+ * the kubelet's tcpSocket and gRPC probes. Value: 1. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, VEIL_MAX_NODE_DIRECT);
+	__type(key, struct veil_pod_port);
+	__type(value, __u8);
+} veil_node_direct SEC(".maps");
+
 /* struct veil_spoof_event records for the agent's flow log. */
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);

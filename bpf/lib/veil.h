@@ -12,6 +12,9 @@
 #define VEIL_UPSTREAM_MARK 0x0a00
 /* skb->mark from_pod sets on a covered pod's reply it assigned to a proxy socket. */
 #define VEIL_TO_PROXY_MARK 0x0b00
+/* SO_MARK node_connect gives the TCP sockets the node itself opens: rule
+ * VEIL_NODE_CONNECT_RULE_PRIORITY looks them up in VEIL_COVERED_TABLE first. */
+#define VEIL_NODE_MARK 0x0c00
 /* The bits of skb->mark Veil owns (the rules match under this mask). */
 #define VEIL_MARK_MASK 0x0f00
 
@@ -20,10 +23,14 @@
 /* Table with `local 0.0.0.0/0 dev lo`: replies assigned to a proxy socket. */
 #define VEIL_TO_PROXY_TABLE 0x79
 
-/* iif lo ipproto tcp lookup main: the node's own TCP (its answers to covered pods'
- * connections, kubelet probes, hostNetwork pods) is never delivered back to the node by
- * VEIL_COVERED_TABLE: a SYN-ACK of a node socket to a covered pod would otherwise loop to
- * the proxy's listener. So node-originated connections reach covered pods unproxied. */
+/* fwmark VEIL_NODE_MARK/VEIL_MARK_MASK ipproto tcp lookup VEIL_COVERED_TABLE: connections
+ * the node opens (node_connect marked their sockets) to covered pods go to the proxy;
+ * anything else falls through to the rules below. */
+#define VEIL_NODE_CONNECT_RULE_PRIORITY 0x6e
+/* iif lo ipproto tcp lookup main: the rest of the node's own TCP (its answers to covered
+ * pods' connections, the proxy's sockets, the kubelet's tcpSocket/gRPC probes) is never
+ * delivered back to the node by VEIL_COVERED_TABLE: a SYN-ACK of a node socket to a
+ * covered pod would otherwise loop to the proxy's listener. */
 #define VEIL_LOCAL_OUT_RULE_PRIORITY 0x6f
 /* fwmark VEIL_UPSTREAM_MARK/VEIL_MARK_MASK lookup main. from_pod also sets this mark on
  * packets that answer a covered pod's own outgoing connection (see veil_outbound). */
@@ -45,6 +52,8 @@
 /* Capacities. */
 #define VEIL_MAX_PODS 65536
 #define VEIL_MAX_COVERED 65536
+/* (pod, port) pairs the node's own connections reach directly (tcpSocket/gRPC probes). */
+#define VEIL_MAX_NODE_DIRECT 16384
 /* Covered pods' outgoing connections remembered at once (LRU: the oldest go first). */
 #define VEIL_MAX_OUTBOUND 65536
 /* Bytes of the spoof-event ring (a power of two, a multiple of the page size): 2730

@@ -10,10 +10,12 @@ pub mod consts {
     include!(concat!(env!("OUT_DIR"), "/constants.rs"));
 }
 
-// The rules only work in this order: the node's own TCP and the proxy's marked packets
+// The rules only work in this order: connections the node opens to covered pods must be
+// claimed before the rest of the node's own TCP goes to the main table, and the node's own TCP and the proxy's marked packets
 // must be routed before the covered table can claim them.
 const _: () = assert!(
-    consts::LOCAL_OUT_RULE_PRIORITY < consts::UPSTREAM_RULE_PRIORITY
+    consts::NODE_CONNECT_RULE_PRIORITY < consts::LOCAL_OUT_RULE_PRIORITY
+        && consts::LOCAL_OUT_RULE_PRIORITY < consts::UPSTREAM_RULE_PRIORITY
         && consts::UPSTREAM_RULE_PRIORITY < consts::TO_PROXY_RULE_PRIORITY
         && consts::TO_PROXY_RULE_PRIORITY < consts::COVERED_RULE_PRIORITY
 );
@@ -39,6 +41,16 @@ pub static SK_LOOKUP: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"
 /// Name of the program in [`SK_LOOKUP`].
 pub const SK_LOOKUP_PROGRAM: &str = "veil_sk_lookup";
 
+/// The cgroup programs for the node's own connections (`bpf/node_connect.c`); programs
+/// [`NODE_CONNECT4_PROGRAM`] and [`NODE_CONNECT6_PROGRAM`].
+pub static NODE_CONNECT: &[u8] =
+    aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/node_connect.o"));
+
+/// The `cgroup/connect4` program in [`NODE_CONNECT`].
+pub const NODE_CONNECT4_PROGRAM: &str = "veil_node_connect4";
+/// The `cgroup/connect6` program in [`NODE_CONNECT`] (v4-mapped destinations).
+pub const NODE_CONNECT6_PROGRAM: &str = "veil_node_connect6";
+
 /// Per-CPU hash, interface index → [`PodCounters`].
 pub const POD_COUNTERS_MAP: &str = "veil_pod_counters";
 /// Hash, interface index → [`VeilPod`] (anti-spoofing).
@@ -54,8 +66,14 @@ pub const PROXY_SOCKS_MAP: &str = "veil_proxy_socks";
 pub const PROXY_WORKERS_MAP: &str = "veil_proxy_workers";
 /// Ring buffer of [`SpoofEvent`]s.
 pub const SPOOF_EVENTS_MAP: &str = "veil_spoof_events";
+/// Array, slot 0 → `u64`: the network namespace cookie of the node, whose TCP sockets
+/// [`NODE_CONNECT`] marks.
+pub const NODE_NETNS_MAP: &str = "veil_node_netns";
+/// Hash, [`PodPort`] → `u8` 1: (covered pod, port) the node's own connections reach
+/// directly (the kubelet's tcpSocket and gRPC probes).
+pub const NODE_DIRECT_MAP: &str = "veil_node_direct";
 /// Every map, in the order the agent pins them.
-pub const ALL_MAPS: [&str; 7] = [
+pub const ALL_MAPS: [&str; 9] = [
     PODS_MAP,
     POD_COUNTERS_MAP,
     COVERED_MAP,
@@ -63,6 +81,8 @@ pub const ALL_MAPS: [&str; 7] = [
     PROXY_SOCKS_MAP,
     PROXY_WORKERS_MAP,
     SPOOF_EVENTS_MAP,
+    NODE_NETNS_MAP,
+    NODE_DIRECT_MAP,
 ];
 /// Maps of earlier releases whose layout changed under a new name: a pinned map is
 /// reopened by name whatever its layout, so a changed map is renamed and the agent
@@ -123,6 +143,37 @@ pub struct OutboundKey {
 
 // SAFETY: plain old data, `repr(C)`, no padding (checked against the BTF in the tests).
 unsafe impl aya::Pod for OutboundKey {}
+
+/// A pod's address and one of its ports, as `struct veil_pod_port`.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct PodPort {
+    /// The pod's address, see [`ipv4_key`].
+    pub ipv4: u32,
+    /// The port, network byte order.
+    pub port: u16,
+    /// Reserved, 0.
+    pub reserved: u16,
+}
+
+impl PodPort {
+    /// The key for `ip`:`port`.
+    pub fn new(ip: Ipv4Addr, port: u16) -> PodPort {
+        PodPort {
+            ipv4: ipv4_key(ip),
+            port: port.to_be(),
+            reserved: 0,
+        }
+    }
+
+    /// The address and port (host order) this key names.
+    pub fn endpoint(&self) -> (Ipv4Addr, u16) {
+        (ipv4_from_key(self.ipv4), u16::from_be(self.port))
+    }
+}
+
+// SAFETY: plain old data, `repr(C)`, no padding (checked against the BTF in the tests).
+unsafe impl aya::Pod for PodPort {}
 
 /// One packet from_pod dropped as spoofed, as `struct veil_spoof_event`.
 #[repr(C)]

@@ -88,7 +88,11 @@ macro_rules! layout_of {
 #[test]
 fn bpf_shared_structs_match_the_objects_btf() {
     let from_pod = object_structs(FROM_POD);
-    let others = [object_structs(FROM_TUNNEL), object_structs(SK_LOOKUP)];
+    let others = [
+        object_structs(FROM_TUNNEL),
+        object_structs(SK_LOOKUP),
+        object_structs(NODE_CONNECT),
+    ];
     let want = [
         (
             "pod_counters",
@@ -103,6 +107,14 @@ fn bpf_shared_structs_match_the_objects_btf() {
         (
             "veil_outbound_key",
             layout_of!(OutboundKey {
+                ipv4,
+                port,
+                reserved
+            }),
+        ),
+        (
+            "veil_pod_port",
+            layout_of!(PodPort {
                 ipv4,
                 port,
                 reserved
@@ -137,7 +149,13 @@ fn bpf_shared_structs_match_the_objects_btf() {
 
 #[test]
 fn bpf_objects_hold_the_named_programs_and_every_map() {
-    for (object, program) in [(FROM_POD, FROM_POD_PROGRAM), (SK_LOOKUP, SK_LOOKUP_PROGRAM)] {
+    for (object, program) in [
+        (FROM_POD, FROM_POD_PROGRAM),
+        (FROM_TUNNEL, FROM_TUNNEL_PROGRAM),
+        (SK_LOOKUP, SK_LOOKUP_PROGRAM),
+        (NODE_CONNECT, NODE_CONNECT4_PROGRAM),
+        (NODE_CONNECT, NODE_CONNECT6_PROGRAM),
+    ] {
         assert_eq!(&object[..4], b"\x7fELF");
         // e_machine 247 is EM_BPF.
         assert_eq!(u16::from_le_bytes([object[18], object[19]]), 247);
@@ -158,6 +176,8 @@ fn bpf_constants_come_from_the_header() {
     assert_eq!(consts::TO_PROXY_MARK, 0x0b00);
     assert_eq!(consts::UPSTREAM_MARK & !consts::MARK_MASK, 0);
     assert_eq!(consts::TO_PROXY_MARK & !consts::MARK_MASK, 0);
+    assert_eq!(consts::NODE_MARK, 0x0c00);
+    assert_eq!(consts::NODE_MARK & !consts::MARK_MASK, 0);
     assert_eq!(consts::COVERED_TABLE, 0x78);
     assert_eq!(consts::TO_PROXY_TABLE, 0x79);
 }
@@ -201,4 +221,15 @@ fn bpf_ipv4_keys_are_network_order() {
     let ip = Ipv4Addr::new(198, 18, 250, 2);
     assert_eq!(ipv4_key(ip).to_ne_bytes(), [198, 18, 250, 2]);
     assert_eq!(ipv4_from_key(ipv4_key(ip)), ip);
+}
+
+proptest! {
+    #[test]
+    fn bpf_pod_port_keys_hold_network_order_and_round_trip(a: u32, port: u16) {
+        let ip = Ipv4Addr::from(a);
+        let key = PodPort::new(ip, port);
+        prop_assert_eq!(key.port.to_ne_bytes(), port.to_be_bytes());
+        prop_assert_eq!(key.ipv4.to_ne_bytes(), ip.octets());
+        prop_assert_eq!(key.endpoint(), (ip, port));
+    }
 }

@@ -75,6 +75,9 @@ pub struct Agent {
     dataplane: crate::state::DataplaneRx,
     proxy: Option<crate::proxy::Bound>,
     redirect: Arc<crate::redirect::Redirect>,
+    /// The source of the node's own connections to covered pods (`None`: they reach the
+    /// pods directly, see [`steer_node_connections`]).
+    node_source: Option<std::net::Ipv4Addr>,
     flows: crate::flows::Flows,
     routes: Option<PeerRoutes>,
     peers_rx: watch::Receiver<Option<Vec<Candidate>>>,
@@ -177,6 +180,7 @@ impl Agent {
         let ipam = Ipam::open(node.pod_cidr, &config.state_dir.join("ipam"))?;
         let redirect = Arc::new(crate::redirect::Redirect::load(&config.policy.bpf_pin_dir)?);
         redirect.ensure_rules(&netlink).await?;
+        let node_source = steer_node_connections(&redirect, &config, node.internal_ip)?;
         let (wireguard, rotate_tx, rotate_rx) = match config.network.encryption {
             Encryption::None => (None, None, None),
             Encryption::Wireguard => {
@@ -317,6 +321,7 @@ impl Agent {
             dataplane: dataplane.clone(),
             proxy: Some(proxy),
             redirect,
+            node_source,
             flows,
             routes: Some(routes),
             peers_rx,
@@ -402,6 +407,7 @@ impl Agent {
                     self.redirect.clone(),
                     self.service.netlink.clone(),
                     self.dataplane.clone(),
+                    self.node_source,
                 )),
             ),
         ];
@@ -640,19 +646,30 @@ async fn cover_pods(
     redirect: Arc<crate::redirect::Redirect>,
     netlink: rtnetlink::Handle,
     mut dataplane: crate::state::DataplaneRx,
+    node_source: Option<std::net::Ipv4Addr>,
 ) {
+    use std::collections::BTreeSet;
     loop {
         let snapshot = dataplane.borrow_and_update().clone();
         if snapshot.generation > 0 {
-            let covered: std::collections::BTreeSet<std::net::Ipv4Addr> = snapshot
+            let v4 = |ip: &IpAddr| match ip {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            };
+            let covered: BTreeSet<std::net::Ipv4Addr> =
+                snapshot.covered.keys().filter_map(v4).collect();
+            let direct: BTreeSet<(std::net::Ipv4Addr, u16)> = snapshot
                 .covered
-                .keys()
-                .filter_map(|ip| match ip {
-                    IpAddr::V4(v4) => Some(*v4),
-                    IpAddr::V6(_) => None,
-                })
+                .iter()
+                .filter_map(|(ip, pod)| Some((v4(ip)?, pod)))
+                .flat_map(|(ip, pod)| pod.node_direct_ports.iter().map(move |p| (ip, *p)))
                 .collect();
-            if let Err(e) = redirect.set_covered(&netlink, &covered).await {
+            // The probes' exemptions first: a new pod's tcpSocket probe must not meet the
+            // proxy between its route and its exemption.
+            if let Err(e) = redirect.set_node_direct(&direct) {
+                tracing::warn!(error = %e, "node probe exemptions not fully set; retrying");
+            }
+            if let Err(e) = redirect.set_covered(&netlink, &covered, node_source).await {
                 tracing::warn!(error = %e, "covered pods not fully set; retrying");
             }
         }
@@ -660,6 +677,30 @@ async fn cover_pods(
         // stopped, which its own task reports.
         if let Ok(Err(_)) = tokio::time::timeout(COVER_RESYNC, dataplane.changed()).await {
             return;
+        }
+    }
+}
+
+/// Attaches the program that steers the node's own connections to covered pods (kubelet
+/// probes, host-network pods) into the proxy, and returns the node address they come
+/// from. Without an IPv4 InternalIP there is no address to give them (the kernel would
+/// pick the pod's own, and the proxy would take the node for the pod): they then reach
+/// covered pods directly, as the log says.
+fn steer_node_connections(
+    redirect: &crate::redirect::Redirect,
+    config: &Config,
+    internal_ip: IpAddr,
+) -> Result<Option<std::net::Ipv4Addr>, StartError> {
+    match internal_ip {
+        IpAddr::V4(ip) => {
+            let cgroup = crate::redirect::cgroup2_root(&config.policy.cgroup_root)?;
+            redirect.attach_node(&cgroup)?;
+            Ok(Some(ip))
+        }
+        IpAddr::V6(_) => {
+            tracing::warn!(%internal_ip, "no IPv4 InternalIP: the node's own connections reach covered pods without the proxy");
+            redirect.detach_node()?;
+            Ok(None)
         }
     }
 }

@@ -186,6 +186,11 @@ pub struct PolicyConfig {
     /// Worker threads of the proxy, each with its own listening socket and runtime.
     #[arg(long, env = "VEIL_PROXY_THREADS", default_value_t = crate::proxy::DEFAULT_THREADS)]
     pub proxy_threads: usize,
+    /// The node's cgroup2 root (or a cgroup v1 root with the unified hierarchy at
+    /// `<dir>/unified`), where the program steering the node's own connections to covered
+    /// pods into the proxy attaches; the agent's own cgroup would miss the kubelet.
+    #[arg(long, env = "VEIL_CGROUP_ROOT", default_value = crate::redirect::DEFAULT_CGROUP_ROOT)]
+    pub cgroup_root: PathBuf,
 }
 
 /// Node-to-node encryption modes.

@@ -232,10 +232,19 @@ fn load(rt: &tokio::runtime::Runtime, pin_dir: &std::path::Path) -> Result<Redir
         // Twice: idempotent.
         redirect.ensure_rules(&handle).await?;
         let covered: BTreeSet<Ipv4Addr> = [POD_B].into_iter().collect();
-        redirect.set_covered(&handle, &covered).await?;
-        redirect.set_covered(&handle, &covered).await?;
+        redirect
+            .set_covered(&handle, &covered, Some(GATEWAY))
+            .await?;
+        redirect
+            .set_covered(&handle, &covered, Some(GATEWAY))
+            .await?;
         anyhow::Ok(())
     })?;
+    // The machine's own cgroup2 root: the program marks only this namespace's sockets.
+    let cgroup = mesh_agent::redirect::cgroup2_root(std::path::Path::new(
+        mesh_agent::redirect::DEFAULT_CGROUP_ROOT,
+    ))?;
+    redirect.attach_node(&cgroup)?;
     Ok(redirect)
 }
 
@@ -272,21 +281,31 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
     let (to_node, node_rx) = mpsc::channel::<NodeWork>();
     let (done_tx, done) = mpsc::channel::<Result<()>>();
     let node_thread = bed.node.spawn(move || {
-        let rt = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()?;
-        let redirect = load(&rt, &pin_dir)?;
-        let listener = proxy_listener()?;
-        redirect.set_proxy_listeners(std::slice::from_ref(&listener))?;
-        let events = rt
-            .block_on(async { redirect.spoof_events() })
-            .context("events")??;
-        let mut side = NodeSide {
-            rt,
-            redirect: Some(redirect),
-            listener: Some(listener),
-            events,
-            pin_dir,
+        let set_up = || -> Result<NodeSide> {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let redirect = load(&rt, &pin_dir)?;
+            let listener = proxy_listener()?;
+            redirect.set_proxy_listeners(std::slice::from_ref(&listener))?;
+            let events = rt
+                .block_on(async { redirect.spoof_events() })
+                .context("events")??;
+            Ok(NodeSide {
+                rt,
+                redirect: Some(redirect),
+                listener: Some(listener),
+                events,
+                pin_dir,
+            })
+        };
+        let mut side = match set_up() {
+            Ok(side) => side,
+            Err(e) => {
+                // The first piece of work hears why.
+                done_tx.send(Err(e.context("node set-up"))).ok();
+                return Ok(());
+            }
         };
         for work in node_rx {
             done_tx.send(work(&mut side)).ok();
@@ -294,9 +313,8 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
         Ok(())
     });
     let on_node = |work: NodeWork| -> Result<()> {
-        to_node
-            .send(work)
-            .map_err(|_| anyhow::anyhow!("node thread gone"))?;
+        // A failed set-up has left its error in `done`, and the send fails.
+        let _ = to_node.send(work);
         done.recv().context("node thread gone")?
     };
 
@@ -373,6 +391,42 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
             .starts_with("proxy local=198.18.250.3:8080 peer=198.18.250.2:"),
         "(f) {answer:?}"
     );
+    // (h) the node's own connections (kubelet, host-network pods): to covered B through
+    // the proxy, from the node's address (the covered route's src), over IPv4 and
+    // v4-mapped IPv6 sockets; to uncovered A straight to A; to an exempt (pod, port), the
+    // kubelet's tcpSocket probe, straight to B.
+    on_node(Box::new(|side| {
+        let answer = call(SocketAddrV4::new(POD_B, 8080))?;
+        if !answer.starts_with("proxy local=198.18.250.3:8080 peer=198.18.250.1:") {
+            bail!("(h) node -> covered B: {answer:?}");
+        }
+        let mapped = std::net::SocketAddrV6::new(POD_B.to_ipv6_mapped(), 8080, 0, 0);
+        let mut stream = TcpStream::connect_timeout(&SocketAddr::V6(mapped), TIMEOUT)?;
+        stream.set_read_timeout(Some(TIMEOUT))?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer)?;
+        if !answer.starts_with("proxy local=198.18.250.3:8080 peer=198.18.250.1:") {
+            bail!("(h) node -> covered B over IPv6: {answer:?}");
+        }
+        let answer = call(SocketAddrV4::new(POD_A, 8080))?;
+        if !answer.starts_with("pod-a local=198.18.250.2:8080 peer=198.18.250.1:") {
+            bail!("(h) node -> uncovered A: {answer:?}");
+        }
+        let redirect = side.redirect.as_ref().context("redirect")?;
+        redirect.set_node_direct(&[(POD_B, 8080)].into_iter().collect())?;
+        let answer = call(SocketAddrV4::new(POD_B, 8080))?;
+        if !answer.starts_with("pod-b local=198.18.250.3:8080 peer=198.18.250.1:") {
+            bail!("(h) node -> exempt B:8080: {answer:?}");
+        }
+        redirect.set_node_direct(&BTreeSet::new())?;
+        let answer = call(SocketAddrV4::new(POD_B, 8080))?;
+        if !answer.starts_with("proxy ") {
+            bail!("(h) node -> B:8080 after the exemption went: {answer:?}");
+        }
+        Ok(())
+    }))?;
+    // (h) a pod's own sockets stay unmarked: A → B still reaches the proxy from A.
+    proxied(bed).context("(h) pods unaffected")?;
     // (e) a spoofed source from A: not delivered, counted, reported.
     bed.a
         .ip(&["addr", "add", &format!("{SPOOFED}/32"), "dev", "eth0"])?;
@@ -462,7 +516,9 @@ fn run(bed: &Bed, pin_dir: PathBuf) -> Result<()> {
         let redirect = side.redirect.as_ref().context("redirect")?;
         side.rt.block_on(async {
             let handle = mesh_agent::netns::netlink_here()?;
-            redirect.set_covered(&handle, &BTreeSet::new()).await?;
+            redirect
+                .set_covered(&handle, &BTreeSet::new(), Some(GATEWAY))
+                .await?;
             anyhow::Ok(())
         })
     }))?;
@@ -644,7 +700,12 @@ fn redirect_netns_answers_from_the_tunnel_reach_a_covered_client() -> Result<()>
         redirect.detach_tunnel("vrt")?;
         Ok(())
     });
-    ready.recv().context("node set-up failed")?;
+    if ready.recv().is_err() {
+        return match node.join() {
+            Ok(Err(e)) => Err(e.context("node set-up")),
+            _ => bail!("node set-up failed"),
+        };
+    }
     let connect = |attach: bool| -> Result<bool> {
         let client = bed.b.spawn(|| {
             let to = SocketAddr::from((REMOTE, 8080));

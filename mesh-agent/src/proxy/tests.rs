@@ -198,6 +198,7 @@ fn dataplane(pod: SocketAddr, policies: &[(&str, Value)], generation: u64) -> Ar
         workload: Arc::clone(&server),
         ports: HashMap::from([(pod.port(), matcher(pod.port()))]),
         other_ports: matcher(0),
+        node_direct_ports: Vec::new(),
     };
     let mut workloads = HashMap::new();
     for w in [

@@ -11,7 +11,12 @@
 //! - `from_pod` assigns the covered pod's replies to those sockets and marks them
 //!   [`consts::TO_PROXY_MARK`], which rule [`consts::TO_PROXY_RULE_PRIORITY`] delivers locally
 //!   (table [`consts::TO_PROXY_TABLE`]);
-//! - `from_pod` also drops what a pod sends from an address not its own.
+//! - `from_pod` also drops what a pod sends from an address not its own;
+//! - `node_connect` (cgroup `connect4`/`connect6` on the node's cgroup2 root) marks the TCP
+//!   sockets the node itself opens with [`consts::NODE_MARK`], which rule
+//!   [`consts::NODE_CONNECT_RULE_PRIORITY`] looks up in the covered table first, so the
+//!   node's connections to covered pods (kubelet probes, host-network pods) meet the proxy
+//!   too, from the node's address (the `src` of the covered routes).
 //!
 //! Maps and links are pinned under a directory, so an agent restart keeps them all.
 //!
@@ -36,13 +41,14 @@ use aya::maps::{
 };
 use aya::programs::links::{FdLink, PinnedLink};
 use aya::programs::tc::{self, SchedClassifier, TcAttachType};
-use aya::programs::SkLookup;
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, SkLookup};
 use aya::{Ebpf, EbpfLoader};
 use veil_bpf::{
-    ipv4_from_key, ipv4_key, PodCounters as RawCounters, VeilPod, ALL_MAPS, COVERED_MAP, FROM_POD,
-    FROM_POD_PROGRAM, FROM_TUNNEL, FROM_TUNNEL_PROGRAM, PODS_MAP, POD_COUNTERS_MAP,
-    PROXY_SOCKS_MAP, PROXY_WORKERS_MAP, RETIRED_MAPS, SK_LOOKUP, SK_LOOKUP_PROGRAM,
-    SPOOF_EVENTS_MAP,
+    ipv4_from_key, ipv4_key, PodCounters as RawCounters, PodPort, VeilPod, ALL_MAPS, COVERED_MAP,
+    FROM_POD, FROM_POD_PROGRAM, FROM_TUNNEL, FROM_TUNNEL_PROGRAM, NODE_CONNECT,
+    NODE_CONNECT4_PROGRAM, NODE_CONNECT6_PROGRAM, NODE_DIRECT_MAP, NODE_NETNS_MAP, PODS_MAP,
+    POD_COUNTERS_MAP, PROXY_SOCKS_MAP, PROXY_WORKERS_MAP, RETIRED_MAPS, SK_LOOKUP,
+    SK_LOOKUP_PROGRAM, SPOOF_EVENTS_MAP,
 };
 
 pub use counts::Counts;
@@ -51,6 +57,29 @@ pub use veil_bpf::{consts, SpoofEvent, SpoofedFamily};
 
 /// Where the agent pins its maps and links unless configured otherwise.
 pub const DEFAULT_PIN_DIR: &str = "/sys/fs/bpf/veil";
+
+/// Where the node's cgroup2 hierarchy is unless configured otherwise.
+pub const DEFAULT_CGROUP_ROOT: &str = "/sys/fs/cgroup";
+
+/// The cgroup2 hierarchy at `root`: `root` itself, or `root/unified` on a host that still
+/// mounts cgroup v1 controllers there (the unified hierarchy then holds every process at
+/// its root). Errs naming what was found.
+pub fn cgroup2_root(root: &Path) -> Result<PathBuf, RedirectError> {
+    let is_cgroup2 = |path: &Path| {
+        nix::sys::statfs::statfs(path)
+            .map(|fs| fs.filesystem_type() == nix::sys::statfs::CGROUP2_SUPER_MAGIC)
+            .unwrap_or(false)
+    };
+    let unified = root.join("unified");
+    [root.to_path_buf(), unified]
+        .into_iter()
+        .find(|p| is_cgroup2(p))
+        .ok_or_else(|| RedirectError::Attach {
+            program: NODE_CONNECT4_PROGRAM,
+            target: root.display().to_string(),
+            message: "neither it nor its unified/ is a cgroup2 mount; mount the node's cgroup2 hierarchy there (the chart mounts the host's /sys/fs/cgroup)".into(),
+        })
+}
 
 /// Subdirectory of the pin directory holding the links.
 const LINKS_DIR: &str = "links";
@@ -119,6 +148,8 @@ struct Maps {
     covered: BpfHashMap<MapData, u32, u8>,
     proxy_socks: SockMap<MapData>,
     proxy_workers: Array<MapData, u32>,
+    node_netns: Array<MapData, u64>,
+    node_direct: BpfHashMap<MapData, PodPort, u8>,
     spoof_events: Option<RingBuf<MapData>>,
 }
 
@@ -129,6 +160,8 @@ struct Inner {
     from_tunnel: Ebpf,
     /// Keeps the `sk_lookup` program loaded while this agent runs (its link is pinned).
     _sk_lookup: Ebpf,
+    /// Holds the loaded `node_connect` programs, attached by [`Redirect::attach_node`].
+    node_connect: Ebpf,
     maps: Maps,
     /// Interfaces this agent attached, by name: their index.
     attached: HashMap<String, u32>,
@@ -191,6 +224,45 @@ fn pinned_link(path: &Path) -> Result<Option<PinnedLink>, RedirectError> {
     PinnedLink::from_pin(path)
         .map(Some)
         .map_err(|e| pin_err(path)(format!("{e:?}")))
+}
+
+/// Pins `link` at `pin` in place of `old` (the link pinned there before, if any). Both
+/// programs run until the old link goes; they decide alike, so nothing sees neither.
+fn replace_pinned(link: FdLink, old: Option<PinnedLink>, pin: &Path) -> Result<(), RedirectError> {
+    let old = match old {
+        Some(old) => Some(old.unpin().map_err(|e| pin_err(pin)(e.to_string()))?),
+        None => None,
+    };
+    link.pin(pin).map_err(|e| pin_err(pin)(format!("{e:?}")))?;
+    drop(old);
+    Ok(())
+}
+
+/// The cookie of the calling thread's network namespace (`SO_NETNS_COOKIE`, Linux 5.14),
+/// which `bpf_get_netns_cookie` returns for its sockets.
+fn netns_cookie() -> Result<u64, String> {
+    let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
+        .map_err(|e| format!("socket: {e}"))?;
+    let mut cookie: u64 = 0;
+    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
+    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed, and the
+    // descriptor is open for the duration of the call.
+    let rc = unsafe {
+        libc::getsockopt(
+            socket.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_NETNS_COOKIE,
+            (&mut cookie as *mut u64).cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(format!(
+            "getsockopt(SO_NETNS_COOKIE): {} (Linux 5.14 or later needed)",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(cookie)
 }
 
 /// Removes a pinned link; the last reference goes and the kernel detaches it.
@@ -305,6 +377,7 @@ impl Redirect {
         let mut from_pod = load_object(FROM_POD, FROM_POD_PROGRAM, pin_dir)?;
         let mut from_tunnel = load_object(FROM_TUNNEL, FROM_TUNNEL_PROGRAM, pin_dir)?;
         let mut sk_lookup = load_object(SK_LOOKUP, SK_LOOKUP_PROGRAM, pin_dir)?;
+        let mut node_connect = load_object(NODE_CONNECT, NODE_CONNECT4_PROGRAM, pin_dir)?;
         let load_err = |program| move |message: String| RedirectError::Load { program, message };
         for (ebpf, name) in [
             (&mut from_pod, FROM_POD_PROGRAM),
@@ -331,12 +404,24 @@ impl Redirect {
                 .map_err(|e| load_err(SK_LOOKUP_PROGRAM)(format!("{e:?}")))?;
             Self::attach_sk_lookup(program, &links.join(SK_LOOKUP_LINK))?;
         }
+        for name in [NODE_CONNECT4_PROGRAM, NODE_CONNECT6_PROGRAM] {
+            let program: &mut CgroupSockAddr = node_connect
+                .program_mut(name)
+                .ok_or_else(|| load_err(name)("program missing".into()))?
+                .try_into()
+                .map_err(|e| load_err(name)(format!("{e:?}")))?;
+            program
+                .load()
+                .map_err(|e| load_err(name)(format!("{e:?}")))?;
+        }
         let maps = Maps {
             pods: take(&mut from_pod, PODS_MAP, BpfHashMap::try_from)?,
             counters: take(&mut from_pod, POD_COUNTERS_MAP, PerCpuHashMap::try_from)?,
             covered: take(&mut from_pod, COVERED_MAP, BpfHashMap::try_from)?,
             proxy_socks: take(&mut from_pod, PROXY_SOCKS_MAP, SockMap::try_from)?,
             proxy_workers: take(&mut from_pod, PROXY_WORKERS_MAP, Array::try_from)?,
+            node_netns: take(&mut from_pod, NODE_NETNS_MAP, Array::try_from)?,
+            node_direct: take(&mut from_pod, NODE_DIRECT_MAP, BpfHashMap::try_from)?,
             spoof_events: Some(take(&mut from_pod, SPOOF_EVENTS_MAP, RingBuf::try_from)?),
         };
         let nr_cpus = aya::util::nr_cpus()
@@ -349,6 +434,7 @@ impl Redirect {
                 from_pod,
                 from_tunnel,
                 _sk_lookup: sk_lookup,
+                node_connect,
                 maps,
                 attached: HashMap::new(),
             }),
@@ -372,14 +458,107 @@ impl Redirect {
             .take_link(id)
             .map_err(|e| attach_err(format!("{e:?}")))?
             .into();
-        // Both programs run until the old link goes; they decide alike, so no connection
-        // sees neither.
-        let old = match old {
-            Some(old) => Some(old.unpin().map_err(|e| pin_err(pin)(e.to_string()))?),
-            None => None,
-        };
-        link.pin(pin).map_err(|e| pin_err(pin)(format!("{e:?}")))?;
-        drop(old);
+        replace_pinned(link, old, pin)
+    }
+
+    /// Attaches `node_connect` (`connect4` and `connect6`) to the cgroup2 directory
+    /// `cgroup` (the node's root: every process of the node below it), links pinned, after
+    /// writing the calling thread's network namespace as the one whose sockets it marks.
+    /// Sockets the node opens from then on with a destination a covered pod take the
+    /// source `node_ip` (the `src` of the covered routes, [`Redirect::set_covered`]).
+    /// Links left by an earlier agent are replaced without a gap. Other programs on the
+    /// cgroup stay: a cgroup bpf_link always runs beside them.
+    pub fn attach_node(&self, cgroup: &Path) -> Result<(), RedirectError> {
+        let cookie = netns_cookie().map_err(|message| RedirectError::Attach {
+            program: NODE_CONNECT4_PROGRAM,
+            target: "the calling thread's network namespace".into(),
+            message,
+        })?;
+        let mut inner = self.lock();
+        inner
+            .maps
+            .node_netns
+            .set(0, cookie, 0)
+            .map_err(|e| map_err(NODE_NETNS_MAP, 0)(format!("{e:?}")))?;
+        let dir = std::fs::File::open(cgroup).map_err(|e| RedirectError::Attach {
+            program: NODE_CONNECT4_PROGRAM,
+            target: cgroup.display().to_string(),
+            message: e.to_string(),
+        })?;
+        for name in [NODE_CONNECT4_PROGRAM, NODE_CONNECT6_PROGRAM] {
+            let attach_err = |message: String| RedirectError::Attach {
+                program: name,
+                target: cgroup.display().to_string(),
+                message,
+            };
+            let pin = self.node_link_pin(name);
+            let old = pinned_link(&pin)?;
+            let program: &mut CgroupSockAddr = inner
+                .node_connect
+                .program_mut(name)
+                .ok_or_else(|| attach_err("program missing".into()))?
+                .try_into()
+                .map_err(|e| attach_err(format!("{e:?}")))?;
+            // Through a bpf_link, which always shares the cgroup with other programs (the
+            // kernel answers EINVAL to BPF_F_ALLOW_MULTI passed as a link flag).
+            let id = program
+                .attach(&dir, CgroupAttachMode::Single)
+                .map_err(|e| attach_err(format!("{e:?}")))?;
+            let link: FdLink = program
+                .take_link(id)
+                .map_err(|e| attach_err(format!("{e:?}")))?
+                .try_into()
+                .map_err(|e| attach_err(format!("{e:?}")))?;
+            replace_pinned(link, old, &pin)?;
+        }
+        tracing::info!(cgroup = %cgroup.display(), netns_cookie = cookie, "node_connect attached");
+        Ok(())
+    }
+
+    /// Detaches `node_connect` (unpins its links; absent ones are fine) and forgets the
+    /// namespace: the node's own connections reach covered pods directly.
+    pub fn detach_node(&self) -> Result<(), RedirectError> {
+        let mut inner = self.lock();
+        for name in [NODE_CONNECT4_PROGRAM, NODE_CONNECT6_PROGRAM] {
+            unpin_link(&self.node_link_pin(name))?;
+        }
+        inner
+            .maps
+            .node_netns
+            .set(0, 0, 0)
+            .map_err(|e| map_err(NODE_NETNS_MAP, 0)(format!("{e:?}")))
+    }
+
+    fn node_link_pin(&self, program: &str) -> PathBuf {
+        self.pin_dir.join(LINKS_DIR).join(program)
+    }
+
+    /// Makes `veil_node_direct` equal to `direct`: the (covered pod, port) pairs the
+    /// node's own connections reach without the proxy (the kubelet's tcpSocket and gRPC
+    /// probes). Idempotent.
+    pub fn set_node_direct(&self, direct: &BTreeSet<(Ipv4Addr, u16)>) -> Result<(), RedirectError> {
+        let mut inner = self.lock();
+        let have: BTreeSet<(Ipv4Addr, u16)> = inner
+            .maps
+            .node_direct
+            .keys()
+            .map(|k| k.map(|k| k.endpoint()))
+            .collect::<Result<_, _>>()
+            .map_err(|e| map_err(NODE_DIRECT_MAP, "list")(format!("{e:?}")))?;
+        for (ip, port) in direct.difference(&have) {
+            inner
+                .maps
+                .node_direct
+                .insert(PodPort::new(*ip, *port), 1, 0)
+                .map_err(|e| map_err(NODE_DIRECT_MAP, format!("{ip}:{port}"))(format!("{e:?}")))?;
+        }
+        for (ip, port) in have.difference(direct) {
+            inner
+                .maps
+                .node_direct
+                .remove(&PodPort::new(*ip, *port))
+                .map_err(|e| map_err(NODE_DIRECT_MAP, format!("{ip}:{port}"))(format!("{e:?}")))?;
+        }
         Ok(())
     }
 
@@ -553,15 +732,17 @@ impl Redirect {
         Some(ipv4_from_key(pod.ipv4))
     }
 
-    /// Makes the covered set (map `veil_covered` and the `local <ip>/32` routes of table
-    /// [`consts::COVERED_TABLE`]) equal to `covered`: adds the missing, removes the extra;
-    /// idempotent. A new pod enters the map before its route (until the route exists its
+    /// Makes the covered set (map `veil_covered` and the `local <ip>/32 src <node_ip>`
+    /// routes of table [`consts::COVERED_TABLE`]) equal to `covered`: adds the missing,
+    /// removes the extra; idempotent. `node_ip` is the source the node's own connections
+    /// to covered pods take (see [`Redirect::attach_node`]). A new pod enters the map before its route (until the route exists its
     /// traffic still goes straight to it, as before the policy); a pod leaving loses its
     /// route before its map entry (so no locally delivered connection misses the proxy).
     pub async fn set_covered(
         &self,
         handle: &rtnetlink::Handle,
         covered: &BTreeSet<Ipv4Addr>,
+        node_ip: Option<Ipv4Addr>,
     ) -> Result<(), RedirectError> {
         let have = self.covered_in_map()?;
         {
@@ -574,7 +755,7 @@ impl Redirect {
                     .map_err(|e| map_err(COVERED_MAP, ip)(format!("{e:?}")))?;
             }
         }
-        routing::reconcile_covered_routes(handle, covered).await?;
+        routing::reconcile_covered_routes(handle, covered, node_ip).await?;
         let mut inner = self.lock();
         for ip in have.difference(covered) {
             inner
@@ -653,7 +834,7 @@ impl Redirect {
         Ok(())
     }
 
-    /// Installs the four rules (111 `iif lo ipproto tcp` → main, 112 upstream mark →
+    /// Installs the five rules (110 node mark → table 120, 111 `iif lo ipproto tcp` → main, 112 upstream mark →
     /// main, 113 to-proxy mark → table 121, 114 `ipproto tcp` → table 120) and table
     /// [`consts::TO_PROXY_TABLE`]'s `local 0.0.0.0/0 dev lo`. Idempotent; a rule at one of
     /// these priorities with another selector, table or action is replaced.

@@ -2,10 +2,15 @@
 //!
 //! | priority | selector | table |
 //! | --- | --- | --- |
+//! | [`consts::NODE_CONNECT_RULE_PRIORITY`] (110) | `fwmark 0x0c00/0x0f00 ipproto tcp` | [`consts::COVERED_TABLE`] (120) |
 //! | [`consts::LOCAL_OUT_RULE_PRIORITY`] (111) | `iif lo ipproto tcp` | main |
 //! | [`consts::UPSTREAM_RULE_PRIORITY`] (112) | `fwmark 0x0a00/0x0f00` | main |
 //! | [`consts::TO_PROXY_RULE_PRIORITY`] (113) | `fwmark 0x0b00/0x0f00` | [`consts::TO_PROXY_TABLE`] (121): `local 0.0.0.0/0 dev lo` |
-//! | [`consts::COVERED_RULE_PRIORITY`] (114) | `ipproto tcp` | [`consts::COVERED_TABLE`] (120): `local <covered pod>/32 dev lo` |
+//! | [`consts::COVERED_RULE_PRIORITY`] (114) | `ipproto tcp` | [`consts::COVERED_TABLE`] (120): `local <covered pod>/32 dev lo src <node IP>` |
+//!
+//! The `src` of table 120's routes is the source the node's own connections to covered
+//! pods take (rule 110): without it the kernel would pick the destination of a local
+//! route, the pod's own address, and the proxy would take the node for the pod.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -43,9 +48,16 @@ pub struct Rule {
     pub table: u32,
 }
 
-/// The four rules.
-pub fn desired_rules() -> [Rule; 4] {
+/// The five rules.
+pub fn desired_rules() -> [Rule; 5] {
     [
+        Rule {
+            priority: consts::NODE_CONNECT_RULE_PRIORITY,
+            fwmark: Some((consts::NODE_MARK, consts::MARK_MASK)),
+            tcp_only: true,
+            local_out: false,
+            table: consts::COVERED_TABLE,
+        },
         Rule {
             priority: consts::LOCAL_OUT_RULE_PRIORITY,
             fwmark: None,
@@ -140,7 +152,7 @@ async fn rules_at(
     Ok(found)
 }
 
-/// Makes sure each of the four rules exists exactly once at its priority: a rule at one
+/// Makes sure each of the five rules exists exactly once at its priority: a rule at one
 /// of our priorities with another selector, table or action (stale, or someone else's) is
 /// deleted and ours added. Also installs table 121's `local 0.0.0.0/0 dev lo`. Idempotent.
 pub async fn ensure_rules(handle: &Handle) -> Result<(), RedirectError> {
@@ -201,15 +213,27 @@ async fn add_rule(handle: &Handle, rule: Rule) -> Result<(), RedirectError> {
         })
 }
 
-fn local_route(table: u32, dst: Ipv4Addr, prefix: u8) -> RouteMessage {
-    RouteMessageBuilder::<Ipv4Addr>::new()
+fn local_route(table: u32, dst: Ipv4Addr, prefix: u8, src: Option<Ipv4Addr>) -> RouteMessage {
+    let mut route = RouteMessageBuilder::<Ipv4Addr>::new()
         .destination_prefix(dst, prefix)
         .table_id(table)
         .kind(RouteType::Local)
         .scope(RouteScope::Host)
         .output_interface(LOOPBACK_IFINDEX)
-        .protocol(ROUTE_PROTOCOL)
-        .build()
+        .protocol(ROUTE_PROTOCOL);
+    if let Some(src) = src {
+        route = route.pref_source(src);
+    }
+    route.build()
+}
+
+/// One of our routes as the kernel holds it.
+struct LocalRoute {
+    dst: Ipv4Addr,
+    prefix: u8,
+    src: Option<Ipv4Addr>,
+    /// The message to delete it by.
+    msg: RouteMessage,
 }
 
 async fn ensure_to_proxy_route(handle: &Handle) -> Result<(), RedirectError> {
@@ -219,6 +243,7 @@ async fn ensure_to_proxy_route(handle: &Handle) -> Result<(), RedirectError> {
             consts::TO_PROXY_TABLE,
             Ipv4Addr::UNSPECIFIED,
             0,
+            None,
         ))
         .replace()
         .execute()
@@ -230,11 +255,8 @@ async fn ensure_to_proxy_route(handle: &Handle) -> Result<(), RedirectError> {
         })
 }
 
-/// Our routes in `table`: (destination, prefix length, the message to delete it by).
-async fn routes_in(
-    handle: &Handle,
-    table: u32,
-) -> Result<Vec<(Ipv4Addr, u8, RouteMessage)>, RedirectError> {
+/// Our routes in `table`.
+async fn routes_in(handle: &Handle, table: u32) -> Result<Vec<LocalRoute>, RedirectError> {
     let mut filter = RouteMessageBuilder::<Ipv4Addr>::new()
         .table_id(table)
         .build();
@@ -252,51 +274,74 @@ async fn routes_in(
     {
         let mut msg_table = u32::from(msg.header.table);
         let mut dst = Ipv4Addr::UNSPECIFIED;
+        let mut src = None;
         for attr in &msg.attributes {
             match attr {
                 RouteAttribute::Table(t) => msg_table = *t,
                 RouteAttribute::Destination(RouteAddress::Inet(a)) => dst = *a,
+                RouteAttribute::PrefSource(RouteAddress::Inet(a)) => src = Some(*a),
                 _ => {}
             }
         }
         // The dump may ignore the table filter; check it ourselves.
         if msg_table == table && msg.header.protocol == ROUTE_PROTOCOL {
-            found.push((dst, msg.header.destination_prefix_length, msg));
+            found.push(LocalRoute {
+                dst,
+                prefix: msg.header.destination_prefix_length,
+                src,
+                msg,
+            });
         }
     }
     Ok(found)
 }
 
-/// Makes table 120's `local <ip>/32 dev lo` routes equal to `covered`.
+/// Makes table 120's `local <ip>/32 dev lo src <src>` routes equal to `covered`; a route
+/// with another `src` (an earlier agent's, or the node's address changed) is replaced in
+/// place, so the pod is never uncovered meanwhile.
 pub async fn reconcile_covered_routes(
     handle: &Handle,
     covered: &BTreeSet<Ipv4Addr>,
+    src: Option<Ipv4Addr>,
 ) -> Result<(), RedirectError> {
     let have = routes_in(handle, consts::COVERED_TABLE).await?;
     let present: BTreeSet<Ipv4Addr> = have
         .iter()
-        .filter(|(_, len, _)| *len == 32)
-        .map(|(ip, _, _)| *ip)
+        .filter(|r| r.prefix == 32 && r.src == src)
+        .map(|r| r.dst)
         .collect();
     for ip in covered.difference(&present) {
+        let target = match src {
+            Some(src) => format!(
+                "local {ip}/32 dev lo src {src} table {}",
+                consts::COVERED_TABLE
+            ),
+            None => format!("local {ip}/32 dev lo table {}", consts::COVERED_TABLE),
+        };
         handle
             .route()
-            .add(local_route(consts::COVERED_TABLE, *ip, 32))
+            .add(local_route(consts::COVERED_TABLE, *ip, 32, src))
             .replace()
             .execute()
             .await
             .map_err(|source| RedirectError::Netlink {
                 op: "add route",
-                target: format!("local {ip}/32 dev lo table {}", consts::COVERED_TABLE),
+                target,
                 source,
             })?;
     }
-    for (ip, len, msg) in have {
-        if len == 32 && covered.contains(&ip) {
+    for route in have {
+        // A /32 of a covered pod was kept or replaced above, whatever its `src`.
+        if route.prefix == 32 && covered.contains(&route.dst) {
             continue;
         }
-        let target = format!("local {ip}/{len} table {}", consts::COVERED_TABLE);
-        delete_route(handle, msg, target).await?;
+        let target = format!(
+            "local {}/{} table {}",
+            route.dst,
+            route.prefix,
+            consts::COVERED_TABLE
+        );
+        delete_route(handle, route.msg, target).await?;
     }
     Ok(())
 }
@@ -347,8 +392,9 @@ pub async fn remove_all(handle: &Handle) -> Result<(), RedirectError> {
         delete_rule(handle, msg, priority).await?;
     }
     for table in [consts::COVERED_TABLE, consts::TO_PROXY_TABLE] {
-        for (ip, len, msg) in routes_in(handle, table).await? {
-            delete_route(handle, msg, format!("local {ip}/{len} table {table}")).await?;
+        for route in routes_in(handle, table).await? {
+            let target = format!("local {}/{} table {table}", route.dst, route.prefix);
+            delete_route(handle, route.msg, target).await?;
         }
     }
     Ok(())

@@ -95,7 +95,7 @@ fn cover(redirect: &Redirect, rt: &tokio::runtime::Runtime, ip: Ipv4Addr) {
     rt.block_on(async {
         let handle = crate::netns::netlink_here().unwrap();
         redirect
-            .set_covered(&handle, &[ip].into_iter().collect())
+            .set_covered(&handle, &[ip].into_iter().collect(), None)
             .await
             .unwrap();
     });
@@ -426,4 +426,17 @@ fn redirect_bpf_test_run_from_pod_remembers_the_connections_covered_pods_open() 
             }]
         );
     });
+}
+
+#[test]
+fn redirect_cgroup2_root_names_a_directory_without_cgroup2() {
+    let dir = std::env::temp_dir().join(format!("veil-no-cgroup-{}", std::process::id()));
+    std::fs::create_dir_all(dir.join("unified")).expect("temp dir");
+    let err = super::cgroup2_root(&dir).expect_err("a plain directory is no cgroup2");
+    let message = err.to_string();
+    std::fs::remove_dir_all(&dir).ok();
+    assert!(
+        message.contains(&dir.display().to_string()) && message.contains("cgroup2"),
+        "{message}"
+    );
 }

@@ -233,6 +233,11 @@ fn covered_pod(
         ports: ports.iter().map(|&p| (p, matcher(p))).collect(),
         // No rule names port 0, so only rules without `ports` apply here.
         other_ports: matcher(0),
+        // The node's probes reach these directly only while probes are exempt at all.
+        node_direct_ports: match settings.allow_local_node_probes {
+            true => pods::direct_probe_ports(pod),
+            false => Vec::new(),
+        },
         workload,
     }
 }

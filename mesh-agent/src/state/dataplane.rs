@@ -53,6 +53,9 @@ pub struct CoveredPod {
     pub ports: HashMap<u16, Arc<PortMatcher>>,
     /// The matcher for any other port: only rules without `ports` can match there.
     pub other_ports: Arc<PortMatcher>,
+    /// Ports of the pod's `tcpSocket` and `grpc` probes, which the node's own connections
+    /// reach without the proxy (empty when local node probes are not allowed).
+    pub node_direct_ports: Vec<u16>,
 }
 
 impl CoveredPod {

@@ -102,6 +102,50 @@ pub(crate) fn probes(pod: &Pod) -> Vec<ProbeTarget> {
     out
 }
 
+/// The ports of the pod's `tcpSocket` and `grpc` probes that the kubelet sends to the pod
+/// itself: the node's connections to them must reach the pod, not the proxy, whose
+/// handshake would pass a `tcpSocket` probe with the pod dead (and a gRPC health check is
+/// not a declared `httpGet` path the probe exemption could judge).
+pub(crate) fn direct_probe_ports(pod: &Pod) -> Vec<u16> {
+    let mut out = Vec::new();
+    for container in containers(pod) {
+        let specs = [
+            &container.liveness_probe,
+            &container.readiness_probe,
+            &container.startup_probe,
+        ];
+        for spec in specs.into_iter().flatten() {
+            if let Some(tcp) = &spec.tcp_socket {
+                if tcp.host.as_deref().is_none_or(str::is_empty) {
+                    out.extend(container_port(&tcp.port, container));
+                }
+            }
+            if let Some(grpc) = &spec.grpc {
+                out.extend(u16::try_from(grpc.port).ok());
+            }
+        }
+    }
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
+/// A probe's port: a number, or the name of one of the container's ports.
+fn container_port(
+    port: &IntOrString,
+    container: &k8s_openapi::api::core::v1::Container,
+) -> Option<u16> {
+    match port {
+        IntOrString::Int(n) => u16::try_from(*n).ok(),
+        IntOrString::String(name) => container
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.name.as_deref() == Some(name.as_str()))
+            .and_then(|p| u16::try_from(p.container_port).ok()),
+    }
+}
+
 fn probe_target(
     spec: &ProbeSpec,
     container: &k8s_openapi::api::core::v1::Container,
@@ -110,15 +154,7 @@ fn probe_target(
     if get.host.as_deref().is_some_and(|h| !h.is_empty()) {
         return None;
     }
-    let port = match &get.port {
-        IntOrString::Int(n) => u16::try_from(*n).ok()?,
-        IntOrString::String(name) => container
-            .ports
-            .iter()
-            .flatten()
-            .find(|p| p.name.as_deref() == Some(name.as_str()))
-            .and_then(|p| u16::try_from(p.container_port).ok())?,
-    };
+    let port = container_port(&get.port, container)?;
     Some((port, get.path.clone().unwrap_or_default()))
 }
 
@@ -214,5 +250,29 @@ mod tests {
             probes(&p),
             vec![(8080, "/healthz".to_string()), (9090, String::new())]
         );
+        assert_eq!(direct_probe_ports(&p), vec![1]);
+    }
+
+    #[test]
+    fn state_direct_probe_ports_resolve_names_and_skip_other_hosts() {
+        let p = pod(serde_json::json!({
+            "metadata": {"namespace": "shop", "name": "db"},
+            "spec": {"containers": [{
+                "name": "db",
+                "ports": [{"name": "sql", "containerPort": 5432}, {"name": "huge", "containerPort": 70000}],
+                "livenessProbe": {"tcpSocket": {"port": "sql"}},
+                "readinessProbe": {"grpc": {"port": 9000}},
+                "startupProbe": {"tcpSocket": {"port": 6000, "host": "198.18.0.1"}},
+            }, {
+                "name": "side",
+                "livenessProbe": {"tcpSocket": {"port": "missing"}},
+                "readinessProbe": {"tcpSocket": {"port": "huge"}},
+                "startupProbe": {"grpc": {"port": -1}},
+            }, {
+                "name": "again",
+                "livenessProbe": {"tcpSocket": {"port": 5432, "host": ""}},
+            }]},
+        }));
+        assert_eq!(direct_probe_ports(&p), vec![5432, 9000]);
     }
 }
