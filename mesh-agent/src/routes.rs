@@ -26,6 +26,24 @@ pub const MAIN_TABLE: u32 = 254;
 pub const PODS_TO_NODES_TABLE: u32 = 0x77;
 /// That rule's priority: before the main table (32766).
 pub const PODS_TO_NODES_RULE_PRIORITY: u32 = 0x77;
+/// The same rule for packets the node itself sends from a pod's address (`iif lo`: the
+/// proxy answering, as the pod, a connection another node opened itself). It must come
+/// before the redirect rules, whose "iif lo ipproto tcp lookup main" (111) would send
+/// those answers to the peer's address along the underlay, in clear. Packets arriving
+/// from pods are not `iif lo`, so the proxy still gets the pods' replies to its upstream
+/// connections (rule 113).
+pub const PODS_TO_NODES_LOCAL_RULE_PRIORITY: u32 = 0x6d;
+const _: () = assert!(
+    PODS_TO_NODES_LOCAL_RULE_PRIORITY < veil_bpf::consts::NODE_CONNECT_RULE_PRIORITY
+        && PODS_TO_NODES_LOCAL_RULE_PRIORITY < veil_bpf::consts::LOCAL_OUT_RULE_PRIORITY
+);
+
+/// The rules that look up [`PODS_TO_NODES_TABLE`] for `from <pod CIDR>`: (priority,
+/// whether only the node's own packets, `iif lo`).
+const PODS_RULES: [(u32, bool); 2] = [
+    (PODS_TO_NODES_LOCAL_RULE_PRIORITY, true),
+    (PODS_TO_NODES_RULE_PRIORITY, false),
+];
 
 /// Where a peer route sends packets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -166,40 +184,60 @@ pub fn desired(
     want
 }
 
-/// Whether `msg` is exactly the rule [`ensure_pods_rule`] adds for `pods`.
-fn is_pods_rule(
+/// Which of [`PODS_RULES`] `msg` is exactly, for `pods` (`None`: stale or someone else's).
+fn pods_rule_kind(
     msg: &rtnetlink::packet_route::rule::RuleMessage,
     src: Option<Ipv4Net>,
     pods: Ipv4Net,
-) -> bool {
+) -> Option<(u32, bool)> {
     use rtnetlink::packet_route::rule::{RuleAction, RuleAttribute};
     let priority = msg.attributes.iter().find_map(|a| match a {
         RuleAttribute::Priority(p) => Some(*p),
         _ => None,
+    })?;
+    let local_only = msg
+        .attributes
+        .iter()
+        .any(|a| matches!(a, RuleAttribute::Iifname(name) if name == "lo"));
+    let other_selector = msg.attributes.iter().any(|a| match a {
+        RuleAttribute::Iifname(name) => name != "lo",
+        RuleAttribute::Oifname(_) | RuleAttribute::FwMark(_) | RuleAttribute::IpProtocol(_) => true,
+        _ => false,
     });
-    src == Some(pods)
+    let kind = (priority, local_only);
+    (src == Some(pods)
         && msg.header.action == RuleAction::ToTable
-        && priority == Some(PODS_TO_NODES_RULE_PRIORITY)
+        && msg.header.dst_len == 0
+        && !other_selector
+        && PODS_RULES.contains(&kind))
+    .then_some(kind)
 }
 
-/// Makes the rules that look up [`PODS_TO_NODES_TABLE`] exactly one: "from `pods`
-/// lookup it" at [`PODS_TO_NODES_RULE_PRIORITY`]. A rule left for an earlier pod CIDR of
-/// the node, or with another action or priority, is replaced (the right one is added
-/// first, so pods' packets never miss it).
+/// Makes the rules that look up [`PODS_TO_NODES_TABLE`] exactly [`PODS_RULES`]: "from
+/// `pods` lookup it" at [`PODS_TO_NODES_RULE_PRIORITY`], and the same for `iif lo` at
+/// [`PODS_TO_NODES_LOCAL_RULE_PRIORITY`]. A rule left for an earlier pod CIDR of the
+/// node, or with another action, selector or priority, is replaced (the right ones are
+/// added first, so pods' packets never miss them).
 pub async fn ensure_pods_rule(handle: &Handle, pods: Ipv4Net) -> Result<(), PodNetError> {
     let existing = pods_rules(handle).await?;
-    if !existing
+    let present: Vec<(u32, bool)> = existing
         .iter()
-        .any(|(src, msg)| is_pods_rule(msg, *src, pods))
-    {
-        add_pods_rule(handle, pods).await?;
-    }
-    for (src, msg) in existing {
-        if is_pods_rule(&msg, src, pods) {
-            continue;
+        .filter_map(|(src, msg)| pods_rule_kind(msg, *src, pods))
+        .collect();
+    for (priority, local_only) in PODS_RULES {
+        if !present.contains(&(priority, local_only)) {
+            add_pods_rule(handle, pods, priority, local_only).await?;
         }
-        tracing::info!(from = ?src, "replacing a stale rule to the pods' table");
-        delete_pods_rule(handle, src, msg).await?;
+    }
+    let mut kept = Vec::new();
+    for (src, msg) in existing {
+        match pods_rule_kind(&msg, src, pods) {
+            Some(kind) if !kept.contains(&kind) => kept.push(kind),
+            _ => {
+                tracing::info!(from = ?src, "replacing a stale rule to the pods' table");
+                delete_pods_rule(handle, src, msg).await?;
+            }
+        }
     }
     Ok(())
 }
@@ -221,17 +259,26 @@ async fn delete_pods_rule(
         })
 }
 
-async fn add_pods_rule(handle: &Handle, pods: Ipv4Net) -> Result<(), PodNetError> {
-    handle
+async fn add_pods_rule(
+    handle: &Handle,
+    pods: Ipv4Net,
+    priority: u32,
+    local_only: bool,
+) -> Result<(), PodNetError> {
+    let mut request = handle
         .rule()
         .add()
         .v4()
         .source_prefix(pods.network(), pods.prefix_len())
         .table_id(PODS_TO_NODES_TABLE)
-        .priority(PODS_TO_NODES_RULE_PRIORITY)
+        .priority(priority)
         // Unset, the kernel answers every lookup through the rule with EINVAL: pods
         // could send nothing at all.
-        .action(rtnetlink::packet_route::rule::RuleAction::ToTable)
+        .action(rtnetlink::packet_route::rule::RuleAction::ToTable);
+    if local_only {
+        request = request.input_interface("lo");
+    }
+    request
         .execute()
         .await
         .map_err(|source| PodNetError::Netlink {
@@ -446,7 +493,13 @@ mod tests {
             // An earlier pod CIDR of the node, and a rule with the wrong priority.
             let old: Ipv4Net = "198.19.9.0/24".parse().expect("net");
             let pods: Ipv4Net = "198.19.1.0/24".parse().expect("net");
-            rt.block_on(add_pods_rule(handle, old)).expect("stale rule");
+            rt.block_on(add_pods_rule(
+                handle,
+                old,
+                PODS_TO_NODES_RULE_PRIORITY,
+                false,
+            ))
+            .expect("stale rule");
             rt.block_on(
                 handle
                     .rule()
@@ -459,15 +512,28 @@ mod tests {
                     .execute(),
             )
             .expect("wrong-priority rule");
-            assert_eq!(ns_rules(rt).len(), 2);
+            // The node-only rule without its `iif lo`: another selector, so stale.
+            rt.block_on(add_pods_rule(
+                handle,
+                pods,
+                PODS_TO_NODES_LOCAL_RULE_PRIORITY,
+                false,
+            ))
+            .expect("rule without iif");
+            assert_eq!(ns_rules(rt).len(), 3);
             rt.block_on(ensure_pods_rule(handle, pods)).expect("ensure");
             let left = ns_rules(rt);
-            assert_eq!(left.len(), 1, "{left:?}");
-            assert!(is_pods_rule(&left[0].1, left[0].0, pods));
+            let mut kinds: Vec<_> = left
+                .iter()
+                .filter_map(|(src, msg)| pods_rule_kind(msg, *src, pods))
+                .collect();
+            kinds.sort();
+            assert_eq!(left.len(), 2, "{left:?}");
+            assert_eq!(kinds, PODS_RULES.to_vec());
             // Idempotent.
             rt.block_on(ensure_pods_rule(handle, pods))
                 .expect("ensure again");
-            assert_eq!(ns_rules(rt).len(), 1);
+            assert_eq!(ns_rules(rt).len(), 2);
         });
     }
 }

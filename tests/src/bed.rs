@@ -155,6 +155,16 @@ impl Node {
         )
     }
 
+    /// Runs the real `curl` in the node's own namespace, as the kubelet or a host-network
+    /// pod would connect: see [`Pod::curl`].
+    pub fn curl(&self, args: &[&str]) -> Result<HttpReply> {
+        curl_in(
+            &self.netns,
+            &format!("node {} ({})", self.name, self.ip),
+            args,
+        )
+    }
+
     /// The network configuration a runtime on this node hands `mesh-cni`.
     pub fn netconf(&self) -> String {
         json!({
@@ -259,6 +269,40 @@ impl HttpReply {
     }
 }
 
+/// Runs the real `curl` in `netns` (`who` names it in errors) with `args`: see [`Pod::curl`].
+fn curl_in(netns: &Netns, who: &str, args: &[&str]) -> Result<HttpReply> {
+    let write_out = format!("{CURL_STATUS_MARK}%{{http_code}}");
+    let mut argv = vec![
+        "curl",
+        "--silent",
+        "--show-error",
+        "--noproxy",
+        "*",
+        "--max-time",
+        "10",
+        "--write-out",
+        &write_out,
+    ];
+    argv.extend_from_slice(args);
+    let out = netns.exec(&argv)?;
+    if !out.status.success() {
+        bail!(
+            "curl {} from {who}: {}: {}",
+            args.join(" "),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let (body, status) = stdout
+        .rsplit_once(CURL_STATUS_MARK)
+        .ok_or_else(|| anyhow!("curl printed no status: {stdout}"))?;
+    Ok(HttpReply {
+        status: status.trim().parse()?,
+        body: body.to_string(),
+    })
+}
+
 /// What `curl --write-out` prints after the body, so the status can be split off.
 const CURL_STATUS_MARK: &str = "\n--veil-http-status:";
 
@@ -336,38 +380,7 @@ impl Pod {
     /// `-H`, …; 10 s at most, no proxy from the environment) and returns the status and
     /// body; fails when curl does (connection refused, timeout), with its message.
     pub fn curl(&self, args: &[&str]) -> Result<HttpReply> {
-        let write_out = format!("{CURL_STATUS_MARK}%{{http_code}}");
-        let mut argv = vec![
-            "curl",
-            "--silent",
-            "--show-error",
-            "--noproxy",
-            "*",
-            "--max-time",
-            "10",
-            "--write-out",
-            &write_out,
-        ];
-        argv.extend_from_slice(args);
-        let out = self.exec(&argv)?;
-        if !out.status.success() {
-            bail!(
-                "curl {} from {} ({}): {}: {}",
-                args.join(" "),
-                self.name,
-                self.ip,
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let (body, status) = stdout
-            .rsplit_once(CURL_STATUS_MARK)
-            .ok_or_else(|| anyhow!("curl printed no status: {stdout}"))?;
-        Ok(HttpReply {
-            status: status.trim().parse()?,
-            body: body.to_string(),
-        })
+        curl_in(&self.netns, &format!("{} ({})", self.name, self.ip), args)
     }
 
     /// Pings `dst` from the pod (3 tries, 1 s apart at most).

@@ -8,8 +8,8 @@ use std::net::Ipv4Addr;
 
 use k8s_openapi::api::authentication::v1::{BoundObjectReference, TokenRequest, TokenRequestSpec};
 use k8s_openapi::api::core::v1::{
-    Container, ContainerPort, Namespace, ObjectReference, Pod, PodSpec, Service, ServiceAccount,
-    ServicePort, ServiceSpec,
+    Container, ContainerPort, HTTPGetAction, Namespace, ObjectReference, Pod, PodSpec, Probe,
+    Service, ServiceAccount, ServicePort, ServiceSpec, TCPSocketAction,
 };
 use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::OwnerReference;
@@ -93,6 +93,10 @@ pub struct Workload {
     pub labels: BTreeMap<String, String>,
     /// Named TCP container ports.
     pub ports: Vec<(String, u16)>,
+    /// An `httpGet` readiness probe: (port, path).
+    pub http_probe: Option<(u16, String)>,
+    /// A `tcpSocket` liveness probe's port.
+    pub tcp_probe: Option<u16>,
 }
 
 impl Workload {
@@ -103,6 +107,8 @@ impl Workload {
             service_account: "default".into(),
             labels: BTreeMap::new(),
             ports: Vec::new(),
+            http_probe: None,
+            tcp_probe: None,
         }
     }
 
@@ -123,6 +129,19 @@ impl Workload {
         self.ports.push((name.into(), port));
         self
     }
+
+    /// Declares an `httpGet` readiness probe on `port` and `path` (nothing sends it: the
+    /// bed has no kubelet; the agent reads it from the Pod).
+    pub fn http_probe(mut self, port: u16, path: &str) -> Workload {
+        self.http_probe = Some((port, path.into()));
+        self
+    }
+
+    /// Declares a `tcpSocket` liveness probe on `port`.
+    pub fn tcp_probe(mut self, port: u16) -> Workload {
+        self.tcp_probe = Some(port);
+        self
+    }
 }
 
 /// The Pod object of a workload `name` scheduled to `node` (no status: see [`running_status`]).
@@ -141,6 +160,21 @@ pub fn workload_pod(name: &str, node: &str, w: &Workload) -> Pod {
                 })
                 .collect(),
         );
+        spec.containers[0].readiness_probe = w.http_probe.as_ref().map(|(port, path)| Probe {
+            http_get: Some(HTTPGetAction {
+                port: IntOrString::Int(i32::from(*port)),
+                path: Some(path.clone()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        });
+        spec.containers[0].liveness_probe = w.tcp_probe.map(|port| Probe {
+            tcp_socket: Some(TCPSocketAction {
+                port: IntOrString::Int(i32::from(port)),
+                host: None,
+            }),
+            ..Default::default()
+        });
     }
     p
 }

@@ -6,6 +6,7 @@
 
 use std::time::{Duration, Instant};
 
+use veil_testbed::capture::Capture;
 use veil_testbed::objects::cluster_ip;
 use veil_testbed::{eventually, BedConfig, HttpReply, Pod, ServicePortSpec, TestBed, Workload};
 
@@ -22,6 +23,9 @@ spec:
         - methods: [GET]
           path: {prefix: /public}
 "#;
+
+/// The port of the api's `tcpSocket` probe.
+const PROBE_PORT: u16 = 9000;
 
 /// Asserts a 403 from the proxy that names the policy.
 fn assert_denied(reply: &HttpReply, what: &str) {
@@ -56,16 +60,22 @@ fn shop() -> Shop {
     .unwrap();
     bed.create_namespace("shop", &[("team", "shop")]).unwrap();
     let server = |name: &str, app: &str| {
-        let w = Workload::new("shop")
+        Workload::new("shop")
             .label("app", app)
             .service_account(name)
-            .port("http", 8080);
-        bed.add_workload(1, name, &w).unwrap()
+            .port("http", 8080)
     };
-    let api = server("api", "api");
-    let free = server("free", "free");
+    // The api declares the kubelet's probes: httpGet on its HTTP port, tcpSocket on 9000.
+    let api = server("api", "api")
+        .http_probe(8080, "/ready")
+        .tcp_probe(PROBE_PORT);
+    let api = bed.add_workload(1, "api", &api).unwrap();
+    let free = bed
+        .add_workload(1, "free", &server("free", "free"))
+        .unwrap();
     let servers = vec![
         api.serve_echo(8080).unwrap(),
+        api.serve_echo(PROBE_PORT).unwrap(),
         free.serve_echo(8080).unwrap(),
     ];
     let client = |node: usize, name: &str, sa: &str| {
@@ -108,8 +118,10 @@ fn proxy_enforces_l7_policy_across_nodes_same_node_and_through_services() {
     let shop = shop();
     let api = format!("http://{}:8080", shop.api.ip);
 
-    // No policy yet: anything goes, straight to the pod.
+    // No policy yet: anything goes, straight to the pod, from pods and from the node.
     let reply = curl(&shop.other, &[&format!("{api}/admin")]);
+    assert_eq!(reply.status, 200, "{reply:?}");
+    let reply = shop.bed.node(1).curl(&[&format!("{api}/admin")]).unwrap();
     assert_eq!(reply.status, 200, "{reply:?}");
     let before = shop.bed.meshctl(1, &["proxy"]).unwrap();
     assert!(
@@ -193,6 +205,40 @@ fn proxy_enforces_l7_policy_across_nodes_same_node_and_through_services() {
         "other via the Service",
     );
 
+    // The node itself (the kubelet, host-network pods) meets the proxy too, from its own
+    // address: the api's declared httpGet probe passes, nothing else does, directly or
+    // through the Service; the port of its tcpSocket probe is reached directly, so the
+    // probe tests the pod and not the proxy (which would answer it with the pod dead).
+    let node = shop.bed.node(1);
+    let reply = node.curl(&[&format!("{api}/ready")]).unwrap();
+    assert_eq!(reply.status, 200, "the node's probe: {reply:?}");
+    assert_eq!(reply.peer_ip().unwrap(), node.ip, "the node's probe");
+    assert_denied(&node.curl(&[&format!("{api}/public")]).unwrap(), "the node");
+    assert_denied(
+        &node.curl(&[&format!("http://{vip}/public")]).unwrap(),
+        "the node via the Service",
+    );
+    let reply = node
+        .curl(&[&format!("http://{}:{PROBE_PORT}/any", shop.api.ip)])
+        .unwrap();
+    assert_eq!(reply.status, 200, "the tcpSocket probe's port: {reply:?}");
+    assert_eq!(reply.peer_ip().unwrap(), node.ip);
+    // Another node is not the pod's own: its request for the probe path is judged as any,
+    // and both ways cross the underlay inside WireGuard (the proxy answers from the pod's
+    // address to a node's).
+    let filter = format!("host {}", shop.api.ip);
+    let capture = Capture::start(shop.bed.underlay(), &filter, shop.bed.dir()).unwrap();
+    assert_denied(
+        &shop.bed.node(0).curl(&[&format!("{api}/ready")]).unwrap(),
+        "another node",
+    );
+    let seen = capture.stop().unwrap();
+    assert!(
+        seen.lines.is_empty(),
+        "the api's address in clear on the underlay: {:?}",
+        seen.lines
+    );
+
     // A pod no policy selects: served directly, the proxy never sees the connection.
     let counted = |out: &str| {
         let stats: serde_json::Value = serde_json::from_str(out).unwrap();
@@ -231,6 +277,13 @@ fn proxy_enforces_l7_policy_across_nodes_same_node_and_through_services() {
             && r["destination"]["pod"] == "api"
             && r["status"] == 403),
         "{denied}"
+    );
+    let node_ip = shop.bed.node(1).ip.to_string();
+    assert!(
+        records.iter().any(|r| r["source"]["ip"] == node_ip.as_str()
+            && r["source"]["pod"].is_null()
+            && r["destination"]["pod"] == "api"),
+        "the node's refused request: {denied}"
     );
     assert!(records.iter().all(|r| r["verdict"] == "deny"), "{denied}");
     let table = shop
