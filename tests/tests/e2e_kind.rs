@@ -195,6 +195,36 @@ fn l7_enforcement(kind: &Kind, client_ip: &str, cluster_ip: &str) -> Result<()> 
             &format!("http://{echo_b}:8080/public"),
         ],
     )?;
+    // The kubelet's readiness probe of echo-b (httpGet /healthz every 2 s) meets the proxy
+    // too, from the node's own address, and passes as the pod's declared probe: flow
+    // records show it allowed, and echo-b stays Ready under the enforcing policy.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let allowed = meshctl_on(kind, &node_b, &["observe", "--verdict", "allow", "--json"])?;
+        if has_record(&allowed, &|r| {
+            r["path"] == "/healthz"
+                && r["destination"]["pod"] == "echo-b"
+                && r["source"]["pod"].is_null()
+        }) {
+            break;
+        }
+        ensure!(
+            Instant::now() < deadline,
+            "no kubelet probe of echo-b through the proxy in 20 s: {allowed}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let pod = kind.get_json(&["-n", "demo", "pod", "echo-b"])?;
+    let ready = pod["status"]["conditions"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .any(|c| c["type"] == "Ready" && c["status"] == "True");
+    ensure!(
+        ready,
+        "echo-b not Ready under echo-guard: {}",
+        pod["status"]
+    );
     let refused = meshctl_on(kind, &node_b, &["observe", "--verdict", "deny", "--json"])?;
     ensure!(
         has_record(&refused, &|r| r["policy"] == "demo/echo-guard"
@@ -213,7 +243,7 @@ fn l7_enforcement(kind: &Kind, client_ip: &str, cluster_ip: &str) -> Result<()> 
         std::thread::sleep(Duration::from_millis(200));
     }
     eprintln!(
-        "e2e: L7 enforcement (audit, allow, 403 direct and via the Service, observe) checked"
+        "e2e: L7 enforcement (audit, allow, 403 direct and via the Service, kubelet probes through the proxy, observe) checked"
     );
     Ok(())
 }

@@ -25,7 +25,7 @@ spec:
 "#;
 
 /// The port of the api's `tcpSocket` probe.
-const PROBE_PORT: u16 = 9000;
+const PROBE_PORT: u16 = 9100;
 
 /// Asserts a 403 from the proxy that names the policy.
 fn assert_denied(reply: &HttpReply, what: &str) {
@@ -65,7 +65,7 @@ fn shop() -> Shop {
             .service_account(name)
             .port("http", 8080)
     };
-    // The api declares the kubelet's probes: httpGet on its HTTP port, tcpSocket on 9000.
+    // The api declares the kubelet's probes: httpGet on its HTTP port, tcpSocket on PROBE_PORT.
     let api = server("api", "api")
         .http_probe(8080, "/ready")
         .tcp_probe(PROBE_PORT);
