@@ -196,6 +196,21 @@ fn load_object(bytes: &[u8], program: &'static str, pin_dir: &Path) -> Result<Eb
     })
 }
 
+/// The program `name` of `ebpf`, as its type `P`.
+fn program_of<'a, P>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut P, RedirectError>
+where
+    &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let load_err = |message: String| RedirectError::Load {
+        program: name,
+        message,
+    };
+    ebpf.program_mut(name)
+        .ok_or_else(|| load_err("program missing".into()))?
+        .try_into()
+        .map_err(|e| load_err(format!("{e:?}")))
+}
+
 fn take<T>(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -379,38 +394,24 @@ impl Redirect {
         let mut sk_lookup = load_object(SK_LOOKUP, SK_LOOKUP_PROGRAM, pin_dir)?;
         let mut node_connect = load_object(NODE_CONNECT, NODE_CONNECT4_PROGRAM, pin_dir)?;
         let load_err = |program| move |message: String| RedirectError::Load { program, message };
+        // `{:?}` keeps the verifier's log, which Display drops.
         for (ebpf, name) in [
             (&mut from_pod, FROM_POD_PROGRAM),
             (&mut from_tunnel, FROM_TUNNEL_PROGRAM),
         ] {
-            let program: &mut SchedClassifier = ebpf
-                .program_mut(name)
-                .ok_or_else(|| load_err(name)("program missing".into()))?
-                .try_into()
-                .map_err(|e| load_err(name)(format!("{e:?}")))?;
-            // `{:?}` keeps the verifier's log, which Display drops.
-            program
+            program_of::<SchedClassifier>(ebpf, name)?
                 .load()
                 .map_err(|e| load_err(name)(format!("{e:?}")))?;
         }
         {
-            let program: &mut SkLookup = sk_lookup
-                .program_mut(SK_LOOKUP_PROGRAM)
-                .ok_or_else(|| load_err(SK_LOOKUP_PROGRAM)("program missing".into()))?
-                .try_into()
-                .map_err(|e| load_err(SK_LOOKUP_PROGRAM)(format!("{e:?}")))?;
+            let program = program_of::<SkLookup>(&mut sk_lookup, SK_LOOKUP_PROGRAM)?;
             program
                 .load()
                 .map_err(|e| load_err(SK_LOOKUP_PROGRAM)(format!("{e:?}")))?;
             Self::attach_sk_lookup(program, &links.join(SK_LOOKUP_LINK))?;
         }
         for name in [NODE_CONNECT4_PROGRAM, NODE_CONNECT6_PROGRAM] {
-            let program: &mut CgroupSockAddr = node_connect
-                .program_mut(name)
-                .ok_or_else(|| load_err(name)("program missing".into()))?
-                .try_into()
-                .map_err(|e| load_err(name)(format!("{e:?}")))?;
-            program
+            program_of::<CgroupSockAddr>(&mut node_connect, name)?
                 .load()
                 .map_err(|e| load_err(name)(format!("{e:?}")))?;
         }
@@ -493,12 +494,7 @@ impl Redirect {
             };
             let pin = self.node_link_pin(name);
             let old = pinned_link(&pin)?;
-            let program: &mut CgroupSockAddr = inner
-                .node_connect
-                .program_mut(name)
-                .ok_or_else(|| attach_err("program missing".into()))?
-                .try_into()
-                .map_err(|e| attach_err(format!("{e:?}")))?;
+            let program = program_of::<CgroupSockAddr>(&mut inner.node_connect, name)?;
             // Through a bpf_link, which always shares the cgroup with other programs (the
             // kernel answers EINVAL to BPF_F_ALLOW_MULTI passed as a link flag).
             let id = program
@@ -597,11 +593,6 @@ impl Redirect {
         ifindex: u32,
         pod_ip: Ipv4Addr,
     ) -> Result<(), RedirectError> {
-        let attach_err = |message: String| RedirectError::Attach {
-            program: FROM_POD_PROGRAM,
-            target: ifname.to_string(),
-            message,
-        };
         let mut inner = self.lock();
         // The entries first: a program without them would count nothing and let spoofed
         // packets through.
@@ -623,12 +614,7 @@ impl Redirect {
                 .insert(ifindex, zero, 0)
                 .map_err(|e| map_err(POD_COUNTERS_MAP, ifname)(format!("{e:?}")))?;
         }
-        let program: &mut SchedClassifier = inner
-            .from_pod
-            .program_mut(FROM_POD_PROGRAM)
-            .ok_or_else(|| attach_err("program missing".into()))?
-            .try_into()
-            .map_err(|e| attach_err(format!("{e:?}")))?;
+        let program = program_of::<SchedClassifier>(&mut inner.from_pod, FROM_POD_PROGRAM)?;
         attach_tc(program, FROM_POD_PROGRAM, ifname, &self.tc_link_pin(ifname))?;
         inner.attached.insert(ifname.to_string(), ifindex);
         tracing::info!(ifname, ifindex, pod_ip = %pod_ip, "from_pod attached");
@@ -641,18 +627,7 @@ impl Redirect {
     /// opened themselves would be delivered to the proxy instead of the pod.
     pub fn attach_tunnel(&self, ifname: &str) -> Result<(), RedirectError> {
         let mut inner = self.lock();
-        let program: &mut SchedClassifier = inner
-            .from_tunnel
-            .program_mut(FROM_TUNNEL_PROGRAM)
-            .ok_or_else(|| RedirectError::Load {
-                program: FROM_TUNNEL_PROGRAM,
-                message: "program missing".into(),
-            })?
-            .try_into()
-            .map_err(|e| RedirectError::Load {
-                program: FROM_TUNNEL_PROGRAM,
-                message: format!("{e:?}"),
-            })?;
+        let program = program_of::<SchedClassifier>(&mut inner.from_tunnel, FROM_TUNNEL_PROGRAM)?;
         attach_tc(
             program,
             FROM_TUNNEL_PROGRAM,

@@ -84,19 +84,9 @@ pub(crate) type ProbeTarget = (u16, String);
 /// The pod's `httpGet` probes (liveness, readiness, startup; every container) that the
 /// kubelet sends to the pod itself; see [`veil_l7_policy::Probe`] for what is skipped.
 pub(crate) fn probes(pod: &Pod) -> Vec<ProbeTarget> {
-    let mut out = Vec::new();
-    for container in containers(pod) {
-        let specs = [
-            &container.liveness_probe,
-            &container.readiness_probe,
-            &container.startup_probe,
-        ];
-        for spec in specs.into_iter().flatten() {
-            if let Some(target) = probe_target(spec, container) {
-                out.push(target);
-            }
-        }
-    }
+    let mut out: Vec<ProbeTarget> = probe_specs(pod)
+        .filter_map(|(container, spec)| probe_target(spec, container))
+        .collect();
     out.sort();
     out.dedup();
     out
@@ -108,21 +98,14 @@ pub(crate) fn probes(pod: &Pod) -> Vec<ProbeTarget> {
 /// not a declared `httpGet` path the probe exemption could judge).
 pub(crate) fn direct_probe_ports(pod: &Pod) -> Vec<u16> {
     let mut out = Vec::new();
-    for container in containers(pod) {
-        let specs = [
-            &container.liveness_probe,
-            &container.readiness_probe,
-            &container.startup_probe,
-        ];
-        for spec in specs.into_iter().flatten() {
-            if let Some(tcp) = &spec.tcp_socket {
-                if tcp.host.as_deref().is_none_or(str::is_empty) {
-                    out.extend(container_port(&tcp.port, container));
-                }
+    for (container, spec) in probe_specs(pod) {
+        if let Some(tcp) = &spec.tcp_socket {
+            if tcp.host.as_deref().is_none_or(str::is_empty) {
+                out.extend(container_port(&tcp.port, container));
             }
-            if let Some(grpc) = &spec.grpc {
-                out.extend(u16::try_from(grpc.port).ok());
-            }
+        }
+        if let Some(grpc) = &spec.grpc {
+            out.extend(u16::try_from(grpc.port).ok());
         }
     }
     out.sort_unstable();
@@ -156,6 +139,18 @@ fn probe_target(
     }
     let port = container_port(&get.port, container)?;
     Some((port, get.path.clone().unwrap_or_default()))
+}
+
+/// Every probe (liveness, readiness, startup) of every container, with its container.
+fn probe_specs(
+    pod: &Pod,
+) -> impl Iterator<Item = (&k8s_openapi::api::core::v1::Container, &ProbeSpec)> {
+    containers(pod).flat_map(|c| {
+        [&c.liveness_probe, &c.readiness_probe, &c.startup_probe]
+            .into_iter()
+            .flatten()
+            .map(move |spec| (c, spec))
+    })
 }
 
 fn containers(pod: &Pod) -> impl Iterator<Item = &k8s_openapi::api::core::v1::Container> {
