@@ -428,6 +428,11 @@ impl Redirect {
         let nr_cpus = aya::util::nr_cpus()
             .map_err(|(what, e)| load_err(FROM_POD_PROGRAM)(format!("{what}: {e}")))?;
         tracing::info!(pin_dir = %pin_dir.display(), "redirect datapath loaded");
+        // Every EbpfLoader parses the kernel's BTF (megabytes) and drops it again; glibc
+        // keeps such freed heap as the process's own unless asked to return it.
+        // SAFETY: malloc_trim only releases free memory of the allocator; no pointer is
+        // involved.
+        unsafe { libc::malloc_trim(0) };
         Ok(Redirect {
             pin_dir: pin_dir.to_path_buf(),
             nr_cpus,
