@@ -16,8 +16,10 @@ for tool in iptables ip6tables; do
   done
 done
 rm -rf /dev/shm/veil-etcd-* 2>/dev/null
-# The beds' eBPF pins (tests/src/bed.rs BPF_PIN_PREFIX): links first, then maps.
-for dir in /sys/fs/bpf/veil-bed-*; do
+# The beds' eBPF pins (tests/src/bed.rs BPF_PIN_PREFIX) and those of the redirect tests
+# (tests/tests/redirect.rs): links first (a pinned cgroup link keeps node_connect attached
+# to the machine's cgroup2 root), then maps.
+for dir in /sys/fs/bpf/veil-bed-* /sys/fs/bpf/veil-test-redirect-*; do
   [ -d "$dir" ] || continue
   rm -f "$dir"/links/* 2>/dev/null
   rmdir "$dir/links" 2>/dev/null
