@@ -139,6 +139,9 @@ fn measure(client: &Pod, script: &Path, url: &str) -> Result<PathResult> {
     Ok(PathResult { throughput, paced })
 }
 
+/// Decimal megabytes (the unit of the RESULT line's `agent_rss_mb`) in one MiB.
+const MB_PER_MIB: f64 = 1024.0 * 1024.0 / 1_000_000.0;
+
 /// Resident memory of a process in MiB (`VmRSS`), 0 if it cannot be read.
 fn rss_mib(pid: u32) -> f64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
@@ -412,7 +415,8 @@ fn main() -> Result<()> {
         added(|r| r.p50_us),
         added(|r| r.p99_us),
         veil.throughput.rps / nginx.throughput.rps.max(1.0),
-        agent_rss
+        // The goal is in MB: decimal megabytes, not the MiB printed above.
+        agent_rss * MB_PER_MIB
     );
     Ok(())
 }
