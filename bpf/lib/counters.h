@@ -30,16 +30,9 @@ struct veil_spoof_event {
 	__u16 reserved;
 };
 
-/* veil_outbound key: a covered pod's address and the source port of a connection it
- * opened (both network byte order). */
-struct veil_outbound_key {
-	__be32 ipv4;
-	__be16 port;
-	__u16 reserved;
-};
-
-/* veil_node_direct key: a covered pod's address and one of its ports (both network byte
- * order). */
+/* A pod's address and one of its ports (both network byte order): the key of
+ * veil_outbound (the source port of a connection a covered pod opened) and of
+ * veil_node_direct (a port of a probe). */
 struct veil_pod_port {
 	__be32 ipv4;
 	__be16 port;

@@ -42,7 +42,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__uint(max_entries, VEIL_MAX_OUTBOUND);
-	__type(key, struct veil_outbound_key);
+	__type(key, struct veil_pod_port);
 	__type(value, __u8);
 } veil_outbound SEC(".maps");
 

@@ -14,7 +14,7 @@
 /* A covered pod `ip` sent `tcp`: remember the connection if it opens one. */
 static __always_inline void veil_remember_outbound(__be32 ip, const struct tcphdr *tcp)
 {
-	struct veil_outbound_key key = {
+	struct veil_pod_port key = {
 		.ipv4 = ip,
 		.port = tcp->source,
 	};
@@ -29,7 +29,7 @@ static __always_inline void veil_remember_outbound(__be32 ip, const struct tcphd
 static __always_inline void veil_mark_answer(struct __sk_buff *skb, __be32 daddr,
 					     const struct tcphdr *tcp)
 {
-	struct veil_outbound_key key = {
+	struct veil_pod_port key = {
 		.ipv4 = daddr,
 		.port = tcp->dest,
 	};

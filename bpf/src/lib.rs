@@ -11,8 +11,8 @@ pub mod consts {
 }
 
 // The rules only work in this order: connections the node opens to covered pods must be
-// claimed before the rest of the node's own TCP goes to the main table, and the node's own TCP and the proxy's marked packets
-// must be routed before the covered table can claim them.
+// claimed before the rest of the node's own TCP goes to the main table, and the node's own
+// TCP and the proxy's marked packets must be routed before the covered table can claim them.
 const _: () = assert!(
     consts::NODE_CONNECT_RULE_PRIORITY < consts::LOCAL_OUT_RULE_PRIORITY
         && consts::LOCAL_OUT_RULE_PRIORITY < consts::UPSTREAM_RULE_PRIORITY
@@ -57,7 +57,8 @@ pub const POD_COUNTERS_MAP: &str = "veil_pod_counters";
 pub const PODS_MAP: &str = "veil_pods";
 /// Hash, covered pod IPv4 ([`ipv4_key`]) → `u8` 1.
 pub const COVERED_MAP: &str = "veil_covered";
-/// LRU hash, [`OutboundKey`] → `u8` 1: connections covered pods opened themselves.
+/// LRU hash, [`PodPort`] (the pod and its source port) → `u8` 1: connections covered
+/// pods opened themselves.
 pub const OUTBOUND_MAP: &str = "veil_outbound";
 /// Sockmap, slot `i` < [`consts::MAX_PROXY_WORKERS`] → the listening socket of the
 /// proxy's worker `i`.
@@ -129,22 +130,8 @@ pub struct VeilPod {
 // SAFETY: plain old data, `repr(C)`, no padding (checked against the BTF in the tests).
 unsafe impl aya::Pod for VeilPod {}
 
-/// A covered pod's outgoing connection, as `struct veil_outbound_key`.
-#[repr(C)]
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
-pub struct OutboundKey {
-    /// The pod's address, see [`ipv4_key`].
-    pub ipv4: u32,
-    /// Its source port, network byte order.
-    pub port: u16,
-    /// Reserved, 0.
-    pub reserved: u16,
-}
-
-// SAFETY: plain old data, `repr(C)`, no padding (checked against the BTF in the tests).
-unsafe impl aya::Pod for OutboundKey {}
-
-/// A pod's address and one of its ports, as `struct veil_pod_port`.
+/// A pod's address and one of its ports, as `struct veil_pod_port`: the key of
+/// [`OUTBOUND_MAP`] and [`NODE_DIRECT_MAP`].
 #[repr(C)]
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
 pub struct PodPort {

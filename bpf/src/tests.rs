@@ -105,14 +105,6 @@ fn bpf_shared_structs_match_the_objects_btf() {
         ),
         ("veil_pod", layout_of!(VeilPod { ipv4, flags })),
         (
-            "veil_outbound_key",
-            layout_of!(OutboundKey {
-                ipv4,
-                port,
-                reserved
-            }),
-        ),
-        (
             "veil_pod_port",
             layout_of!(PodPort {
                 ipv4,

@@ -258,26 +258,29 @@ fn replace_pinned(link: FdLink, old: Option<PinnedLink>, pin: &Path) -> Result<(
 fn netns_cookie() -> Result<u64, String> {
     let socket = socket2::Socket::new(socket2::Domain::IPV4, socket2::Type::STREAM, None)
         .map_err(|e| format!("socket: {e}"))?;
-    let mut cookie: u64 = 0;
+    socket_u64(&socket, libc::SO_NETNS_COOKIE)
+        .map_err(|e| format!("getsockopt(SO_NETNS_COOKIE): {e} (Linux 5.14 or later needed)"))
+}
+
+/// A `u64` option of `socket` at `SOL_SOCKET` (`SO_NETNS_COOKIE`, `SO_COOKIE`).
+pub(crate) fn socket_u64(socket: &impl AsRawFd, name: libc::c_int) -> std::io::Result<u64> {
+    let mut value: u64 = 0;
     let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: `cookie` and `len` are valid for writes of the sizes passed, and the
+    // SAFETY: `value` and `len` are valid for writes of the sizes passed, and the
     // descriptor is open for the duration of the call.
     let rc = unsafe {
         libc::getsockopt(
             socket.as_raw_fd(),
             libc::SOL_SOCKET,
-            libc::SO_NETNS_COOKIE,
-            (&mut cookie as *mut u64).cast(),
+            name,
+            (&mut value as *mut u64).cast(),
             &mut len,
         )
     };
     if rc != 0 {
-        return Err(format!(
-            "getsockopt(SO_NETNS_COOKIE): {} (Linux 5.14 or later needed)",
-            std::io::Error::last_os_error()
-        ));
+        return Err(std::io::Error::last_os_error());
     }
-    Ok(cookie)
+    Ok(value)
 }
 
 /// Removes a pinned link; the last reference goes and the kernel detaches it.

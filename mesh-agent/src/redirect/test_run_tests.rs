@@ -7,7 +7,7 @@ use std::path::PathBuf;
 
 use aya::maps::{HashMap as BpfHashMap, MapData};
 use aya::programs::{TestRun, TestRunOptions};
-use veil_bpf::{OutboundKey, SpoofEvent, SpoofedFamily, OUTBOUND_MAP};
+use veil_bpf::{PodPort, SpoofEvent, SpoofedFamily, OUTBOUND_MAP};
 
 use super::Redirect;
 
@@ -291,20 +291,7 @@ fn run_sk_lookup_from(redirect: &Redirect, port: u16, local: Ipv4Addr) -> (u32, 
 }
 
 fn cookie(socket: &impl AsRawFd) -> u64 {
-    let mut cookie = 0u64;
-    let mut len = std::mem::size_of::<u64>() as libc::socklen_t;
-    // SAFETY: a u64 out-parameter of the right length on a socket we own.
-    let rc = unsafe {
-        libc::getsockopt(
-            socket.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_COOKIE,
-            (&mut cookie as *mut u64).cast(),
-            &mut len,
-        )
-    };
-    assert_eq!(rc, 0);
-    cookie
+    super::socket_u64(socket, libc::SO_COOKIE).expect("SO_COOKIE")
 }
 
 #[test]
@@ -399,9 +386,9 @@ fn redirect_restart_removes_the_pins_of_retired_maps() {
 fn redirect_bpf_test_run_from_pod_remembers_the_connections_covered_pods_open() {
     with_redirect("outbound", |redirect, rt| {
         redirect.attach_pod("lo", LO, POD).expect("attach to lo");
-        let outbound = || -> Vec<OutboundKey> {
+        let outbound = || -> Vec<PodPort> {
             let map = MapData::from_pin(redirect.pin_dir().join(OUTBOUND_MAP)).unwrap();
-            let map: BpfHashMap<_, OutboundKey, u8> =
+            let map: BpfHashMap<_, PodPort, u8> =
                 BpfHashMap::try_from(aya::maps::Map::LruHashMap(map)).unwrap();
             map.keys().map(|k| k.unwrap()).collect()
         };
@@ -419,7 +406,7 @@ fn redirect_bpf_test_run_from_pod_remembers_the_connections_covered_pods_open() 
         assert_eq!(run_from_pod(redirect, &syn), (TC_ACT_UNSPEC, 0));
         assert_eq!(
             outbound(),
-            vec![OutboundKey {
+            vec![PodPort {
                 ipv4: veil_bpf::ipv4_key(POD),
                 port: 40000u16.to_be(),
                 reserved: 0
