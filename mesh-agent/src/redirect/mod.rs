@@ -539,7 +539,10 @@ impl Redirect {
 
     /// Makes `veil_node_direct` equal to `direct`: the (covered pod, port) pairs the
     /// node's own connections reach without the proxy (the kubelet's tcpSocket and gRPC
-    /// probes). Idempotent.
+    /// probes). Idempotent. Stale exemptions go first and every change is tried: an
+    /// exemption that cannot be added (the map full) leaves that probe to the proxy, but
+    /// one that outlived its pod must never stay behind because of it, for a later pod at
+    /// the same address and port would inherit it. Returns the first error.
     pub fn set_node_direct(&self, direct: &BTreeSet<(Ipv4Addr, u16)>) -> Result<(), RedirectError> {
         let mut inner = self.lock();
         let have: BTreeSet<(Ipv4Addr, u16)> = inner
@@ -549,21 +552,26 @@ impl Redirect {
             .map(|k| k.map(|k| k.endpoint()))
             .collect::<Result<_, _>>()
             .map_err(|e| map_err(NODE_DIRECT_MAP, "list")(format!("{e:?}")))?;
+        let mut first_error = None;
+        for (ip, port) in have.difference(direct) {
+            if let Err(e) = inner.maps.node_direct.remove(&PodPort::new(*ip, *port)) {
+                first_error.get_or_insert(map_err(NODE_DIRECT_MAP, format!("{ip}:{port}"))(
+                    format!("{e:?}"),
+                ));
+            }
+        }
         for (ip, port) in direct.difference(&have) {
-            inner
+            if let Err(e) = inner
                 .maps
                 .node_direct
                 .insert(PodPort::new(*ip, *port), 1, 0)
-                .map_err(|e| map_err(NODE_DIRECT_MAP, format!("{ip}:{port}"))(format!("{e:?}")))?;
+            {
+                first_error.get_or_insert(map_err(NODE_DIRECT_MAP, format!("{ip}:{port}"))(
+                    format!("{e:?}"),
+                ));
+            }
         }
-        for (ip, port) in have.difference(direct) {
-            inner
-                .maps
-                .node_direct
-                .remove(&PodPort::new(*ip, *port))
-                .map_err(|e| map_err(NODE_DIRECT_MAP, format!("{ip}:{port}"))(format!("{e:?}")))?;
-        }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 
     /// The pin directory.
@@ -718,9 +726,10 @@ impl Redirect {
     /// Makes the covered set (map `veil_covered` and the `local <ip>/32 src <node_ip>`
     /// routes of table [`consts::COVERED_TABLE`]) equal to `covered`: adds the missing,
     /// removes the extra; idempotent. `node_ip` is the source the node's own connections
-    /// to covered pods take (see [`Redirect::attach_node`]). A new pod enters the map before its route (until the route exists its
-    /// traffic still goes straight to it, as before the policy); a pod leaving loses its
-    /// route before its map entry (so no locally delivered connection misses the proxy).
+    /// to covered pods take (see [`Redirect::attach_node`]). A new pod enters the map
+    /// before its route (until the route exists its traffic still goes straight to it, as
+    /// before the policy); a pod leaving loses its route before its map entry (so no
+    /// locally delivered connection misses the proxy).
     pub async fn set_covered(
         &self,
         handle: &rtnetlink::Handle,

@@ -427,3 +427,31 @@ fn redirect_cgroup2_root_names_a_directory_without_cgroup2() {
         "{message}"
     );
 }
+
+/// A full exemption map takes a new set all the same: stale exemptions go before new ones
+/// are added, so one that outlived its pod never stays behind.
+#[test]
+fn redirect_node_direct_exemptions_replace_a_full_map() {
+    with_redirect("node-direct", |redirect, _rt| {
+        let full: std::collections::BTreeSet<(Ipv4Addr, u16)> = (0
+            ..veil_bpf::consts::MAX_NODE_DIRECT)
+            .map(|i| {
+                (
+                    Ipv4Addr::from(0xc612_0000 | (i >> 8)),
+                    (i & 0xff) as u16 + 1,
+                )
+            })
+            .collect();
+        redirect.set_node_direct(&full).expect("fill the map");
+        let next: std::collections::BTreeSet<(Ipv4Addr, u16)> =
+            [(Ipv4Addr::new(198, 18, 250, 9), 9000)]
+                .into_iter()
+                .collect();
+        redirect.set_node_direct(&next).expect("replace a full map");
+        let map = MapData::from_pin(redirect.pin_dir().join(veil_bpf::NODE_DIRECT_MAP)).unwrap();
+        let map: BpfHashMap<_, PodPort, u8> =
+            BpfHashMap::try_from(aya::maps::Map::HashMap(map)).unwrap();
+        let left: Vec<(Ipv4Addr, u16)> = map.keys().map(|k| k.unwrap().endpoint()).collect();
+        assert_eq!(left, vec![(Ipv4Addr::new(198, 18, 250, 9), 9000)]);
+    });
+}
